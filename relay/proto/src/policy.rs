@@ -165,9 +165,9 @@ impl PeerPolicy {
     /// Whether `peer` is one of this server's own listener or admin sockets.
     pub fn is_own(&self, peer: SocketAddr) -> bool {
         let ip = canonical(peer.ip());
-        self.own
-            .iter()
-            .any(|o| o.port() == peer.port() && (o.ip().is_unspecified() || canonical(o.ip()) == ip))
+        self.own.iter().any(|o| {
+            o.port() == peer.port() && (o.ip().is_unspecified() || canonical(o.ip()) == ip)
+        })
     }
 }
 
@@ -278,7 +278,10 @@ mod tests {
             assert!(deny(&p, ip).is_some(), "{ip} must be denied");
         }
         assert_eq!(deny(&p, "::ffff:127.0.0.1"), Some(DenyReason::Loopback));
-        assert_eq!(deny(&p, "::ffff:169.254.169.254"), Some(DenyReason::LinkLocal));
+        assert_eq!(
+            deny(&p, "::ffff:169.254.169.254"),
+            Some(DenyReason::LinkLocal)
+        );
     }
 
     #[test]

@@ -7,8 +7,8 @@ use std::ops::{Range, RangeInclusive};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
-use crate::alloc::{Allocation, Cached, Channel, QuotaError, State};
 pub use crate::alloc::Quotas;
+use crate::alloc::{Allocation, Cached, Channel, QuotaError, State};
 use crate::auth::{self, NonceCheck, NonceKey};
 use crate::label_enum;
 use crate::policy::{DenyReason, PeerPolicy};
@@ -98,6 +98,8 @@ pub struct BindRequest {
     pub relay: RelayId,
     /// The IP to bind (the configured relay IP); the driver picks a port from its pool.
     pub ip: IpAddr,
+    /// The port must be even (EVEN-PORT, RFC 8656 §7.2, for RTP).
+    pub even_port: bool,
 }
 
 /// Why the driver could not bind a relay socket. Answered with 508.
@@ -630,9 +632,7 @@ impl Server {
     /// relying on the NAT to hairpin.
     fn to_wire(&self, peer: SocketAddr) -> SocketAddr {
         match self.config.external_ip {
-            Some(ext)
-                if peer.ip() == ext && self.config.relay_ports.contains(&peer.port()) =>
-            {
+            Some(ext) if peer.ip() == ext && self.config.relay_ports.contains(&peer.port()) => {
                 SocketAddr::new(self.config.relay_ip, peer.port())
             }
             _ => peer,
@@ -655,7 +655,10 @@ impl Server {
     /// A datagram from `from` arrived on the relay socket `relay`.
     pub fn handle_peer(&mut self, now: Instant, relay: RelayId, from: SocketAddr, datagram: &[u8]) {
         self.begin(now);
-        let from = self.from_wire(SocketAddr::new(crate::policy::canonical(from.ip()), from.port()));
+        let from = self.from_wire(SocketAddr::new(
+            crate::policy::canonical(from.ip()),
+            from.port(),
+        ));
         let Some(a) = self.get(relay) else {
             return self.drop(DropReason::NoAllocation);
         };
@@ -921,15 +924,19 @@ impl Server {
             self.auth_fail(AuthFailure::Missing);
             return Err(Reject::plain(code::UNAUTHENTICATED));
         }
-        let (Some(username), Some(realm), Some(nonce)) =
-            (attrs.username, attrs.realm, attrs.nonce)
+        let (Some(username), Some(realm), Some(nonce)) = (attrs.username, attrs.realm, attrs.nonce)
         else {
             self.auth_fail(AuthFailure::Incomplete);
             return Err(Reject::plain(code::BAD_REQUEST));
         };
         let unix = self.unix_now(now);
         let lifetime = self.config.nonce_lifetime.as_secs();
-        if self.config.nonce_key.check(nonce, unix, five.client, lifetime) != NonceCheck::Valid {
+        if self
+            .config
+            .nonce_key
+            .check(nonce, unix, five.client, lifetime)
+            != NonceCheck::Valid
+        {
             self.auth_fail(AuthFailure::StaleNonce);
             return Err(Reject::plain(code::STALE_NONCE));
         }
@@ -1037,6 +1044,11 @@ impl Server {
         if self.draining {
             return Err(Reject::authed(code::INSUFFICIENT_CAPACITY, key));
         }
+        // Reserving the next port for a later Allocate (R bit, RESERVATION-TOKEN) is not offered;
+        // RFC 8656 §7.2 answers a reservation the server cannot make with 508.
+        if attrs.even_port == Some(true) {
+            return Err(Reject::authed(code::INSUFFICIENT_CAPACITY, key));
+        }
         let username = attrs.username.unwrap_or_default();
         let user = auth::parse_rest_username(username)
             .map(|r| r.user)
@@ -1046,9 +1058,7 @@ impl Server {
             Err(QuotaError::User) => {
                 return Err(Reject::authed(code::ALLOCATION_QUOTA_REACHED, key))
             }
-            Err(QuotaError::Total) => {
-                return Err(Reject::authed(code::INSUFFICIENT_CAPACITY, key))
-            }
+            Err(QuotaError::Total) => return Err(Reject::authed(code::INSUFFICIENT_CAPACITY, key)),
         };
         // RFC 8656 §7.2: the granted lifetime is at least the default and at most the maximum.
         let lifetime = self
@@ -1075,6 +1085,7 @@ impl Server {
             .push_back(OutputItem::Other(Output::BindRelay(BindRequest {
                 relay: id,
                 ip: self.config.relay_ip,
+                even_port: attrs.even_port.is_some(),
             })));
         Ok(())
     }
@@ -1089,7 +1100,13 @@ impl Server {
     ) -> Result<(RelayId, Authed), Reject> {
         let authed = self.authenticate(now, five, msg, attrs, false)?;
         let id = match self.by_five.get(&five) {
-            Some(id) if self.get(*id).is_some_and(|a| matches!(a.state, State::Active)) => *id,
+            Some(id)
+                if self
+                    .get(*id)
+                    .is_some_and(|a| matches!(a.state, State::Active)) =>
+            {
+                *id
+            }
             _ => return Err(Reject::authed(code::ALLOCATION_MISMATCH, authed.key)),
         };
         Self::unknown_check(attrs, authed.key)?;
@@ -1106,7 +1123,10 @@ impl Server {
         let (id, authed) = self.existing(now, five, msg, attrs)?;
         let family = if self.config.relay_ip.is_ipv4() { 1 } else { 2 };
         if attrs.requested_family.is_some_and(|f| f != family) {
-            return Err(Reject::authed(code::PEER_ADDRESS_FAMILY_MISMATCH, authed.key));
+            return Err(Reject::authed(
+                code::PEER_ADDRESS_FAMILY_MISMATCH,
+                authed.key,
+            ));
         }
         let lifetime = self.lifetime(attrs.lifetime);
         if lifetime.is_zero() {

@@ -79,7 +79,7 @@ pub mod attr {
     pub const XOR_RELAYED_ADDRESS: u16 = 0x0016;
     /// REQUESTED-ADDRESS-FAMILY.
     pub const REQUESTED_ADDRESS_FAMILY: u16 = 0x0017;
-    /// EVEN-PORT (not supported: answered with 420).
+    /// EVEN-PORT (an even port is granted; the R bit's reservation is not offered: 508).
     pub const EVEN_PORT: u16 = 0x0018;
     /// REQUESTED-TRANSPORT.
     pub const REQUESTED_TRANSPORT: u16 = 0x0019;
@@ -251,12 +251,8 @@ impl<'a> Message<'a> {
                 if alen != 4 {
                     return Err(FrameError::BadFingerprint);
                 }
-                let got = u32::from_be_bytes([
-                    buf[off + 4],
-                    buf[off + 5],
-                    buf[off + 6],
-                    buf[off + 7],
-                ]);
+                let got =
+                    u32::from_be_bytes([buf[off + 4], buf[off + 5], buf[off + 6], buf[off + 7]]);
                 if crc32fast::hash(&buf[..off]) ^ FINGERPRINT_XOR != got {
                     return Err(FrameError::BadFingerprint);
                 }
@@ -392,6 +388,8 @@ pub struct Attrs<'a> {
     pub requested_family: Option<u8>,
     /// ADDITIONAL-ADDRESS-FAMILY.
     pub additional_family: Option<u8>,
+    /// EVEN-PORT, with its R bit (reserve the next port too).
+    pub even_port: Option<bool>,
     /// DATA.
     pub data: Option<&'a [u8]>,
     peers: [Option<SocketAddr>; MAX_PEERS],
@@ -452,6 +450,12 @@ impl<'a> Attrs<'a> {
                         return Err(AttrError::Bad(typ));
                     }
                     set(&mut a.additional_family, v[0], typ)?;
+                }
+                attr::EVEN_PORT => {
+                    if v.len() != 1 {
+                        return Err(AttrError::Bad(typ));
+                    }
+                    set(&mut a.even_port, v[0] & 0x80 != 0, typ)?;
                 }
                 attr::DATA => set(&mut a.data, v, typ)?,
                 attr::XOR_PEER_ADDRESS => {
@@ -640,7 +644,8 @@ impl<'b> Encoder<'b> {
     pub fn integrity(&mut self, key: &[u8]) -> &mut Self {
         self.buf
             .extend_from_slice(&attr::MESSAGE_INTEGRITY.to_be_bytes());
-        self.buf.extend_from_slice(&(INTEGRITY_LEN as u16).to_be_bytes());
+        self.buf
+            .extend_from_slice(&(INTEGRITY_LEN as u16).to_be_bytes());
         let mac_start = self.buf.len();
         self.buf.extend_from_slice(&[0u8; INTEGRITY_LEN]);
         self.set_len();
@@ -703,8 +708,18 @@ mod tests {
 
     #[test]
     fn message_type_round_trips() {
-        for method in [method::BINDING, method::ALLOCATE, method::CHANNEL_BIND, 0xFFF] {
-            for class in [Class::Request, Class::Indication, Class::Success, Class::Error] {
+        for method in [
+            method::BINDING,
+            method::ALLOCATE,
+            method::CHANNEL_BIND,
+            0xFFF,
+        ] {
+            for class in [
+                Class::Request,
+                Class::Indication,
+                Class::Success,
+                Class::Error,
+            ] {
                 assert_eq!(split_type(message_type(method, class)), (method, class));
             }
         }
@@ -722,7 +737,10 @@ mod tests {
         let mut e = Encoder::new(&mut buf, method::ALLOCATE, Class::Request, tid);
         e.u32_attr(attr::REQUESTED_TRANSPORT, 17 << 24)
             .attr(attr::USERNAME, b"1700000000:alice")
-            .xor_address(attr::XOR_PEER_ADDRESS, "[2001:db8::1]:4242".parse().unwrap())
+            .xor_address(
+                attr::XOR_PEER_ADDRESS,
+                "[2001:db8::1]:4242".parse().unwrap(),
+            )
             .integrity(b"key")
             .fingerprint();
         let r = e.finish();

@@ -1,0 +1,54 @@
+//! `TURNPIKE_*` environment overrides, applied to the parsed TOML table
+//! before it is read, so they go through exactly the same checks as the
+//! file.
+
+use toml::{Table, Value};
+
+use crate::reader::Errs;
+use crate::schema::{ValueKind, ENV_CONFIG_PATH, ENV_PREFIX, SCHEMA};
+
+/// Writes every override into `table` (creating sections as needed) and
+/// records errors for unknown `TURNPIKE_*` names and values that cannot
+/// even be turned into the right TOML type. Variables without the prefix
+/// are ignored. If the same variable appears twice, the last one wins.
+pub(crate) fn apply(table: &mut Table, env: &[(String, String)], errs: &mut Errs) {
+    for (name, value) in env {
+        if !name.starts_with(ENV_PREFIX) || name == ENV_CONFIG_PATH {
+            continue;
+        }
+        let Some(key) = SCHEMA.iter().find(|k| k.env_var() == *name) else {
+            errs.push_raw(format!("env {name}"), "unknown environment variable");
+            continue;
+        };
+        let value = match key.kind {
+            ValueKind::String | ValueKind::Duration => Value::String(value.clone()),
+            ValueKind::Integer => match value.trim().parse::<i64>() {
+                Ok(n) => Value::Integer(n),
+                Err(_) => {
+                    errs.push_raw(
+                        format!("env {name}"),
+                        format!("expected an integer, got {value:?}"),
+                    );
+                    continue;
+                }
+            },
+            ValueKind::List => Value::Array(
+                value
+                    .split(',')
+                    .map(str::trim)
+                    .filter(|item| !item.is_empty())
+                    .map(|item| Value::String(item.to_string()))
+                    .collect(),
+            ),
+        };
+        let section = table
+            .entry(key.section)
+            .or_insert_with(|| Value::Table(Table::new()));
+        // A section that is not a table is reported when it is read; the
+        // override has nowhere to go.
+        if let Value::Table(section) = section {
+            section.insert(key.name.to_string(), value);
+            errs.set_env_origin(key.path(), name.clone());
+        }
+    }
+}

@@ -1,0 +1,86 @@
+//! The static table of every accepted key.
+//!
+//! Environment variable names are built from this table (never guessed
+//! from a variable's name), and a test checks that the example file shows
+//! every key in it.
+
+/// How a key's value is written. Decides how an environment override (which
+/// is always text) becomes a TOML value before the normal checks run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ValueKind {
+    /// Taken verbatim as a TOML string (addresses, port ranges, names).
+    String,
+    /// Parsed as a TOML integer.
+    Integer,
+    /// Taken as a string and read like "30s", "10m", "1h".
+    Duration,
+    /// A list of strings; in the environment, comma-separated (an empty
+    /// value is an empty list).
+    List,
+}
+
+/// One accepted key: `[section] name`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Key {
+    /// The TOML table the key lives in (`relay`, `admin`, `log`).
+    pub section: &'static str,
+    /// The key inside that table, as written in TOML (`user-quota`).
+    pub name: &'static str,
+    /// How the value is written.
+    pub kind: ValueKind,
+}
+
+impl Key {
+    /// The dotted path used in error messages: `relay.user-quota`.
+    pub fn path(&self) -> String {
+        format!("{}.{}", self.section, self.name)
+    }
+
+    /// The environment variable that overrides this key:
+    /// `TURNPIKE_` + SECTION + `_` + KEY, uppercased, `-` → `_`
+    /// (`TURNPIKE_RELAY_USER_QUOTA`).
+    pub fn env_var(&self) -> String {
+        format!("{ENV_PREFIX}{}_{}", shout(self.section), shout(self.name))
+    }
+}
+
+fn shout(s: &str) -> String {
+    s.to_ascii_uppercase().replace('-', "_")
+}
+
+/// Every environment variable that `conf` looks at starts with this.
+pub const ENV_PREFIX: &str = "TURNPIKE_";
+
+/// Reserved for the binary (the path of the configuration file); `conf`
+/// ignores it instead of reporting it as an unknown variable.
+pub const ENV_CONFIG_PATH: &str = "TURNPIKE_CONFIG";
+
+const fn key(section: &'static str, name: &'static str, kind: ValueKind) -> Key {
+    Key {
+        section,
+        name,
+        kind,
+    }
+}
+
+/// Every key the configuration accepts, in the order the example file
+/// documents them.
+pub const SCHEMA: &[Key] = &[
+    key("relay", "realm", ValueKind::String),
+    key("relay", "listen", ValueKind::List),
+    key("relay", "external-ip", ValueKind::String),
+    key("relay", "relay-ip", ValueKind::String),
+    key("relay", "relay-ports", ValueKind::String),
+    key("relay", "secrets", ValueKind::List),
+    key("relay", "allow-peers", ValueKind::List),
+    key("relay", "deny-peers", ValueKind::List),
+    key("relay", "user-quota", ValueKind::Integer),
+    key("relay", "total-quota", ValueKind::Integer),
+    key("relay", "max-permissions", ValueKind::Integer),
+    key("relay", "max-lifetime", ValueKind::Duration),
+    key("relay", "nonce-lifetime", ValueKind::Duration),
+    key("relay", "threads", ValueKind::Integer),
+    key("relay", "grace-period", ValueKind::Duration),
+    key("admin", "listen", ValueKind::String),
+    key("log", "level", ValueKind::String),
+];

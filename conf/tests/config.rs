@@ -1,0 +1,982 @@
+#![allow(clippy::unwrap_used)]
+
+use std::net::{IpAddr, SocketAddr};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use conf::{
+    load, parse, parse_with_source, Config, ConfigError, Errors, Listen, PortRange, Secret, Source,
+    Transport, ValueKind, EXAMPLE, SCHEMA,
+};
+
+/// The smallest valid file; tests append keys to its `[relay]` table.
+const MINIMAL: &str = r#"
+[relay]
+realm = "example.com"
+listen = ["udp://192.0.2.10:3478"]
+secrets = ["0123456789abcdef"]
+"#;
+
+fn with_relay(extra: &str) -> String {
+    format!("{MINIMAL}{extra}\n")
+}
+
+fn env(vars: &[(&str, &str)]) -> Vec<(String, String)> {
+    vars.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
+fn ok(text: &str) -> Config {
+    match parse(text, &[]) {
+        Ok(c) => c,
+        Err(e) => panic!("expected a valid config, got:\n{e}"),
+    }
+}
+
+fn errs(text: &str, vars: &[(&str, &str)]) -> Errors {
+    match parse(text, &env(vars)) {
+        Ok(c) => panic!("expected errors, got {c:?}"),
+        Err(e) => e,
+    }
+}
+
+/// The single error of a config that must have exactly one.
+fn one_err(text: &str, vars: &[(&str, &str)]) -> ConfigError {
+    let e = errs(text, vars);
+    assert_eq!(e.0.len(), 1, "expected one error, got:\n{e}");
+    e.0[0].clone()
+}
+
+fn addr(s: &str) -> SocketAddr {
+    s.parse().unwrap()
+}
+
+fn ip(s: &str) -> IpAddr {
+    s.parse().unwrap()
+}
+
+fn net(s: &str) -> ipnet::IpNet {
+    s.parse().unwrap()
+}
+
+// ---------------------------------------------------------------- embedded
+
+#[test]
+fn embedded_default_loads_with_one_generated_secret() {
+    let c = load(None, &[]).unwrap();
+    assert!(c.is_embedded());
+    assert_eq!(c.source, Source::Embedded);
+    assert_eq!(c.relay.realm, "turnpike.local");
+    assert_eq!(
+        c.relay.listen,
+        vec![Listen {
+            transport: Transport::Udp,
+            addr: addr("127.0.0.1:3478")
+        }]
+    );
+    assert_eq!(c.relay.relay_ip, ip("127.0.0.1"));
+    assert_eq!(
+        c.relay.relay_ports,
+        PortRange {
+            start: 49152,
+            end: 65535
+        }
+    );
+    assert_eq!(
+        c.relay.allow_peers,
+        vec![net("127.0.0.0/8"), net("::1/128")]
+    );
+    assert!(c.relay.deny_peers.is_empty());
+    assert_eq!(c.admin.listen, addr("127.0.0.1:9641"));
+    assert_eq!(c.log.level, "info");
+    assert_eq!(c.relay.secrets.len(), 1);
+    assert_eq!(c.relay.secrets[0].expose().len(), 43);
+
+    // A fresh secret each time.
+    let again = load(None, &[]).unwrap();
+    assert_ne!(again.relay.secrets[0], c.relay.secrets[0]);
+}
+
+#[test]
+fn embedded_default_takes_secrets_from_env_instead_of_generating() {
+    let vars = env(&[("TURNPIKE_RELAY_SECRETS", "0123456789abcdef-one")]);
+    let c = load(None, &vars).unwrap();
+    assert_eq!(
+        c.relay.secrets,
+        vec![Secret::new("0123456789abcdef-one".into())]
+    );
+}
+
+#[test]
+fn embedded_default_still_rejects_bad_env() {
+    let e = load(None, &env(&[("TURNPIKE_RELAY_THREADS", "0")])).unwrap_err();
+    assert_eq!(e.paths(), vec!["env TURNPIKE_RELAY_THREADS"]);
+}
+
+// ------------------------------------------------------- collected errors
+
+#[test]
+fn every_bad_key_is_reported_at_once() {
+    let text = r#"
+[relay]
+realm = "example.com"
+realmm = "typo.example.com"
+listen = ["udp://192.0.2.10:3478"]
+secrets = ["0123456789abcdef"]
+user-quota = "sixteen"
+max-lifetime = "5m"
+
+[admin]
+listen = "not an address"
+
+[metrics]
+enabled = true
+"#;
+    let e = errs(text, &[]);
+    let mut paths = e.paths();
+    paths.sort_unstable();
+    assert_eq!(
+        paths,
+        vec![
+            "admin.listen",
+            "metrics",
+            "relay.max-lifetime",
+            "relay.realmm",
+            "relay.user-quota",
+        ],
+        "{e}"
+    );
+    assert_eq!(e.at("relay.realmm").unwrap().message, "unknown key");
+    assert_eq!(e.at("metrics").unwrap().message, "unknown key");
+    assert_eq!(
+        e.at("relay.user-quota").unwrap().message,
+        "expected an integer, got a string"
+    );
+    assert_eq!(
+        e.at("relay.max-lifetime").unwrap().message,
+        r#"must be at least 10m, got "5m""#
+    );
+    // Display: one "PATH: MESSAGE" line per error.
+    let shown = e.to_string();
+    assert_eq!(shown.lines().count(), 5);
+    assert!(shown.contains("relay.realmm: unknown key\n"), "{shown}");
+}
+
+#[test]
+fn wrong_types_name_what_was_found() {
+    let cases = [
+        (
+            "realm = 5",
+            "relay.realm",
+            "expected a string, got an integer",
+        ),
+        (
+            "listen = \"udp://192.0.2.10:3478\"",
+            "relay.listen",
+            "expected an array of strings, got a string",
+        ),
+        (
+            "max-permissions = 1.5",
+            "relay.max-permissions",
+            "expected an integer, got a float",
+        ),
+        (
+            "threads = true",
+            "relay.threads",
+            "expected an integer, got a boolean",
+        ),
+        (
+            "grace-period = 30",
+            "relay.grace-period",
+            r#"expected a duration like "30s", got an integer"#,
+        ),
+        (
+            "deny-peers = [1]",
+            "relay.deny-peers[0]",
+            "expected a string, got an integer",
+        ),
+    ];
+    for (line, path, message) in cases {
+        // Later duplicates of MINIMAL's keys would be TOML errors: use a table that lacks them.
+        let text = MINIMAL.replace(
+            &format!("{} =", line.split(' ').next().unwrap()),
+            "replaced =",
+        );
+        let text = format!("{text}{line}\n");
+        let e = errs(&text, &[]);
+        let found = e
+            .at(path)
+            .unwrap_or_else(|| panic!("no error at {path}:\n{e}"));
+        assert_eq!(found.message, message, "{line}");
+    }
+}
+
+#[test]
+fn unknown_and_malformed_sections() {
+    let e = errs(&format!("{MINIMAL}[relays]\nrealm = \"x\"\n"), &[]);
+    assert_eq!(e.paths(), vec!["relays"]);
+
+    let e = errs("log = \"debug\"\n[relay]\nrealm = \"x\"\nlisten = [\"udp://192.0.2.1:1\"]\nsecrets = [\"0123456789abcdef\"]\n", &[]);
+    assert_eq!(e.paths(), vec!["log"]);
+    assert_eq!(e.0[0].message, "expected a table, got a string");
+
+    let e = errs(
+        &format!("{MINIMAL}[log]\nlevel = \"info\"\nformat = \"json\"\n"),
+        &[],
+    );
+    assert_eq!(e.paths(), vec!["log.format"]);
+}
+
+#[test]
+fn a_syntax_error_has_line_and_column() {
+    let e = one_err("[relay]\nrealm = \"example.com\"\nlisten = [\n", &[]);
+    assert!(e.path.starts_with("<string>:"), "{e}");
+    assert!(e.message.starts_with("invalid TOML: "), "{e}");
+
+    let e = one_err("[relay]\nrealm = example.com\n", &[]);
+    assert_eq!(e.path, "<string>:2:9");
+    assert!(!e.message.contains('\n'), "{e}");
+}
+
+#[test]
+fn a_syntax_error_does_not_hide_unknown_env_vars() {
+    let e = errs("[relay", &[("TURNPIKE_RELAY_REALMM", "x")]);
+    assert_eq!(e.0.len(), 2, "{e}");
+    assert_eq!(e.0[1].path, "env TURNPIKE_RELAY_REALMM");
+}
+
+#[test]
+fn duplicate_toml_keys_are_a_syntax_error() {
+    let e = one_err(&with_relay("realm = \"again.example.com\""), &[]);
+    assert!(e.path.starts_with("<string>:"), "{e}");
+}
+
+// --------------------------------------------------------------- defaults
+
+#[test]
+fn a_minimal_file_gets_the_documented_defaults() {
+    let c = ok(MINIMAL);
+    let r = &c.relay;
+    assert!(!c.is_embedded());
+    assert_eq!(c.source, Source::File(PathBuf::from("<string>")));
+    assert_eq!(r.relay_ip, ip("192.0.2.10"));
+    assert_eq!(r.external_ip, None);
+    assert_eq!(
+        r.relay_ports,
+        PortRange {
+            start: 49152,
+            end: 65535
+        }
+    );
+    assert!(r.allow_peers.is_empty());
+    assert!(r.deny_peers.is_empty());
+    assert_eq!(r.user_quota, Some(16));
+    assert_eq!(r.total_quota, None);
+    assert_eq!(r.max_permissions, 64);
+    assert_eq!(r.max_lifetime, Duration::from_secs(3600));
+    assert_eq!(r.nonce_lifetime, Duration::from_secs(600));
+    assert_eq!(r.threads, None);
+    assert_eq!(r.grace_period, Duration::from_secs(30));
+    assert_eq!(c.admin.listen, addr("127.0.0.1:9641"));
+    assert_eq!(c.log.level, "info");
+}
+
+#[test]
+fn an_empty_file_lists_every_required_key() {
+    let e = errs("", &[]);
+    assert_eq!(
+        e.paths(),
+        vec!["relay.realm", "relay.listen", "relay.secrets"],
+        "{e}"
+    );
+}
+
+// -------------------------------------------------------------- durations
+
+#[test]
+fn durations_are_written_with_units() {
+    let c = ok(&with_relay(
+        "grace-period = \"30s\"\nnonce-lifetime = \"10m\"\nmax-lifetime = \"1h\"",
+    ));
+    assert_eq!(c.relay.grace_period, Duration::from_secs(30));
+    assert_eq!(c.relay.nonce_lifetime, Duration::from_secs(600));
+    assert_eq!(c.relay.max_lifetime, Duration::from_secs(3600));
+
+    let c = ok(&with_relay(
+        "max-lifetime = \"1h 30m\"\ngrace-period = \"0s\"",
+    ));
+    assert_eq!(c.relay.max_lifetime, Duration::from_secs(5400));
+    assert_eq!(c.relay.grace_period, Duration::ZERO);
+}
+
+#[test]
+fn bad_durations_are_reported_at_their_path() {
+    let e = one_err(&with_relay("grace-period = \"ten\""), &[]);
+    assert_eq!(e.path, "relay.grace-period");
+    assert!(
+        e.message
+            .starts_with(r#"expected a duration like "30s", "10m" or "1h", got "ten""#),
+        "{e}"
+    );
+
+    let cases = [
+        (
+            "max-lifetime = \"25h\"",
+            "relay.max-lifetime",
+            "must be at most 1day",
+        ),
+        (
+            "nonce-lifetime = \"10s\"",
+            "relay.nonce-lifetime",
+            "must be at least 30s",
+        ),
+        (
+            "nonce-lifetime = \"2h\"",
+            "relay.nonce-lifetime",
+            "must be at most 1h",
+        ),
+        (
+            "grace-period = \"61m\"",
+            "relay.grace-period",
+            "must be at most 1h",
+        ),
+    ];
+    for (line, path, start) in cases {
+        let e = one_err(&with_relay(line), &[]);
+        assert_eq!(e.path, path);
+        assert!(e.message.starts_with(start), "{line}: {e}");
+    }
+}
+
+// ------------------------------------------------------------- port range
+
+#[test]
+fn relay_ports_parse() {
+    let c = ok(&with_relay("relay-ports = \"50000-50009\""));
+    let p = c.relay.relay_ports;
+    assert_eq!(
+        p,
+        PortRange {
+            start: 50000,
+            end: 50009
+        }
+    );
+    assert_eq!(p.len(), 10);
+    assert!(p.contains(50000) && p.contains(50009));
+    assert!(!p.contains(49999) && !p.contains(50010));
+    assert_eq!(p.to_string(), "50000-50009");
+
+    let one = ok(&with_relay("relay-ports = \"3479-3479\""))
+        .relay
+        .relay_ports;
+    assert_eq!(one.len(), 1);
+    let all = ok(&with_relay("relay-ports = \"1-65535\""))
+        .relay
+        .relay_ports;
+    assert_eq!(all.len(), 65535);
+}
+
+#[test]
+fn relay_ports_reject_bad_ranges() {
+    let cases = [
+        ("\"0-10\"", "port 0 is out of range 1-65535"),
+        ("\"100-50\"", "low port 100 is greater than high port 50"),
+        (
+            "\"abc\"",
+            r#"expected "LOW-HIGH" like "49152-65535", got "abc""#,
+        ),
+        ("\"a-b\"", r#"expected a port number, got "a""#),
+        ("\"1-70000\"", "port 70000 is out of range 1-65535"),
+        (
+            "70000",
+            r#"expected a port range like "49152-65535", got an integer"#,
+        ),
+    ];
+    for (value, message) in cases {
+        let e = one_err(&with_relay(&format!("relay-ports = {value}")), &[]);
+        assert_eq!(e.path, "relay.relay-ports");
+        assert_eq!(e.message, message, "{value}");
+    }
+}
+
+// ---------------------------------------------------------------- numbers
+
+#[test]
+fn integer_limits() {
+    let cases = [
+        (
+            "user-quota = 0",
+            "relay.user-quota",
+            "must be at least 1, got 0",
+        ),
+        (
+            "user-quota = 4294967296",
+            "relay.user-quota",
+            "must be at most 4294967295, got 4294967296",
+        ),
+        (
+            "total-quota = -1",
+            "relay.total-quota",
+            "must be at least 1, got -1",
+        ),
+        (
+            "max-permissions = 0",
+            "relay.max-permissions",
+            "must be at least 1, got 0",
+        ),
+        (
+            "max-permissions = 1025",
+            "relay.max-permissions",
+            "must be at most 1024, got 1025",
+        ),
+        ("threads = 0", "relay.threads", "must be at least 1, got 0"),
+        (
+            "threads = 1025",
+            "relay.threads",
+            "must be at most 1024, got 1025",
+        ),
+    ];
+    for (line, path, message) in cases {
+        let e = one_err(&with_relay(line), &[]);
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            (path, message),
+            "{line}"
+        );
+    }
+    let c = ok(&with_relay(
+        "user-quota = 1000000\ntotal-quota = 1\nthreads = 1024\nmax-permissions = 1",
+    ));
+    assert_eq!(c.relay.user_quota, Some(1_000_000));
+    assert_eq!(c.relay.total_quota, Some(1));
+    assert_eq!(c.relay.threads.map(|n| n.get()), Some(1024));
+    assert_eq!(c.relay.max_permissions, 1);
+}
+
+// ------------------------------------------------------------------ realm
+
+#[test]
+fn realm_rules() {
+    let e = one_err(
+        "[relay]\nlisten = [\"udp://192.0.2.10:3478\"]\nsecrets = [\"0123456789abcdef\"]\n",
+        &[],
+    );
+    assert_eq!(e.path, "relay.realm");
+    assert!(e.message.starts_with("required"), "{e}");
+
+    let with_realm = |realm: &str| MINIMAL.replace("\"example.com\"", realm);
+    assert_eq!(
+        one_err(&with_realm("\"\""), &[]).message,
+        "must not be empty"
+    );
+    assert_eq!(
+        one_err(&with_realm("\"a\\tb\""), &[]).message,
+        "must not contain control characters"
+    );
+    let long = format!("\"{}\"", "r".repeat(764));
+    assert!(one_err(&with_realm(&long), &[])
+        .message
+        .starts_with("is 764 bytes"));
+    let max = "r".repeat(763);
+    assert_eq!(ok(&with_realm(&format!("\"{max}\""))).relay.realm, max);
+}
+
+// ---------------------------------------------------------------- secrets
+
+#[test]
+fn a_file_needs_at_least_one_secret() {
+    let no_secrets = MINIMAL.replace("secrets = [\"0123456789abcdef\"]", "");
+    let e = one_err(&no_secrets, &[]);
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("relay.secrets", "at least one secret is required")
+    );
+
+    let empty = MINIMAL.replace("[\"0123456789abcdef\"]", "[]");
+    let e = one_err(&empty, &[]);
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("relay.secrets", "at least one secret is required")
+    );
+
+    // Same rule for a real file loaded from disk, and for the embedded
+    // source only when told so.
+    assert!(parse_with_source(&no_secrets, &[], Source::Embedded).is_ok());
+}
+
+#[test]
+fn short_secrets_are_rejected_without_echoing_them() {
+    let text = MINIMAL.replace(
+        "[\"0123456789abcdef\"]",
+        "[\"0123456789abcdef\", \"hunter2-secret\"]",
+    );
+    let e = one_err(&text, &[]);
+    assert_eq!(e.path, "relay.secrets[1]");
+    assert_eq!(e.message, "too short: 14 bytes, at least 16 are required");
+    assert!(!e.to_string().contains("hunter2"));
+}
+
+#[test]
+fn duplicate_secrets_are_rejected() {
+    let text = MINIMAL.replace(
+        "[\"0123456789abcdef\"]",
+        "[\"0123456789abcdef\", \"another-long-secret\", \"0123456789abcdef\"]",
+    );
+    let e = one_err(&text, &[]);
+    assert_eq!(e.path, "relay.secrets[2]");
+    assert_eq!(e.message, "duplicate of relay.secrets[0]");
+}
+
+#[test]
+fn secrets_keep_their_order_first_signs() {
+    let text = MINIMAL.replace(
+        "[\"0123456789abcdef\"]",
+        "[\"new-secret-0000000002\", \"old-secret-0000000001\"]",
+    );
+    let s = ok(&text).relay.secrets;
+    assert_eq!(s[0].expose(), "new-secret-0000000002");
+    assert_eq!(s[1].expose(), "old-secret-0000000001");
+}
+
+#[test]
+fn secret_debug_and_display_are_redacted() {
+    let s = Secret::new("super-secret-value-1234".into());
+    assert_eq!(format!("{s:?}"), "Secret(<redacted>)");
+    assert_eq!(s.to_string(), "Secret(<redacted>)");
+    assert_eq!(s.expose(), "super-secret-value-1234");
+    let c = ok(&MINIMAL.replace("0123456789abcdef", "super-secret-value-1234"));
+    let dump = format!("{c:?} {:#?}", c.relay);
+    assert!(!dump.contains("super-secret"), "{dump}");
+}
+
+#[test]
+fn generated_secrets_are_long_url_safe_and_distinct() {
+    let a = Secret::generate();
+    let b = Secret::generate();
+    assert_ne!(a, b);
+    assert_eq!(a.expose().len(), 43);
+    assert!(a
+        .expose()
+        .chars()
+        .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_'));
+}
+
+// ------------------------------------------------------ listen / relay-ip
+
+#[test]
+fn wildcard_listen_needs_relay_ip() {
+    for wildcard in ["udp://0.0.0.0:3478", "udp://[::]:3478"] {
+        let text = MINIMAL.replace("udp://192.0.2.10:3478", wildcard);
+        let e = one_err(&text, &[]);
+        assert_eq!(e.path, "relay.relay-ip");
+        assert_eq!(
+            e.message,
+            "required when relay.listen binds a wildcard address"
+        );
+
+        let c = ok(&with_relay_text(&text, "relay-ip = \"192.0.2.10\""));
+        assert_eq!(c.relay.relay_ip, ip("192.0.2.10"));
+    }
+    // A wildcard as relay-ip is no better.
+    let e = one_err(&with_relay("relay-ip = \"0.0.0.0\""), &[]);
+    assert_eq!(e.path, "relay.relay-ip");
+    assert!(e.message.starts_with("must be a specific address"), "{e}");
+}
+
+fn with_relay_text(text: &str, extra: &str) -> String {
+    format!("{text}{extra}\n")
+}
+
+#[test]
+fn relay_ip_defaults_to_the_first_listen_address() {
+    let text = MINIMAL.replace(
+        "[\"udp://192.0.2.10:3478\"]",
+        "[\"udp://[2001:db8::5]:3478\", \"udp://0.0.0.0:3479\"]",
+    );
+    let c = ok(&text);
+    assert_eq!(c.relay.relay_ip, ip("2001:db8::5"));
+    assert_eq!(c.relay.listen.len(), 2);
+    assert_eq!(c.relay.listen[1].addr, addr("0.0.0.0:3479"));
+    assert_eq!(c.relay.listen[0].to_string(), "udp://[2001:db8::5]:3478");
+}
+
+#[test]
+fn only_udp_listeners_for_now() {
+    let cases = [
+        (
+            "tcp://0.0.0.0:3478",
+            "tcp:// is not supported yet (UDP only)",
+        ),
+        (
+            "tls://0.0.0.0:5349",
+            "tls:// is not supported yet (UDP only)",
+        ),
+        ("0.0.0.0:3478", r#"expected "udp://IP:PORT""#),
+        ("udp://example.com:3478", r#"expected "udp://IP:PORT""#),
+        ("udp://192.0.2.1", r#"expected "udp://IP:PORT""#),
+        ("sctp://192.0.2.1:3478", "unknown transport \"sctp\""),
+        ("garbage", r#"expected "udp://IP:PORT""#),
+    ];
+    for (value, start) in cases {
+        let e = one_err(&MINIMAL.replace("udp://192.0.2.10:3478", value), &[]);
+        assert_eq!(e.path, "relay.listen[0]", "{value}");
+        assert!(e.message.starts_with(start), "{value}: {e}");
+    }
+    let e = one_err(&MINIMAL.replace("[\"udp://192.0.2.10:3478\"]", "[]"), &[]);
+    assert_eq!(e.path, "relay.listen");
+    assert!(
+        e.message
+            .starts_with("at least one listen address is required"),
+        "{e}"
+    );
+}
+
+#[test]
+fn duplicate_listen_addresses_are_rejected() {
+    let text = MINIMAL.replace(
+        "[\"udp://192.0.2.10:3478\"]",
+        "[\"udp://192.0.2.10:3478\", \"udp://192.0.2.10:3478\"]",
+    );
+    let e = one_err(&text, &[]);
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("relay.listen[1]", "duplicate of relay.listen[0]")
+    );
+}
+
+#[test]
+fn every_bad_list_item_is_reported() {
+    let text = MINIMAL.replace(
+        "[\"udp://192.0.2.10:3478\"]",
+        "[\"tcp://192.0.2.10:3478\", \"udp://192.0.2.10:3478\", \"nope\"]",
+    );
+    let e = errs(&text, &[]);
+    assert_eq!(e.paths(), vec!["relay.listen[0]", "relay.listen[2]"]);
+}
+
+// ------------------------------------------------------------------- CIDR
+
+#[test]
+fn peer_lists_take_networks_and_bare_addresses() {
+    let c = ok(&with_relay(
+        "allow-peers = [\"10.0.0.0/8\", \"192.0.2.1\", \"::1\", \"10.1.2.3/16\"]\ndeny-peers = [\"2001:db8::/32\"]",
+    ));
+    assert_eq!(
+        c.relay.allow_peers,
+        vec![
+            net("10.0.0.0/8"),
+            net("192.0.2.1/32"),
+            net("::1/128"),
+            net("10.1.0.0/16")
+        ]
+    );
+    assert_eq!(c.relay.deny_peers, vec![net("2001:db8::/32")]);
+}
+
+#[test]
+fn peer_lists_reject_bad_networks() {
+    let text =
+        with_relay("allow-peers = [\"10.0.0.0/33\", \"nonsense\", \"::/129\", \"10.0.0.0/x\"]");
+    let e = errs(&text, &[]);
+    assert_eq!(
+        e.paths(),
+        vec![
+            "relay.allow-peers[0]",
+            "relay.allow-peers[1]",
+            "relay.allow-peers[2]",
+            "relay.allow-peers[3]"
+        ]
+    );
+    assert_eq!(
+        e.0[0].message,
+        "prefix length must be 0 to 32 for IPv4, got \"10.0.0.0/33\""
+    );
+    assert!(e.0[1].message.starts_with("expected a network like"), "{e}");
+    assert_eq!(
+        e.0[2].message,
+        "prefix length must be 0 to 128 for IPv6, got \"::/129\""
+    );
+}
+
+// ------------------------------------------------------------ admin / log
+
+#[test]
+fn admin_and_log_sections() {
+    let c = ok(&format!(
+        "{MINIMAL}[admin]\nlisten = \"[::1]:9000\"\n[log]\nlevel = \"info,relay_server=debug\"\n"
+    ));
+    assert_eq!(c.admin.listen, addr("[::1]:9000"));
+    assert_eq!(c.log.level, "info,relay_server=debug");
+
+    for bad in ["", "info debug", "debug;rm"] {
+        let e = one_err(&format!("{MINIMAL}[log]\nlevel = \"{bad}\"\n"), &[]);
+        assert_eq!(e.path, "log.level", "{bad:?}");
+    }
+    let e = one_err(
+        &format!("{MINIMAL}[admin]\nlisten = \"localhost:9641\"\n"),
+        &[],
+    );
+    assert_eq!(e.path, "admin.listen");
+    assert_eq!(
+        e.message,
+        r#"expected IP:PORT like "127.0.0.1:9641", got "localhost:9641""#
+    );
+}
+
+// -------------------------------------------------------------------- env
+
+#[test]
+fn env_overrides_win_over_the_file() {
+    let vars = env(&[
+        ("TURNPIKE_RELAY_REALM", "env.example.org"),
+        ("TURNPIKE_RELAY_USER_QUOTA", "3"),
+        (
+            "TURNPIKE_RELAY_LISTEN",
+            "udp://192.0.2.20:3478, udp://[2001:db8::1]:3478",
+        ),
+        ("TURNPIKE_RELAY_MAX_LIFETIME", "2h"),
+        ("TURNPIKE_RELAY_RELAY_PORTS", "40000-40099"),
+        ("TURNPIKE_RELAY_DENY_PEERS", "198.51.100.0/24,"),
+        ("TURNPIKE_ADMIN_LISTEN", "127.0.0.1:9999"),
+        ("TURNPIKE_LOG_LEVEL", "debug"),
+        ("TURNPIKE_CONFIG", "/etc/turnpike.toml"),
+        ("HOME", "/root"),
+    ]);
+    let c = parse(MINIMAL, &vars).unwrap();
+    assert_eq!(c.relay.realm, "env.example.org");
+    assert_eq!(c.relay.user_quota, Some(3));
+    assert_eq!(
+        c.relay.listen.iter().map(|l| l.addr).collect::<Vec<_>>(),
+        vec![addr("192.0.2.20:3478"), addr("[2001:db8::1]:3478")]
+    );
+    assert_eq!(c.relay.relay_ip, ip("192.0.2.20"));
+    assert_eq!(c.relay.max_lifetime, Duration::from_secs(7200));
+    assert_eq!(
+        c.relay.relay_ports,
+        PortRange {
+            start: 40000,
+            end: 40099
+        }
+    );
+    assert_eq!(c.relay.deny_peers, vec![net("198.51.100.0/24")]);
+    assert_eq!(c.admin.listen, addr("127.0.0.1:9999"));
+    assert_eq!(c.log.level, "debug");
+}
+
+#[test]
+fn an_empty_env_list_is_an_empty_list() {
+    let text = with_relay("allow-peers = [\"10.0.0.0/8\"]");
+    let c = parse(&text, &env(&[("TURNPIKE_RELAY_ALLOW_PEERS", "")])).unwrap();
+    assert!(c.relay.allow_peers.is_empty());
+
+    let e = one_err(MINIMAL, &[("TURNPIKE_RELAY_SECRETS", "")]);
+    assert_eq!(e.path, "env TURNPIKE_RELAY_SECRETS");
+    assert_eq!(e.message, "at least one secret is required");
+}
+
+#[test]
+fn env_can_supply_keys_and_sections_the_file_lacks() {
+    let vars = env(&[
+        ("TURNPIKE_RELAY_REALM", "example.net"),
+        ("TURNPIKE_RELAY_LISTEN", "udp://127.0.0.1:3478"),
+        (
+            "TURNPIKE_RELAY_SECRETS",
+            "first-secret-000001,second-secret-00002",
+        ),
+    ]);
+    let c = parse("", &vars).unwrap();
+    assert_eq!(c.relay.realm, "example.net");
+    assert_eq!(c.relay.secrets.len(), 2);
+    assert_eq!(c.relay.secrets[1].expose(), "second-secret-00002");
+}
+
+#[test]
+fn unknown_turnpike_vars_are_rejected() {
+    let e = errs(
+        MINIMAL,
+        &[("TURNPIKE_RELAY_REALMM", "x"), ("TURNPIKE_LOG", "debug")],
+    );
+    assert_eq!(
+        e.paths(),
+        vec!["env TURNPIKE_RELAY_REALMM", "env TURNPIKE_LOG"]
+    );
+    assert_eq!(e.0[0].message, "unknown environment variable");
+}
+
+#[test]
+fn bad_env_values_name_the_variable() {
+    let e = one_err(MINIMAL, &[("TURNPIKE_RELAY_USER_QUOTA", "lots")]);
+    assert_eq!(e.path, "env TURNPIKE_RELAY_USER_QUOTA");
+    assert_eq!(e.message, "expected an integer, got \"lots\"");
+
+    let e = one_err(MINIMAL, &[("TURNPIKE_RELAY_USER_QUOTA", "0")]);
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("env TURNPIKE_RELAY_USER_QUOTA", "must be at least 1, got 0")
+    );
+
+    let e = one_err(MINIMAL, &[("TURNPIKE_RELAY_MAX_LIFETIME", "ten")]);
+    assert_eq!(e.path, "env TURNPIKE_RELAY_MAX_LIFETIME");
+
+    let e = one_err(
+        MINIMAL,
+        &[(
+            "TURNPIKE_RELAY_LISTEN",
+            "udp://192.0.2.1:1,tcp://192.0.2.1:2",
+        )],
+    );
+    assert_eq!(e.path, "env TURNPIKE_RELAY_LISTEN[1]");
+    assert!(e.message.contains("not supported yet (UDP only)"), "{e}");
+
+    let e = one_err(MINIMAL, &[("TURNPIKE_RELAY_RELAY_PORTS", "abc")]);
+    assert_eq!(e.path, "env TURNPIKE_RELAY_RELAY_PORTS");
+}
+
+#[test]
+fn env_var_names_follow_the_rule_and_are_unique() {
+    let names: Vec<String> = SCHEMA.iter().map(|k| k.env_var()).collect();
+    for expected in [
+        "TURNPIKE_RELAY_REALM",
+        "TURNPIKE_RELAY_RELAY_PORTS",
+        "TURNPIKE_RELAY_USER_QUOTA",
+        "TURNPIKE_ADMIN_LISTEN",
+        "TURNPIKE_LOG_LEVEL",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected}");
+    }
+    let mut sorted = names.clone();
+    sorted.sort();
+    sorted.dedup();
+    assert_eq!(sorted.len(), names.len());
+    assert_eq!(SCHEMA.len(), 17);
+    let lists: Vec<String> = SCHEMA
+        .iter()
+        .filter(|k| k.kind == ValueKind::List)
+        .map(|k| k.path())
+        .collect();
+    assert_eq!(
+        lists,
+        [
+            "relay.listen",
+            "relay.secrets",
+            "relay.allow-peers",
+            "relay.deny-peers"
+        ]
+    );
+}
+
+// ------------------------------------------------------------------- load
+
+#[test]
+fn load_reports_a_missing_file_by_name() {
+    let path = Path::new("/nonexistent/turnpike/missing.toml");
+    let e = load(Some(path), &[]).unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    assert_eq!(e.0[0].path, "/nonexistent/turnpike/missing.toml");
+    assert!(
+        e.0[0]
+            .message
+            .starts_with("cannot read configuration file: "),
+        "{e}"
+    );
+}
+
+#[test]
+fn load_reads_a_file_and_names_it_in_syntax_errors() {
+    let dir = std::env::temp_dir().join(format!("conf-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let good = dir.join("good.toml");
+    std::fs::write(&good, MINIMAL).unwrap();
+    let c = load(Some(&good), &[]).unwrap();
+    assert_eq!(c.source, Source::File(good.clone()));
+    assert_eq!(c.relay.realm, "example.com");
+
+    let bad = dir.join("bad.toml");
+    std::fs::write(&bad, "[relay]\nrealm = \n").unwrap();
+    let e = load(Some(&bad), &[]).unwrap_err();
+    assert_eq!(e.0.len(), 1);
+    assert!(
+        e.0[0].path.starts_with(&format!("{}:2:", bad.display())),
+        "{e}"
+    );
+
+    let no_secrets = dir.join("nosecrets.toml");
+    std::fs::write(
+        &no_secrets,
+        MINIMAL.replace("secrets = [\"0123456789abcdef\"]", ""),
+    )
+    .unwrap();
+    let e = load(Some(&no_secrets), &[]).unwrap_err();
+    assert_eq!(e.paths(), vec!["relay.secrets"]);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+// ---------------------------------------------------------------- example
+
+#[test]
+fn the_example_is_a_valid_config_with_these_values() {
+    let c = ok(EXAMPLE);
+    let r = &c.relay;
+    assert_eq!(r.realm, "example.com");
+    assert_eq!(
+        r.listen.iter().map(|l| l.addr).collect::<Vec<_>>(),
+        vec![addr("0.0.0.0:3478"), addr("[::]:3478")]
+    );
+    assert!(r.listen.iter().all(|l| l.transport == Transport::Udp));
+    assert_eq!(r.external_ip, Some(ip("203.0.113.7")));
+    assert_eq!(r.relay_ip, ip("10.0.0.5"));
+    assert_eq!(
+        r.relay_ports,
+        PortRange {
+            start: 49152,
+            end: 65535
+        }
+    );
+    assert_eq!(
+        r.secrets.iter().map(Secret::expose).collect::<Vec<_>>(),
+        vec![
+            "change-me-to-a-long-random-secret-0001",
+            "change-me-to-a-long-random-secret-0000"
+        ]
+    );
+    assert_eq!(
+        r.allow_peers,
+        vec![net("10.20.0.0/16"), net("fd00::10/128")]
+    );
+    assert_eq!(
+        r.deny_peers,
+        vec![net("198.51.100.0/24"), net("2001:db8::/32")]
+    );
+    assert_eq!(r.user_quota, Some(16));
+    assert_eq!(r.total_quota, Some(10_000));
+    assert_eq!(r.max_permissions, 64);
+    assert_eq!(r.max_lifetime, Duration::from_secs(3600));
+    assert_eq!(r.nonce_lifetime, Duration::from_secs(600));
+    assert_eq!(r.threads.map(|n| n.get()), Some(4));
+    assert_eq!(r.grace_period, Duration::from_secs(30));
+    assert_eq!(c.admin.listen, addr("127.0.0.1:9641"));
+    assert_eq!(c.log.level, "info");
+}
+
+#[test]
+fn the_example_shows_every_key_in_the_schema() {
+    let table: toml::Table = EXAMPLE.parse().unwrap();
+    for key in SCHEMA {
+        let section = table.get(key.section).and_then(|s| s.as_table());
+        assert!(
+            section.is_some_and(|s| s.contains_key(key.name)),
+            "{} is missing from examples/turnpike.toml",
+            key.path()
+        );
+    }
+}
+
+#[test]
+fn the_embedded_default_uses_only_known_keys() {
+    let table: toml::Table = conf::EMBEDDED_DEFAULT.parse().unwrap();
+    assert!(!table["relay"].as_table().unwrap().contains_key("secrets"));
+    // And parsing it as a file only complains about the missing secret.
+    let e = errs(conf::EMBEDDED_DEFAULT, &[]);
+    assert_eq!(e.paths(), vec!["relay.secrets"]);
+}

@@ -1,0 +1,219 @@
+//! `turnpike`: parse the command line, load the configuration, start the services.
+#![allow(
+    clippy::print_stdout,
+    reason = "a CLI prints its results and readiness to stdout"
+)]
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand};
+use tokio::net::TcpListener;
+
+/// Exit code for a bad configuration or command line (sysexits.h `EX_USAGE`).
+const EXIT_USAGE: u8 = 64;
+
+#[derive(Parser)]
+#[command(
+    name = "turnpike",
+    version,
+    about = "TURN/STUN media relay with a control plane"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run everything built so far (today: the relay and the admin listener). Without --config,
+    /// runs a local relay on 127.0.0.1:3478 with a generated secret.
+    Serve {
+        /// TOML configuration file (also: TURNPIKE_CONFIG).
+        #[arg(long, env = "TURNPIKE_CONFIG")]
+        config: Option<PathBuf>,
+    },
+    /// Run the TURN relay only (and the admin listener).
+    Relay {
+        /// TOML configuration file (also: TURNPIKE_CONFIG).
+        #[arg(long, env = "TURNPIKE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Print a time-limited TURN username and password (coturn REST format).
+    Creds {
+        /// The user part of the username (counts towards the per-user quota).
+        #[arg(long)]
+        user: String,
+        /// How long the credential may be used to allocate, like "10m" or "1h".
+        #[arg(long, default_value = "1h", value_parser = humantime::parse_duration)]
+        ttl: Duration,
+        /// The shared secret.
+        #[arg(long, conflicts_with = "config", required_unless_present = "config")]
+        secret: Option<String>,
+        /// Take the signing (first) secret from this configuration file.
+        #[arg(long)]
+        config: Option<PathBuf>,
+    },
+    /// Validate a configuration file and exit (64 when it is bad).
+    CheckConfig {
+        /// TOML configuration file.
+        #[arg(long)]
+        config: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli.command) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("turnpike: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn env_overrides() -> Vec<(String, String)> {
+    std::env::vars()
+        .filter(|(k, _)| k.starts_with(conf::ENV_PREFIX))
+        .collect()
+}
+
+/// Loads the configuration, printing every error and returning `None` when it is bad.
+fn load(path: Option<&std::path::Path>) -> Option<conf::Config> {
+    match conf::load(path, &env_overrides()) {
+        Ok(c) => Some(c),
+        Err(errors) => {
+            eprintln!("turnpike: invalid configuration:");
+            for e in &errors.0 {
+                eprintln!("  {}: {}", e.path, e.message);
+            }
+            None
+        }
+    }
+}
+
+fn run(command: Command) -> anyhow::Result<ExitCode> {
+    match command {
+        Command::CheckConfig { config } => match load(Some(&config)) {
+            Some(_) => {
+                println!("{}: ok", config.display());
+                Ok(ExitCode::SUCCESS)
+            }
+            None => Ok(ExitCode::from(EXIT_USAGE)),
+        },
+        Command::Creds {
+            user,
+            ttl,
+            secret,
+            config,
+        } => {
+            let secret = match (secret, config) {
+                (Some(s), _) => s,
+                (None, Some(path)) => match load(Some(&path)) {
+                    Some(c) => match c.relay.secrets.first() {
+                        Some(s) => s.expose().to_owned(),
+                        None => anyhow::bail!("{} has no secrets", path.display()),
+                    },
+                    None => return Ok(ExitCode::from(EXIT_USAGE)),
+                },
+                (None, None) => anyhow::bail!("give --secret or --config"),
+            };
+            let expiry = SystemTime::now()
+                .duration_since(UNIX_EPOCH)
+                .context("system clock before 1970")?
+                .saturating_add(ttl)
+                .as_secs();
+            let (username, password) =
+                relay_proto::rest_credentials(secret.as_bytes(), &user, expiry);
+            println!("username: {username}");
+            println!("password: {password}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Serve { config } => serve(config.as_deref()),
+        Command::Relay { config } => serve(Some(&config)),
+    }
+}
+
+fn serve(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+    let Some(config) = load(path) else {
+        return Ok(ExitCode::from(EXIT_USAGE));
+    };
+    init_logging(&config.log.level);
+    if config.is_embedded() {
+        if let Some(secret) = config.relay.secrets.first() {
+            // Printed once, to the terminal of whoever started a local relay; never logged.
+            println!("turnpike: no --config: running the local default (relay on 127.0.0.1:3478)");
+            println!("turnpike: secret for this run: {}", secret.expose());
+            println!(
+                "turnpike: get a credential with: turnpike creds --user alice --ttl 1h --secret {}",
+                secret.expose()
+            );
+        }
+    }
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(async move {
+        let registry = prometheus::Registry::new();
+        let admin = TcpListener::bind(config.admin.listen)
+            .await
+            .with_context(|| format!("admin listener {}", config.admin.listen))?;
+        let admin_addr = admin.local_addr()?;
+        let relay = relay_server::RelayServer::bind(&config.relay, Some(admin_addr), &registry)?;
+        for a in relay.local_addrs() {
+            println!("turnpike: relay listening on udp://{a}");
+        }
+        println!("turnpike: admin listening on http://{admin_addr}");
+        let state = relay_server::admin::AdminState {
+            registry,
+            ready: vec![relay.readiness()],
+        };
+        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
+        let admin_task = tokio::spawn(relay_server::admin::serve(admin, state, async move {
+            let _ = admin_stopped.await;
+        }));
+        relay.run(shutdown_signal()).await?;
+        let _ = stop_admin.send(());
+        admin_task.await??;
+        anyhow::Ok(())
+    })?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Completes on SIGTERM or Ctrl-C.
+async fn shutdown_signal() {
+    let ctrl_c = tokio::signal::ctrl_c();
+    #[cfg(unix)]
+    {
+        let term = async {
+            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+                Ok(mut s) => {
+                    s.recv().await;
+                }
+                Err(_) => std::future::pending().await,
+            }
+        };
+        tokio::select! {
+            _ = ctrl_c => {}
+            _ = term => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = ctrl_c.await;
+    }
+    tracing::info!("shutdown requested");
+}
+
+fn init_logging(level: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+}
