@@ -245,6 +245,8 @@ pub struct Stats {
     pub packets: [u64; Direction::COUNT],
     /// Relayed application bytes by [`Direction`].
     pub bytes: [u64; Direction::COUNT],
+    /// Of [`Stats::packets`], those framed as ChannelData (the rest are Send/Data indications).
+    pub channel_data: [u64; Direction::COUNT],
     /// Dropped datagrams by [`DropReason`].
     pub dropped: [u64; DropReason::COUNT],
     /// Authentication failures by [`AuthFailure`].
@@ -613,6 +615,7 @@ impl Server {
         if !a.permitted(peer.ip(), now) {
             return self.drop(DropReason::NoPermission);
         }
+        self.stats.channel_data[Direction::ClientToPeer.index()] += 1;
         self.forward_to_peer(id, peer, data);
     }
 
@@ -675,6 +678,7 @@ impl Server {
                 if CHANNEL_HEADER_LEN + datagram.len() > MAX_UDP_PAYLOAD {
                     return self.drop(DropReason::TooLarge);
                 }
+                self.stats.channel_data[Direction::PeerToClient.index()] += 1;
                 self.buf.extend_from_slice(&number.to_be_bytes());
                 self.buf
                     .extend_from_slice(&(datagram.len() as u16).to_be_bytes());
@@ -1128,7 +1132,14 @@ impl Server {
                 authed.key,
             ));
         }
-        let lifetime = self.lifetime(attrs.lifetime);
+        // RFC 8656 §7.3: LIFETIME 0 deletes; anything else is granted like in Allocate, at least
+        // the default and at most the maximum.
+        let lifetime = match attrs.lifetime {
+            Some(0) => Duration::ZERO,
+            requested => self
+                .lifetime(requested)
+                .max(self.config.default_lifetime.min(self.config.max_lifetime)),
+        };
         if lifetime.is_zero() {
             self.delete(id, DeleteReason::Client);
         } else if let Some(a) = self.get_mut(id) {

@@ -12,6 +12,9 @@ use relay_proto::{
 
 use crate::DriverDrop;
 
+/// Values of the `framing` label of `turnpike_relay_packets_total`.
+const FRAMINGS: [&str; 2] = ["channel_data", "indication"];
+
 /// Every relay collector, registered once per process and shared (cheaply cloned) by shards.
 #[derive(Clone, Debug)]
 pub struct RelayMetrics {
@@ -31,9 +34,9 @@ fn counter_vec(
     r: &Registry,
     name: &str,
     help: &str,
-    label: &str,
+    labels: &[&str],
 ) -> prometheus::Result<IntCounterVec> {
-    let c = IntCounterVec::new(Opts::new(name, help), &[label])?;
+    let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     r.register(Box::new(c.clone()))?;
     Ok(c)
 }
@@ -62,43 +65,43 @@ impl RelayMetrics {
                 r,
                 "turnpike_relay_allocation_requests_total",
                 "Allocate requests by result (unauthenticated includes the normal first 401).",
-                "result",
+                &["result"],
             )?,
             allocations_ended: counter_vec(
                 r,
                 "turnpike_relay_allocations_ended_total",
                 "Allocations ended, by reason.",
-                "reason",
+                &["reason"],
             )?,
             packets: counter_vec(
                 r,
                 "turnpike_relay_packets_total",
-                "Packets relayed, by direction.",
-                "direction",
+                "Packets relayed, by direction and framing (channel_data or indication).",
+                &["direction", "framing"],
             )?,
             bytes: counter_vec(
                 r,
                 "turnpike_relay_bytes_total",
                 "Application bytes relayed (without TURN framing), by direction.",
-                "direction",
+                &["direction"],
             )?,
             dropped: counter_vec(
                 r,
                 "turnpike_relay_dropped_packets_total",
                 "Datagrams dropped without an answer, by reason.",
-                "reason",
+                &["reason"],
             )?,
             auth_failures: counter_vec(
                 r,
                 "turnpike_relay_auth_failures_total",
                 "Requests that failed authentication, by reason.",
-                "reason",
+                &["reason"],
             )?,
             peers_denied: counter_vec(
                 r,
                 "turnpike_relay_peers_denied_total",
                 "Peer addresses refused by the peer policy, by reason.",
-                "reason",
+                &["reason"],
             )?,
             binding_requests,
             relay_ports_available,
@@ -112,7 +115,9 @@ impl RelayMetrics {
             m.allocations_ended.with_label_values(&[v.as_str()]);
         }
         for v in Direction::ALL {
-            m.packets.with_label_values(&[v.as_str()]);
+            for f in FRAMINGS {
+                m.packets.with_label_values(&[v.as_str(), f]);
+            }
             m.bytes.with_label_values(&[v.as_str()]);
         }
         for v in DropReason::ALL {
@@ -179,13 +184,24 @@ impl Publisher {
             &s.deleted,
             &mut l.deleted,
         );
-        add_each(
-            &m.packets,
-            Direction::ALL,
-            Direction::as_str,
-            &s.packets,
-            &mut l.packets,
-        );
+        for d in Direction::ALL {
+            let i = d.index();
+            let channel = s.channel_data[i];
+            let indication = s.packets[i] - channel;
+            let last_indication = l.packets[i] - l.channel_data[i];
+            if channel > l.channel_data[i] {
+                m.packets
+                    .with_label_values(&[d.as_str(), FRAMINGS[0]])
+                    .inc_by(channel - l.channel_data[i]);
+            }
+            if indication > last_indication {
+                m.packets
+                    .with_label_values(&[d.as_str(), FRAMINGS[1]])
+                    .inc_by(indication - last_indication);
+            }
+        }
+        l.packets = s.packets;
+        l.channel_data = s.channel_data;
         add_each(
             &m.bytes,
             Direction::ALL,
