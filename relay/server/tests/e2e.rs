@@ -354,3 +354,47 @@ grace-period = "1s"
         .await
     }
 }
+
+#[tokio::test]
+async fn shutdown_refuses_new_allocations_with_508_but_keeps_relaying_until_the_grace_period() {
+    let mut relay = Running::start("").await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let (user, pass) = relay_proto::rest_credentials(SECRET.as_bytes(), "early", unix_now() + 600);
+    let early = turn_client(relay.addr, user, pass).await;
+    let conn = early.allocate().await.unwrap();
+    conn.send_to(b"before", peer_addr).await.unwrap();
+    assert_eq!(recv(&peer).await.0, b"before");
+
+    let _ = relay.stop.take().unwrap().send(());
+    // Draining is visible as 508 to a newcomer.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (user, pass) =
+            relay_proto::rest_credentials(SECRET.as_bytes(), "late", unix_now() + 600);
+        let late = turn_client(relay.addr, user, pass).await;
+        let result = late.allocate().await;
+        late.close().await.unwrap();
+        match result {
+            Err(e) if e.to_string().contains("508") => break,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "expected 508 while draining, got {:?}",
+                other.map(|c| c.local_addr())
+            ),
+        }
+    }
+    // The existing allocation still relays during the grace period.
+    conn.send_to(b"during", peer_addr).await.unwrap();
+    assert_eq!(recv(&peer).await.0, b"during");
+    // After the grace period (1 s) the relay closes it and stops.
+    tokio::time::timeout(WAIT, relay.task.take().unwrap())
+        .await
+        .expect("stops after the grace period")
+        .unwrap();
+    assert_eq!(
+        relay.metric(r#"turnpike_relay_allocations_ended_total{reason="shutdown"}"#),
+        1.0
+    );
+    early.close().await.unwrap();
+}

@@ -1,0 +1,365 @@
+//! The `turnpike` binary as a user runs it: `relay` with a config file (ports 0, readiness read
+//! from its output), coturn's `turnutils_uclient` relaying through it, `creds`, `check-config`,
+//! and SIGTERM draining.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+use std::io::{BufRead, BufReader};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+const BIN: &str = env!("CARGO_BIN_EXE_turnpike");
+const SECRET: &str = "cli-test-secret-0123456789";
+/// Upper bound on anything the tests wait for (a loaded 2-core CI machine).
+const WAIT: Duration = Duration::from_secs(20);
+
+fn temp_config(name: &str, text: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("turnpike-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("turnpike.toml");
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+fn relay_config(name: &str, extra: &str) -> PathBuf {
+    temp_config(
+        name,
+        &format!(
+            r#"
+[relay]
+realm = "example.org"
+listen = ["udp://127.0.0.1:0"]
+relay-ip = "127.0.0.1"
+secrets = ["{SECRET}"]
+threads = 2
+{extra}
+[admin]
+listen = "127.0.0.1:0"
+"#
+        ),
+    )
+}
+
+/// A running `turnpike relay`, killed on drop.
+struct Relay {
+    child: Child,
+    udp: SocketAddr,
+    admin: SocketAddr,
+    lines: mpsc::Receiver<String>,
+}
+
+impl Relay {
+    fn start(config: &PathBuf) -> Self {
+        let mut child = Command::new(BIN)
+            .args(["relay", "--config"])
+            .arg(config)
+            .env("RUST_LOG", "info")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = mpsc::channel();
+        let out = BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        // Readiness: the binary prints its bound addresses once its sockets are open.
+        let (mut udp, mut admin) = (None, None);
+        while udp.is_none() || admin.is_none() {
+            let line = lines
+                .recv_timeout(WAIT)
+                .expect("relay prints its addresses");
+            if let Some(a) = line.strip_prefix("turnpike: relay listening on udp://") {
+                udp = Some(a.parse().unwrap());
+            }
+            if let Some(a) = line.strip_prefix("turnpike: admin listening on http://") {
+                admin = Some(a.parse().unwrap());
+            }
+        }
+        Self {
+            child,
+            udp: udp.unwrap(),
+            admin: admin.unwrap(),
+            lines,
+        }
+    }
+
+    /// GET a path on the admin listener with plain std (no HTTP client dependency).
+    fn get(&self, path: &str) -> (u16, String) {
+        use std::io::{Read, Write};
+        let mut s = std::net::TcpStream::connect(self.admin).unwrap();
+        s.set_read_timeout(Some(WAIT)).unwrap();
+        write!(
+            s,
+            "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        )
+        .unwrap();
+        let mut resp = String::new();
+        s.read_to_string(&mut resp).unwrap();
+        let status = resp[9..12].parse().unwrap();
+        let body = resp
+            .split_once("\r\n\r\n")
+            .map(|x| x.1)
+            .unwrap_or("")
+            .to_owned();
+        (status, body)
+    }
+
+    fn metric(&self, series: &str) -> f64 {
+        let (_, body) = self.get("/metrics");
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    fn wait_metric(&self, series: &str, at_least: f64) -> f64 {
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let v = self.metric(series);
+            if v >= at_least {
+                return v;
+            }
+            assert!(Instant::now() < deadline, "{series} stayed at {v}");
+            std::thread::sleep(Duration::from_millis(100));
+        }
+    }
+}
+
+impl Drop for Relay {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn uclient(relay: SocketAddr, secret: &str, extra: &[&str]) -> std::process::Output {
+    let out = Command::new("turnutils_uclient")
+        .args([
+            "-c",
+            "-y",
+            "-s",
+            "-l",
+            "200",
+            "-z",
+            "1",
+            "-u",
+            "carol",
+            "-r",
+            "example.org",
+        ])
+        .args(["-W", secret, "-p", &relay.port().to_string()])
+        .args(extra)
+        .arg(relay.ip().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("turnutils_uclient (Debian package coturn) is installed: run scripts/test.sh");
+    out
+}
+
+#[test]
+fn coturn_uclient_relays_client_to_client_with_zero_loss() {
+    let relay = Relay::start(&relay_config("uclient", ""));
+    let out = uclient(relay.udp, SECRET, &["-m", "10", "-n", "200"]);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let lost = text
+        .lines()
+        .find_map(|l| l.split("Total lost packets ").nth(1))
+        .unwrap_or_else(|| panic!("no loss report in uclient output:\n{text}"));
+    assert!(lost.starts_with("0 (0"), "lost: {lost}\n{text}");
+    assert!(text.contains("tot_recv_msgs=2000"), "{text}");
+    // At least one allocation per session, and every message crossed the relay.
+    relay.wait_metric(
+        r#"turnpike_relay_allocation_requests_total{result="ok"}"#,
+        10.0,
+    );
+    let sent = relay.wait_metric(
+        r#"turnpike_relay_packets_total{direction="client_to_peer",framing="indication"}"#,
+        2000.0,
+    );
+    assert!(sent >= 2000.0);
+}
+
+#[test]
+fn coturn_uclient_with_a_wrong_secret_is_refused() {
+    let relay = Relay::start(&relay_config("wrong", ""));
+    let out = uclient(
+        relay.udp,
+        "a-wrong-secret-000000000",
+        &["-m", "1", "-n", "10"],
+    );
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    assert!(!text.contains("Total lost packets 0"), "{text}");
+    relay.wait_metric(
+        r#"turnpike_relay_auth_failures_total{reason="bad_integrity"}"#,
+        1.0,
+    );
+    assert_eq!(
+        relay.metric(r#"turnpike_relay_allocation_requests_total{result="ok"}"#),
+        0.0
+    );
+}
+
+#[test]
+fn admin_listener_serves_live_ready_and_metrics() {
+    let relay = Relay::start(&relay_config("admin", ""));
+    assert_eq!(relay.get("/live").0, 200);
+    let deadline = Instant::now() + WAIT;
+    while relay.get("/ready").0 != 200 {
+        assert!(Instant::now() < deadline, "never ready");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let (status, body) = relay.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(body.contains("turnpike_relay_allocations_active"), "{body}");
+    assert!(!body.contains(SECRET));
+    assert_eq!(relay.get("/nope").0, 404);
+}
+
+#[test]
+fn sigterm_drains_then_exits() {
+    let relay = Relay::start(&relay_config("sigterm", "grace-period = \"2s\"\n"));
+    let pid = relay.child.id().to_string();
+    let status = Command::new("kill").args(["-TERM", &pid]).status().unwrap();
+    assert!(status.success());
+    let mut relay = relay;
+    let deadline = Instant::now() + WAIT;
+    loop {
+        if let Some(status) = relay.child.try_wait().unwrap() {
+            assert!(status.success(), "{status}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "did not exit after SIGTERM");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    // Drain the output the relay printed; nothing more is required of it.
+    while relay.lines.try_recv().is_ok() {}
+}
+
+#[test]
+fn creds_prints_a_credential_the_relay_formula_accepts() {
+    let out = Command::new(BIN)
+        .args([
+            "creds", "--user", "dave", "--ttl", "10m", "--secret", SECRET,
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let username = text
+        .lines()
+        .find_map(|l| l.strip_prefix("username: "))
+        .unwrap();
+    let password = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .unwrap();
+    let (expiry, user) = username.split_once(':').unwrap();
+    assert_eq!(user, "dave");
+    let expiry: u64 = expiry.parse().unwrap();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_secs();
+    assert!(
+        (now + 590..=now + 610).contains(&expiry),
+        "{expiry} vs {now}"
+    );
+    assert_eq!(
+        password,
+        relay_proto::rest_password(SECRET.as_bytes(), username)
+    );
+}
+
+#[test]
+fn creds_reads_the_signing_secret_from_a_config() {
+    let cfg = relay_config("creds", "");
+    let out = Command::new(BIN)
+        .args(["creds", "--user", "erin", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout).unwrap();
+    let username = text
+        .lines()
+        .find_map(|l| l.strip_prefix("username: "))
+        .unwrap();
+    let password = text
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .unwrap();
+    assert_eq!(
+        password,
+        relay_proto::rest_password(SECRET.as_bytes(), username)
+    );
+}
+
+#[test]
+fn check_config_reports_every_bad_key_with_exit_64() {
+    let cfg = temp_config(
+        "bad",
+        r#"
+[relay]
+realm = "example.org"
+listen = ["udp://127.0.0.1:3478"]
+secrets = ["short"]
+relay-ports = "100-50"
+user-quota = "many"
+colour = "blue"
+"#,
+    );
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    for key in [
+        "relay.secrets",
+        "relay.relay-ports",
+        "relay.user-quota",
+        "relay.colour",
+    ] {
+        assert!(err.contains(key), "{key} missing from:\n{err}");
+    }
+    assert!(!err.contains("short\""), "a secret value leaked:\n{err}");
+}
+
+#[test]
+fn check_config_accepts_the_shipped_example() {
+    let example = concat!(env!("CARGO_MANIFEST_DIR"), "/conf/examples/turnpike.toml");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config", example])
+        .output()
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+#[test]
+fn bad_environment_override_is_reported_with_exit_64() {
+    let cfg = relay_config("env", "");
+    let out = Command::new(BIN)
+        .args(["check-config", "--config"])
+        .arg(&cfg)
+        .env("TURNPIKE_RELAY_USER_QUOTA", "lots")
+        .env("TURNPIKE_RELAY_NO_SUCH_KEY", "1")
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(64));
+    let err = String::from_utf8(out.stderr).unwrap();
+    assert!(err.contains("TURNPIKE_RELAY_USER_QUOTA"), "{err}");
+    assert!(err.contains("TURNPIKE_RELAY_NO_SUCH_KEY"), "{err}");
+}
