@@ -38,6 +38,7 @@
 
 mod alloc;
 pub mod auth;
+mod limit;
 pub mod policy;
 mod server;
 pub mod stun;

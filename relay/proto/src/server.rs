@@ -11,6 +11,7 @@ pub use crate::alloc::Quotas;
 use crate::alloc::{Allocation, Cached, Channel, QuotaError, State};
 use crate::auth::{self, NonceCheck, NonceKey};
 use crate::label_enum;
+use crate::limit::Limiter;
 use crate::policy::{DenyReason, PeerPolicy};
 use crate::stun::{
     self, attr, code, method, AttrError, Attrs, Class, Encoder, Message, CHANNEL_HEADER_LEN,
@@ -211,6 +212,9 @@ label_enum! {
         Retransmit => "retransmit",
         /// Would exceed the largest UDP datagram.
         TooLarge => "too_large",
+        /// An answer to an unauthenticated request over the per-source rate limit
+        /// ([`Config::challenge_rate`]).
+        ChallengeLimited => "challenge_limited",
     }
 }
 
@@ -293,6 +297,13 @@ pub struct Config {
     pub quotas: Arc<Quotas>,
     /// SOFTWARE sent in Allocate responses; `None` sends none.
     pub software: Option<String>,
+    /// Answers to unauthenticated requests (401, 438, 400, 420 before authentication) per second
+    /// and source IP, per shard. A legitimate client needs one per allocation; the cap keeps the
+    /// relay from being a reflector for spoofed floods while leaving room for many users behind
+    /// one NAT.
+    pub challenge_rate: u32,
+    /// Burst of such answers per source IP.
+    pub challenge_burst: u32,
 }
 
 impl Config {
@@ -320,6 +331,8 @@ impl Config {
             policy,
             quotas: Quotas::new(Some(16), None),
             software: Some(concat!("turnpike ", env!("CARGO_PKG_VERSION")).to_owned()),
+            challenge_rate: 50,
+            challenge_burst: 100,
         }
     }
 }
@@ -376,6 +389,7 @@ pub struct Server {
     unix_at_anchor: Duration,
     /// The `now` of the current `handle_*` call.
     now: Instant,
+    challenges: Limiter,
     draining: bool,
 }
 
@@ -397,6 +411,7 @@ impl Server {
     /// A server with no allocations. `now` and `wall` anchor the wall clock (see
     /// [`Server::handle_wall_clock`]).
     pub fn new(config: Config, now: Instant, wall: SystemTime) -> Self {
+        let challenges = Limiter::new(now, config.challenge_rate, config.challenge_burst);
         Self {
             config,
             slots: Vec::new(),
@@ -410,6 +425,7 @@ impl Server {
             anchor: now,
             unix_at_anchor: wall.duration_since(UNIX_EPOCH).unwrap_or_default(),
             now,
+            challenges,
             draining: false,
         }
     }
@@ -624,7 +640,7 @@ impl Server {
         self.buf.extend_from_slice(data);
         self.stats.packets[Direction::ClientToPeer.index()] += 1;
         self.stats.bytes[Direction::ClientToPeer.index()] += data.len() as u64;
-        let peer = self.to_wire(peer);
+        let peer = self.client_view_to_wire(peer);
         self.outputs.push_back(OutputItem::Transmit(Transmit {
             dest: Dest::Peer { relay, peer },
             range: start..self.buf.len(),
@@ -633,7 +649,7 @@ impl Server {
 
     /// Peers that name our external IP mean our relay IP: send there directly instead of
     /// relying on the NAT to hairpin.
-    fn to_wire(&self, peer: SocketAddr) -> SocketAddr {
+    fn client_view_to_wire(&self, peer: SocketAddr) -> SocketAddr {
         match self.config.external_ip {
             Some(ext) if peer.ip() == ext && self.config.relay_ports.contains(&peer.port()) => {
                 SocketAddr::new(self.config.relay_ip, peer.port())
@@ -642,8 +658,8 @@ impl Server {
         }
     }
 
-    /// The inverse of [`Server::to_wire`], for addresses reported to clients and permissions.
-    fn from_wire(&self, peer: SocketAddr) -> SocketAddr {
+    /// The inverse of [`Server::client_view_to_wire`], for addresses reported to clients and permissions.
+    fn wire_to_client_view(&self, peer: SocketAddr) -> SocketAddr {
         match self.config.external_ip {
             Some(ext)
                 if peer.ip() == self.config.relay_ip
@@ -658,7 +674,7 @@ impl Server {
     /// A datagram from `from` arrived on the relay socket `relay`.
     pub fn handle_peer(&mut self, now: Instant, relay: RelayId, from: SocketAddr, datagram: &[u8]) {
         self.begin(now);
-        let from = self.from_wire(SocketAddr::new(
+        let from = self.wire_to_client_view(SocketAddr::new(
             crate::policy::canonical(from.ip()),
             from.port(),
         ));
@@ -1107,7 +1123,7 @@ impl Server {
             Some(id)
                 if self
                     .get(*id)
-                    .is_some_and(|a| matches!(a.state, State::Active)) =>
+                    .is_some_and(|a| matches!(a.state, State::Active) && a.expires > now) =>
             {
                 *id
             }
@@ -1317,6 +1333,9 @@ impl Server {
         fingerprint: bool,
         reject: &Reject,
     ) {
+        if reject.key.is_none() && !self.challenges.allow(five.client.ip(), self.now) {
+            return self.drop(DropReason::ChallengeLimited);
+        }
         let unix = self.unix_now(self.now);
         let start = self.buf.len();
         let mut e = Encoder::new(&mut self.buf, method, Class::Error, tid);
