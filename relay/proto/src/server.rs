@@ -298,9 +298,9 @@ pub struct Config {
     /// SOFTWARE sent in Allocate responses; `None` sends none.
     pub software: Option<String>,
     /// Answers to unauthenticated requests (401, 438, 400, 420 before authentication) per second
-    /// and source IP, per shard. A legitimate client needs one per allocation; the cap keeps the
-    /// relay from being a reflector for spoofed floods while leaving room for many users behind
-    /// one NAT.
+    /// and source IP, per shard. A legitimate client needs one per allocation; the cap bounds
+    /// what a spoofed flood can reflect at one victim (about 50 KB/s per shard) while leaving
+    /// room for thousands of users behind one NAT, or a load generator, to allocate.
     pub challenge_rate: u32,
     /// Burst of such answers per source IP.
     pub challenge_burst: u32,
@@ -331,8 +331,8 @@ impl Config {
             policy,
             quotas: Quotas::new(Some(16), None),
             software: Some(concat!("turnpike ", env!("CARGO_PKG_VERSION")).to_owned()),
-            challenge_rate: 50,
-            challenge_burst: 100,
+            challenge_rate: 500,
+            challenge_burst: 1000,
         }
     }
 }

@@ -398,3 +398,139 @@ async fn shutdown_refuses_new_allocations_with_508_but_keeps_relaying_until_the_
     );
     early.close().await.unwrap();
 }
+
+/// A minimal TURN client over a real socket, built from the codec: enough to allocate and free
+/// quickly, many times.
+struct RawClient {
+    sock: UdpSocket,
+    server: SocketAddr,
+    username: String,
+    key: [u8; 16],
+    nonce: Vec<u8>,
+    next_tid: u8,
+}
+
+impl RawClient {
+    async fn new(server: SocketAddr, user: &str) -> Self {
+        let (username, password) =
+            relay_proto::rest_credentials(SECRET.as_bytes(), user, unix_now() + 600);
+        let key = relay_proto::auth::long_term_key(
+            username.as_bytes(),
+            REALM.as_bytes(),
+            password.as_bytes(),
+        );
+        Self {
+            sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            server,
+            username,
+            key,
+            nonce: Vec::new(),
+            next_tid: 0,
+        }
+    }
+
+    /// Sends a request (authenticated once a nonce is known) and returns the response's error
+    /// code (`None` for success) and raw bytes.
+    async fn request(&mut self, m: u16, attrs: &[(u16, Vec<u8>)]) -> (Option<u16>, Vec<u8>) {
+        self.next_tid = self.next_tid.wrapping_add(1);
+        let tid = [self.next_tid; 12];
+        let mut buf = Vec::new();
+        let mut e = Encoder::new(&mut buf, m, Class::Request, tid);
+        for (t, v) in attrs {
+            e.attr(*t, v);
+        }
+        if !self.nonce.is_empty() {
+            e.attr(attr::USERNAME, self.username.as_bytes())
+                .attr(attr::REALM, REALM.as_bytes())
+                .attr(attr::NONCE, &self.nonce)
+                .integrity(&self.key);
+        }
+        e.finish();
+        self.sock.send_to(&buf, self.server).await.unwrap();
+        let (resp, _) = recv(&self.sock).await;
+        let msg = Message::parse(&resp).unwrap();
+        assert_eq!(msg.transaction_id(), tid);
+        let code = msg
+            .attributes()
+            .find(|(t, _, _)| *t == attr::ERROR_CODE)
+            .map(|(_, v, _)| u16::from(v[2]) * 100 + u16::from(v[3]));
+        if let Some((_, v, _)) = msg.attributes().find(|(t, _, _)| *t == attr::NONCE) {
+            self.nonce = v.to_vec();
+        }
+        (code, resp)
+    }
+
+    async fn allocate(&mut self) -> Option<u16> {
+        let transport = vec![17, 0, 0, 0];
+        let (mut code, _) = self
+            .request(
+                method::ALLOCATE,
+                &[(attr::REQUESTED_TRANSPORT, transport.clone())],
+            )
+            .await;
+        if code == Some(401) {
+            code = self
+                .request(method::ALLOCATE, &[(attr::REQUESTED_TRANSPORT, transport)])
+                .await
+                .0;
+        }
+        code
+    }
+
+    async fn free(&mut self) -> Option<u16> {
+        self.request(method::REFRESH, &[(attr::LIFETIME, vec![0, 0, 0, 0])])
+            .await
+            .0
+    }
+}
+
+#[tokio::test]
+async fn relay_ports_run_out_with_508_and_come_back_after_many_cycles() {
+    let relay = Running::start_with(
+        r#"
+[relay]
+realm = "example.org"
+listen = ["udp://127.0.0.1:0"]
+relay-ip = "127.0.0.1"
+relay-ports = "40000-40003"
+secrets = ["e2e-secret-0123456789abcdef"]
+allow-peers = ["127.0.0.0/8"]
+user-quota = 100
+threads = 1
+grace-period = "1s"
+"#,
+    )
+    .await;
+    // 1000 allocate/free cycles on a pool of four ports.
+    let mut c = RawClient::new(relay.addr, "cycler").await;
+    for i in 0..1000 {
+        assert_eq!(c.allocate().await, None, "allocate #{i}");
+        assert_eq!(c.free().await, None, "free #{i}");
+    }
+    // The pool is whole again: four concurrent allocations fit, the fifth gets 508.
+    let mut held = Vec::new();
+    for i in 0..4 {
+        let mut c = RawClient::new(relay.addr, &format!("user{i}")).await;
+        assert_eq!(c.allocate().await, None, "allocation {i}");
+        held.push(c);
+    }
+    let mut extra = RawClient::new(relay.addr, "extra").await;
+    assert_eq!(extra.allocate().await, Some(508));
+    // Freeing one makes a port available again.
+    assert_eq!(held[0].free().await, None);
+    let mut again = RawClient::new(relay.addr, "again").await;
+    assert_eq!(again.allocate().await, None);
+    relay
+        .wait_metric(
+            r#"turnpike_relay_allocation_requests_total{result="ok"}"#,
+            1005.0,
+        )
+        .await;
+    relay
+        .wait_metric(
+            r#"turnpike_relay_allocation_requests_total{result="capacity"}"#,
+            1.0,
+        )
+        .await;
+    relay.shutdown().await;
+}
