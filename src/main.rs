@@ -145,7 +145,7 @@ fn serve(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
     if config.is_embedded() {
         if let Some(secret) = config.relay.secrets.first() {
             // Printed once, to the terminal of whoever started a local relay; never logged.
-            println!("turnpike: no --config: running the local default (relay on 127.0.0.1:3478)");
+            println!("turnpike: no --config: running the embedded local default");
             println!("turnpike: secret for this run: {}", secret.expose());
             println!(
                 "turnpike: get a credential with: turnpike creds --user alice --ttl 1h --secret {}",

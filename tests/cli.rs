@@ -187,6 +187,75 @@ fn coturn_uclient_relays_client_to_client_with_zero_loss() {
 }
 
 #[test]
+fn newcomer_flow_serve_without_config_then_creds_then_two_coturn_clients() {
+    // `turnpike serve` with no file: the embedded default, ports moved to 0 by environment
+    // overrides so the test never needs a fixed port.
+    let mut child = Command::new(BIN)
+        .arg("serve")
+        .env("TURNPIKE_RELAY_LISTEN", "udp://127.0.0.1:0")
+        .env("TURNPIKE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env_remove("TURNPIKE_CONFIG")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut out = BufReader::new(child.stdout.take().unwrap()).lines();
+    let (mut secret, mut udp) = (None::<String>, None::<SocketAddr>);
+    while secret.is_none() || udp.is_none() {
+        let line = out
+            .next()
+            .expect("serve prints its secret and address")
+            .unwrap();
+        if let Some(s) = line.strip_prefix("turnpike: secret for this run: ") {
+            secret = Some(s.to_owned());
+        }
+        if let Some(a) = line.strip_prefix("turnpike: relay listening on udp://") {
+            udp = Some(a.parse().unwrap());
+        }
+    }
+    let (secret, udp) = (secret.unwrap(), udp.unwrap());
+    // Mint a credential the way the README says, and give it to coturn's client as a plain
+    // long-term username/password.
+    let creds = Command::new(BIN)
+        .args([
+            "creds", "--user", "alice", "--ttl", "10m", "--secret", &secret,
+        ])
+        .output()
+        .unwrap();
+    let creds = String::from_utf8(creds.stdout).unwrap();
+    let username = creds
+        .lines()
+        .find_map(|l| l.strip_prefix("username: "))
+        .unwrap();
+    let password = creds
+        .lines()
+        .find_map(|l| l.strip_prefix("password: "))
+        .unwrap();
+    let run = Command::new("turnutils_uclient")
+        .args([
+            "-c", "-y", "-s", "-m", "2", "-n", "50", "-l", "200", "-z", "1",
+        ])
+        .args([
+            "-u",
+            username,
+            "-w",
+            password,
+            "-p",
+            &udp.port().to_string(),
+        ])
+        .arg(udp.ip().to_string())
+        .stdin(Stdio::null())
+        .output()
+        .expect("turnutils_uclient (Debian package coturn) is installed: run scripts/test.sh");
+    let _ = child.kill();
+    let _ = child.wait();
+    let text =
+        String::from_utf8_lossy(&run.stdout).to_string() + &String::from_utf8_lossy(&run.stderr);
+    assert!(text.contains("Total lost packets 0 (0"), "{text}");
+    assert!(text.contains("tot_recv_msgs=100"), "{text}");
+}
+
+#[test]
 fn coturn_uclient_with_a_wrong_secret_is_refused() {
     let relay = Relay::start(&relay_config("wrong", ""));
     let out = uclient(
