@@ -150,8 +150,6 @@ fn uclient(relay: SocketAddr, secret: &str, extra: &[&str]) -> std::process::Out
             "1",
             "-u",
             "carol",
-            "-r",
-            "example.org",
         ])
         .args(["-W", secret, "-p", &relay.port().to_string()])
         .args(extra)
