@@ -86,7 +86,7 @@ impl Transmit {
     pub fn len(&self) -> usize {
         self.range.len()
     }
-    /// Whether the payload is empty (never, for transmits the core makes).
+    /// Whether the payload is empty (an empty ChannelData or peer datagram is relayed as such).
     pub fn is_empty(&self) -> bool {
         self.range.is_empty()
     }
@@ -512,7 +512,9 @@ impl Server {
                 self.delete(id, DeleteReason::Expired);
                 continue;
             }
-            let next = a.prune(now);
+            // `prune` leaves only deadlines after `now`; the clamp guarantees this loop ends
+            // even if that were ever broken.
+            let next = a.prune(now).max(now + Duration::from_millis(1));
             a.timer_at = Some(next);
             self.timers.push(Reverse((next, id)));
         }
@@ -1182,7 +1184,10 @@ impl Server {
             self.stats.peers_denied[why.index()] += 1;
             return Err(Reject::authed(code::FORBIDDEN, key));
         }
-        if peer.is_ipv4() != self.config.relay_ip.is_ipv4() {
+        // An IPv4 address written as IPv6 (::ffff:a.b.c.d) is an IPv4 peer. Peer data is matched
+        // on the canonical address, so on an IPv6 relay its permission could never match.
+        let family_v4 = crate::policy::canonical(peer.ip()).is_ipv4();
+        if peer.is_ipv4() != family_v4 || family_v4 != self.config.relay_ip.is_ipv4() {
             return Err(Reject::authed(code::PEER_ADDRESS_FAMILY_MISMATCH, key));
         }
         Ok(())
@@ -1208,6 +1213,8 @@ impl Server {
         let Some(a) = self.get_mut(id) else {
             return Err(Reject::authed(code::ALLOCATION_MISMATCH, authed.key));
         };
+        // Expired permissions do not count against the cap, even before the timer prunes them.
+        a.permissions.retain(|p| p.expires > now);
         let mut new: Vec<IpAddr> = Vec::new();
         for p in attrs.peers() {
             let ip = p.ip();
