@@ -140,17 +140,7 @@ impl Drop for Relay {
 
 fn uclient(relay: SocketAddr, secret: &str, extra: &[&str]) -> std::process::Output {
     let out = Command::new("turnutils_uclient")
-        .args([
-            "-c",
-            "-y",
-            "-s",
-            "-l",
-            "200",
-            "-z",
-            "1",
-            "-u",
-            "carol",
-        ])
+        .args(["-c", "-y", "-s", "-l", "200", "-z", "1", "-u", "carol"])
         .args(["-W", secret, "-p", &relay.port().to_string()])
         .args(extra)
         .arg(relay.ip().to_string())
