@@ -165,8 +165,12 @@ fn serve(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
             .with_context(|| format!("admin listener {}", config.admin.listen))?;
         let admin_addr = admin.local_addr()?;
         let relay = relay_server::RelayServer::bind(&config.relay, Some(admin_addr), &registry)?;
-        for a in relay.local_addrs() {
-            println!("turnpike: relay listening on udp://{a}");
+        for l in relay.local_addrs() {
+            // `l` prints as "udp://…", "tcp://…" or "tls://…".
+            println!("turnpike: relay listening on {l}");
+        }
+        if let Some(tls) = relay.tls() {
+            tokio::spawn(reload_tls_on_sighup(tls));
         }
         println!("turnpike: admin listening on http://{admin_addr}");
         let state = relay_server::admin::AdminState {
@@ -183,6 +187,28 @@ fn serve(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
         anyhow::Ok(())
     })?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Reloads the TLS certificate and key on every SIGHUP; existing connections keep their session.
+async fn reload_tls_on_sighup(tls: relay_server::TlsHandle) {
+    #[cfg(unix)]
+    {
+        use tokio::signal::unix::{signal, SignalKind};
+        let Ok(mut hup) = signal(SignalKind::hangup()) else {
+            tracing::warn!("cannot listen for SIGHUP: TLS certificates will not be reloaded");
+            return;
+        };
+        while hup.recv().await.is_some() {
+            match tls.reload() {
+                Ok(()) => tracing::info!("TLS certificate reloaded"),
+                Err(e) => {
+                    tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
+                }
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    drop(tls);
 }
 
 /// Completes on SIGTERM or Ctrl-C.

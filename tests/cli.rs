@@ -164,11 +164,11 @@ fn coturn_uclient_relays_client_to_client_with_zero_loss() {
     assert!(text.contains("tot_recv_msgs=2000"), "{text}");
     // At least one allocation per session, and every message crossed the relay.
     relay.wait_metric(
-        r#"turnpike_relay_allocation_requests_total{result="ok"}"#,
+        r#"turnpike_relay_allocation_requests_total{result="ok",transport="udp"}"#,
         10.0,
     );
     let sent = relay.wait_metric(
-        r#"turnpike_relay_packets_total{direction="client_to_peer",framing="indication"}"#,
+        r#"turnpike_relay_packets_total{direction="client_to_peer",framing="indication",transport="udp"}"#,
         2000.0,
     );
     assert!(sent >= 2000.0);
@@ -259,7 +259,7 @@ fn coturn_uclient_with_a_wrong_secret_is_refused() {
         1.0,
     );
     assert_eq!(
-        relay.metric(r#"turnpike_relay_allocation_requests_total{result="ok"}"#),
+        relay.metric(r#"turnpike_relay_allocation_requests_total{result="ok",transport="udp"}"#),
         0.0
     );
 }

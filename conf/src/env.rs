@@ -7,7 +7,8 @@ use toml::{Table, Value};
 use crate::reader::Errs;
 use crate::schema::{ValueKind, ENV_CONFIG_PATH, ENV_PREFIX, SCHEMA};
 
-/// Writes every override into `table` (creating sections as needed) and
+/// Writes every override into `table` (creating sections, and nested
+/// tables such as `[relay.tls]`, as needed) and
 /// records errors for unknown `TURNPIKE_*` names and values that cannot
 /// even be turned into the right TOML type. Variables without the prefix
 /// are ignored. If the same variable appears twice, the last one wins.
@@ -32,7 +33,7 @@ pub(crate) fn apply(table: &mut Table, env: &[(String, String)], errs: &mut Errs
                     continue;
                 }
             },
-            ValueKind::List => Value::Array(
+            ValueKind::List | ValueKind::StringOrList => Value::Array(
                 value
                     .split(',')
                     .map(str::trim)
@@ -41,14 +42,27 @@ pub(crate) fn apply(table: &mut Table, env: &[(String, String)], errs: &mut Errs
                     .collect(),
             ),
         };
-        let section = table
-            .entry(key.section)
-            .or_insert_with(|| Value::Table(Table::new()));
         // A section that is not a table is reported when it is read; the
         // override has nowhere to go.
-        if let Value::Table(section) = section {
+        if let Some(section) = section_mut(table, key.section) {
             section.insert(key.name.to_string(), value);
             errs.set_env_origin(key.path(), name.clone());
         }
     }
+}
+
+/// The table at a dotted section path (`relay.tls`), created (with its
+/// parents) if absent; `None` if something on the way is not a table.
+fn section_mut<'t>(table: &'t mut Table, section: &str) -> Option<&'t mut Table> {
+    let mut table = table;
+    for part in section.split('.') {
+        match table
+            .entry(part)
+            .or_insert_with(|| Value::Table(Table::new()))
+        {
+            Value::Table(t) => table = t,
+            _ => return None,
+        }
+    }
+    Some(table)
 }

@@ -3,17 +3,24 @@
 //!
 //! # Schema
 //!
-//! Three sections, nothing else:
+//! Three sections, and the optional `[relay.tls]` table, nothing else:
 //!
 //! ```toml
 //! [relay]
 //! realm = "example.com"                 # required
-//! listen = ["udp://0.0.0.0:3478"]       # required, at least one; UDP only for now
-//! relay-ip = "203.0.113.7"              # required when listen binds 0.0.0.0 / ::
+//! # required, at least one; udp://, tcp:// or tls:// (IPv6 as "udp://[::]:3478")
+//! listen = ["udp://0.0.0.0:3478", "tcp://0.0.0.0:3478", "tls://0.0.0.0:5349"]
+//! # required when every listen address is 0.0.0.0 / ::; at most one per family
+//! relay-ip = ["203.0.113.7", "2001:db8::7"]
 //! secrets = ["a-long-random-secret-0001"]  # required in a file; first signs, all verify
 //! # external-ip, relay-ports, allow-peers, deny-peers, user-quota,
 //! # total-quota, max-permissions, max-lifetime, nonce-lifetime, threads,
-//! # grace-period: optional, see examples/turnpike.toml
+//! # grace-period, max-connections-per-ip, handshake-timeout, idle-timeout,
+//! # max-frame, stream-queue: optional, see examples/turnpike.toml
+//!
+//! [relay.tls]                           # required by a tls:// listener
+//! cert-file = "/etc/turnpike/fullchain.pem"
+//! key-file = "/etc/turnpike/privkey.pem"
 //!
 //! [admin]
 //! listen = "127.0.0.1:9641"
@@ -34,11 +41,13 @@
 //! # Environment overrides
 //!
 //! Every key can be overridden by `TURNPIKE_` + SECTION + `_` + KEY,
-//! uppercased, with `-` written as `_`: `relay.user-quota` is
-//! `TURNPIKE_RELAY_USER_QUOTA`, `admin.listen` is `TURNPIKE_ADMIN_LISTEN`.
-//! Names are built from [`SCHEMA`], so the mapping is unambiguous. Lists
-//! (`listen`, `secrets`, `allow-peers`, `deny-peers`) are comma-separated
-//! and an empty value is an empty list. An override replaces the file's
+//! uppercased, with `-` and `.` written as `_`: `relay.user-quota` is
+//! `TURNPIKE_RELAY_USER_QUOTA`, `admin.listen` is `TURNPIKE_ADMIN_LISTEN`,
+//! `relay.tls.cert-file` is `TURNPIKE_RELAY_TLS_CERT_FILE` (setting it
+//! creates the `[relay.tls]` table). Names are built from [`SCHEMA`], so the
+//! mapping is unambiguous. Lists (`listen`, `secrets`, `allow-peers`,
+//! `deny-peers`, and `relay-ip`, `external-ip`, which also take a single
+//! address) are comma-separated and an empty value is an empty list. An override replaces the file's
 //! value and is checked exactly like it; its errors name the variable
 //! (`env TURNPIKE_RELAY_USER_QUOTA: ...`). A `TURNPIKE_*` variable that
 //! matches no key is an error, so a misspelt override is caught too
@@ -62,7 +71,7 @@ mod schema;
 mod sections;
 
 use std::fmt;
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -115,15 +124,21 @@ pub struct Relay {
     /// The REALM clients authenticate in. Non-empty, at most 763 bytes (the
     /// REALM attribute limit of RFC 8489), no control characters.
     pub realm: String,
-    /// Where to receive TURN traffic; at least one.
+    /// Where to receive TURN traffic; at least one. The same address may
+    /// appear once for UDP and once for a stream transport (TCP or TLS, which
+    /// share one listener per address: see [`Transport`]).
     pub listen: Vec<Listen>,
-    /// The public address of this host, if it sits behind a 1:1 NAT
-    /// (advertised in place of `relay_ip`). Default: none.
-    pub external_ip: Option<IpAddr>,
-    /// The local address relayed transport addresses are allocated on.
-    /// Default: the IP of the first listen address; required when that is a
-    /// wildcard, because 0.0.0.0 cannot be advertised to clients.
-    pub relay_ip: IpAddr,
+    /// The public addresses of this host, if it sits behind a 1:1 NAT
+    /// (advertised in place of the relay address of the same family). At
+    /// most one per family, and only for a family `relay_ips` has. Default:
+    /// none (both `None`: not behind a NAT).
+    pub external_ips: RelayIps,
+    /// The local addresses relayed transport addresses are allocated on: at
+    /// least one, at most one per family. Default: the IPs of the listen
+    /// addresses that are not wildcards (the first IPv4, the first IPv6);
+    /// required when every listen address is a wildcard, because 0.0.0.0
+    /// cannot be advertised to clients.
+    pub relay_ips: RelayIps,
     /// Ports relayed transport addresses are allocated from. Default
     /// 49152-65535, the IANA dynamic range (RFC 6335), which never collides
     /// with registered services.
@@ -162,12 +177,94 @@ pub struct Relay {
     /// On SIGTERM, keep relaying existing allocations this long (refusing
     /// new ones) so calls can move elsewhere. Default 30s, at most 1h.
     pub grace_period: Duration,
+    /// Concurrent TCP/TLS connections from one source IP. Default 64: room
+    /// for a household or office behind one NAT (a call holds a connection
+    /// or two per tab), while one host cannot tie up thousands of sockets.
+    /// 1 to 100000.
+    pub max_connections_per_ip: u32,
+    /// Time a TCP/TLS connection gets from accept until its TLS handshake
+    /// (if any) is done AND its first complete STUN message has arrived.
+    /// Default 10s: a few round trips take well under a second, 10s allows
+    /// for slow mobile links and still frees a stalling connection quickly.
+    /// 1s to 5m.
+    pub handshake_timeout: Duration,
+    /// A TCP/TLS connection that receives no bytes for this long is closed.
+    /// Default 5m: clients refresh permissions every 4-5 minutes, so a live
+    /// call is never cut while a dead connection is freed in minutes.
+    /// 5s to 1h.
+    pub idle_timeout: Duration,
+    /// The largest frame a TCP/TLS connection may declare, in bytes; a frame
+    /// declaring more is refused and the connection closed. Default 65552,
+    /// the largest STUN message (20 + 65532), which also covers the largest
+    /// ChannelData message (4 + 65535). 548 to 65552.
+    pub max_frame: usize,
+    /// Frames queued between a TCP/TLS connection's task and its shard, in
+    /// each direction; when full, frames are dropped and counted. Default
+    /// 256: rides out a scheduling hiccup (about a quarter second of a video
+    /// call) while bounding what a stuck connection holds. 1 to 65536.
+    pub stream_queue: usize,
+    /// `[relay.tls]`: the certificate for TLS on stream listeners; required
+    /// by a `tls://` listener. Default: none.
+    pub tls: Option<Tls>,
+}
+
+/// At most one address per family. For [`Relay::relay_ips`] at least one
+/// is set; for [`Relay::external_ips`] both may be `None`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct RelayIps {
+    /// The IPv4 address, if any.
+    pub v4: Option<Ipv4Addr>,
+    /// The IPv6 address, if any.
+    pub v6: Option<Ipv6Addr>,
+}
+
+impl RelayIps {
+    /// The address of one family: IPv6 if `ipv6`, else IPv4.
+    pub fn get(&self, ipv6: bool) -> Option<IpAddr> {
+        if ipv6 {
+            self.v6.map(IpAddr::V6)
+        } else {
+            self.v4.map(IpAddr::V4)
+        }
+    }
+
+    /// Every address, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = IpAddr> {
+        self.v4
+            .map(IpAddr::V4)
+            .into_iter()
+            .chain(self.v6.map(IpAddr::V6))
+    }
+
+    /// The IPv4 address if there is one, else the IPv6 address. For an
+    /// empty set (never the case for a parsed `relay_ips`) this is
+    /// `0.0.0.0`; check [`RelayIps::is_empty`] where that can happen.
+    pub fn primary(&self) -> IpAddr {
+        self.iter()
+            .next()
+            .unwrap_or(IpAddr::V4(Ipv4Addr::UNSPECIFIED))
+    }
+
+    /// Whether neither family has an address.
+    pub fn is_empty(&self) -> bool {
+        self.v4.is_none() && self.v6.is_none()
+    }
+}
+
+/// `[relay.tls]`: PEM files for TLS on stream listeners. Both were
+/// readable when the configuration was loaded; only their paths are kept.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Tls {
+    /// `cert-file`: the certificate chain, leaf first.
+    pub cert_file: PathBuf,
+    /// `key-file`: the private key of the leaf certificate.
+    pub key_file: PathBuf,
 }
 
 /// One address to receive TURN traffic on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Listen {
-    /// The transport (only UDP for now).
+    /// The transport.
     pub transport: Transport,
     /// The local socket address.
     pub addr: SocketAddr,
@@ -179,17 +276,39 @@ impl fmt::Display for Listen {
     }
 }
 
-/// A listening transport. TCP and TLS come later.
+/// A listening transport.
+///
+/// `tcp://` and `tls://` name the same thing, a stream listener, which tells
+/// TLS from plain TCP by the first byte a client sends (a TLS handshake
+/// record starts with 0x16, which no STUN message of a defined method and no
+/// ChannelData message does). So one
+/// address can have only one of them; `tls://` differs from `tcp://` only
+/// in that it insists that `[relay.tls]` is configured. Without
+/// `[relay.tls]`, a `tcp://` listener serves plain TCP only.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Transport {
     /// `udp://`
     Udp,
+    /// `tcp://`: TURN over TCP (RFC 8656), and over TLS too when
+    /// `[relay.tls]` is configured.
+    Tcp,
+    /// `tls://`: like `tcp://`, but requires `[relay.tls]`.
+    Tls,
+}
+
+impl Transport {
+    /// Whether this is a stream (TCP or TLS) transport.
+    pub fn is_stream(&self) -> bool {
+        matches!(self, Transport::Tcp | Transport::Tls)
+    }
 }
 
 impl fmt::Display for Transport {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
             Transport::Udp => f.write_str("udp"),
+            Transport::Tcp => f.write_str("tcp"),
+            Transport::Tls => f.write_str("tls"),
         }
     }
 }

@@ -30,12 +30,18 @@ impl Errs {
     /// Records an error at a dotted path (`relay.listen[1]`). If the key was
     /// set by an environment variable, the path becomes `env VAR[1]`.
     pub(crate) fn push(&mut self, path: &str, message: impl Into<String>) {
+        let path = self.name(path);
+        self.push_raw(path, message);
+    }
+
+    /// How to name a dotted path in a message: `env VAR[1]` if the key was
+    /// set by an environment variable, else the path itself.
+    pub(crate) fn name(&self, path: &str) -> String {
         let (key, rest) = path.split_at(path.find('[').unwrap_or(path.len()));
-        let path = match self.env_origin.get(key) {
+        match self.env_origin.get(key) {
             Some(var) => format!("env {var}{rest}"),
             None => path.to_string(),
-        };
-        self.push_raw(path, message);
+        }
     }
 
     /// Records an error at exactly this path.
@@ -102,12 +108,24 @@ impl<'t, 'e> Reader<'t, 'e> {
         self.errs.push(&path, message);
     }
 
+    /// How to name `key` (or `key[i]`) of this table in a message about
+    /// another key: its dotted path, or `env VAR[i]` if it came from the
+    /// environment.
+    pub(crate) fn name(&self, key: &str) -> String {
+        self.errs.name(&self.path(key))
+    }
+
+    /// The errors, for reading a nested table with its own [`Reader`].
+    pub(crate) fn errs(&mut self) -> &mut Errs {
+        self.errs
+    }
+
     fn take(&mut self, key: &'static str) -> Option<&'t Value> {
         debug_assert!(
             self.section.is_empty()
-                || SCHEMA
-                    .iter()
-                    .any(|k| k.section == self.section && k.name == key),
+                || SCHEMA.iter().any(|k| {
+                    (k.section == self.section && k.name == key) || k.section == self.path(key)
+                }),
             "{}.{key} is read but missing from schema::SCHEMA",
             self.section
         );
@@ -236,6 +254,34 @@ impl<'t, 'e> Reader<'t, 'e> {
             Err(Invalid)
         } else {
             Ok(Some(out))
+        }
+    }
+
+    /// One string or an array of strings, each parsed by `parse`: a list of
+    /// one, or of any length. `what` describes the expected form for the
+    /// wrong-type message. Bad elements are reported at `key` (a string) or
+    /// `key[i]` (an array); the whole field is `Invalid` if any was bad.
+    pub(crate) fn string_or_list<T>(
+        &mut self,
+        key: &'static str,
+        what: &str,
+        mut parse: impl FnMut(&str) -> Result<T, String>,
+    ) -> Field<Vec<T>> {
+        match self.table.get(key) {
+            Some(Value::String(_)) => self.parse(key, what, parse).map(|v| v.map(|v| vec![v])),
+            Some(Value::Array(_)) => self.list(key, &mut parse),
+            None => {
+                self.take(key);
+                Ok(None)
+            }
+            Some(v) => {
+                self.take(key);
+                self.error(
+                    key,
+                    format!("expected {what} or an array of them, got {}", describe(v)),
+                );
+                Err(Invalid)
+            }
         }
     }
 

@@ -2,13 +2,15 @@
 //!
 //! Environment variable names are built from this table (never guessed
 //! from a variable's name), and a test checks that the example file shows
-//! every key in it.
+//! every key in it (the `[relay.tls]` keys in a commented-out block, since
+//! the example cannot point at real certificate files).
 
 /// How a key's value is written. Decides how an environment override (which
 /// is always text) becomes a TOML value before the normal checks run.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ValueKind {
-    /// Taken verbatim as a TOML string (addresses, port ranges, names).
+    /// Taken verbatim as a TOML string (addresses, port ranges, names,
+    /// file paths).
     String,
     /// Parsed as a TOML integer.
     Integer,
@@ -17,12 +19,17 @@ pub enum ValueKind {
     /// A list of strings; in the environment, comma-separated (an empty
     /// value is an empty list).
     List,
+    /// One string, or a list of strings (`relay-ip = "203.0.113.7"` or
+    /// `relay-ip = ["203.0.113.7", "2001:db8::7"]`); in the environment,
+    /// comma-separated like [`ValueKind::List`].
+    StringOrList,
 }
 
 /// One accepted key: `[section] name`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
-    /// The TOML table the key lives in (`relay`, `admin`, `log`).
+    /// The TOML table the key lives in (`relay`, `admin`, `log`), dotted
+    /// for a nested table (`relay.tls`).
     pub section: &'static str,
     /// The key inside that table, as written in TOML (`user-quota`).
     pub name: &'static str,
@@ -31,21 +38,22 @@ pub struct Key {
 }
 
 impl Key {
-    /// The dotted path used in error messages: `relay.user-quota`.
+    /// The dotted path used in error messages: `relay.user-quota`,
+    /// `relay.tls.cert-file`.
     pub fn path(&self) -> String {
         format!("{}.{}", self.section, self.name)
     }
 
     /// The environment variable that overrides this key:
-    /// `TURNPIKE_` + SECTION + `_` + KEY, uppercased, `-` → `_`
-    /// (`TURNPIKE_RELAY_USER_QUOTA`).
+    /// `TURNPIKE_` + SECTION + `_` + KEY, uppercased, `-` and `.` → `_`
+    /// (`TURNPIKE_RELAY_USER_QUOTA`, `TURNPIKE_RELAY_TLS_CERT_FILE`).
     pub fn env_var(&self) -> String {
         format!("{ENV_PREFIX}{}_{}", shout(self.section), shout(self.name))
     }
 }
 
 fn shout(s: &str) -> String {
-    s.to_ascii_uppercase().replace('-', "_")
+    s.to_ascii_uppercase().replace(['-', '.'], "_")
 }
 
 /// Every environment variable that `conf` looks at starts with this.
@@ -68,8 +76,8 @@ const fn key(section: &'static str, name: &'static str, kind: ValueKind) -> Key 
 pub const SCHEMA: &[Key] = &[
     key("relay", "realm", ValueKind::String),
     key("relay", "listen", ValueKind::List),
-    key("relay", "external-ip", ValueKind::String),
-    key("relay", "relay-ip", ValueKind::String),
+    key("relay", "external-ip", ValueKind::StringOrList),
+    key("relay", "relay-ip", ValueKind::StringOrList),
     key("relay", "relay-ports", ValueKind::String),
     key("relay", "secrets", ValueKind::List),
     key("relay", "allow-peers", ValueKind::List),
@@ -81,6 +89,13 @@ pub const SCHEMA: &[Key] = &[
     key("relay", "nonce-lifetime", ValueKind::Duration),
     key("relay", "threads", ValueKind::Integer),
     key("relay", "grace-period", ValueKind::Duration),
+    key("relay", "max-connections-per-ip", ValueKind::Integer),
+    key("relay", "handshake-timeout", ValueKind::Duration),
+    key("relay", "idle-timeout", ValueKind::Duration),
+    key("relay", "max-frame", ValueKind::Integer),
+    key("relay", "stream-queue", ValueKind::Integer),
+    key("relay.tls", "cert-file", ValueKind::String),
+    key("relay.tls", "key-file", ValueKind::String),
     key("admin", "listen", ValueKind::String),
     key("log", "level", ValueKind::String),
 ];

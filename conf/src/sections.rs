@@ -5,13 +5,16 @@
 
 use std::net::{IpAddr, SocketAddr};
 use std::num::NonZeroUsize;
+use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
 use toml::Table;
 
 use crate::reader::{Errs, Invalid, Reader};
-use crate::{Admin, Config, Listen, Log, PortRange, Relay, Secret, Source, Transport};
+use crate::{
+    Admin, Config, Listen, Log, PortRange, Relay, RelayIps, Secret, Source, Tls, Transport,
+};
 
 /// Relayed ports: the IANA dynamic/private range (RFC 6335), which no
 /// registered service uses.
@@ -42,6 +45,38 @@ const MAX_NONCE_LIFETIME: Duration = Duration::from_secs(3600);
 const DEFAULT_GRACE_PERIOD: Duration = Duration::from_secs(30);
 const MAX_GRACE_PERIOD: Duration = Duration::from_secs(3600);
 const MAX_THREADS: u32 = 1024;
+/// Enough for a household or an office behind one NAT (each browser tab in
+/// a call holds a connection or two), while one host cannot hold thousands
+/// of sockets and their buffers open.
+const DEFAULT_MAX_CONNECTIONS_PER_IP: u32 = 64;
+const MAX_MAX_CONNECTIONS_PER_IP: u32 = 100_000;
+/// A TCP plus TLS handshake and the first Allocate take a few round trips,
+/// well under a second on any real path; 10s tolerates slow mobile links
+/// and still frees a silent or stalling connection quickly.
+const DEFAULT_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+const MIN_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Clients refresh permissions every 4-5 minutes even when media is on
+/// hold, so a live call always sends within 5m: it is never cut, while a
+/// dead connection is freed in minutes.
+const DEFAULT_IDLE_TIMEOUT: Duration = Duration::from_secs(300);
+const MIN_IDLE_TIMEOUT: Duration = Duration::from_secs(5);
+const MAX_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// The largest STUN message (20-byte header + 65532 bytes of attributes,
+/// the most a 16-bit, 4-aligned length allows); it also covers the largest
+/// ChannelData message (4 + 65535).
+const DEFAULT_MAX_FRAME: u32 = 20 + 65_532;
+/// Messages up to 548 bytes fit the smallest datagram every IPv4 host must
+/// accept (576, less IP and UDP headers), so clients assume they always get
+/// through; a lower limit would refuse ordinary requests.
+const MIN_MAX_FRAME: u32 = 548;
+/// A 16-bit STUN length cannot declare more than the default.
+const MAX_MAX_FRAME: u32 = DEFAULT_MAX_FRAME;
+/// About a quarter of a second of a video call's packets: rides out a
+/// scheduling hiccup, while a stuck connection holds at most 256 frames
+/// (16 MiB at the largest frame, usually far less) per direction.
+const DEFAULT_STREAM_QUEUE: u32 = 256;
+const MAX_STREAM_QUEUE: u32 = 65_536;
 /// Loopback, because the admin endpoint has no authentication.
 const DEFAULT_ADMIN_LISTEN: SocketAddr =
     SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9641);
@@ -90,9 +125,7 @@ fn read_relay(r: &mut Reader<'_, '_>, source: &Source) -> Result<Relay, Invalid>
     );
 
     let listen = match r.list("listen", parse_listen) {
-        Ok(Some(list)) if !list.is_empty() => {
-            check_unique(r, "listen", &list, |a, b| a.addr == b.addr)
-        }
+        Ok(Some(list)) if !list.is_empty() => check_listen(r, list),
         Ok(_) => {
             r.error(
                 "listen",
@@ -103,8 +136,22 @@ fn read_relay(r: &mut Reader<'_, '_>, source: &Source) -> Result<Relay, Invalid>
         Err(Invalid) => Err(Invalid),
     };
 
-    let external_ip = r.parse("external-ip", "an IP address", parse_specific_ip);
-    let relay_ip = r.parse("relay-ip", "an IP address", parse_specific_ip);
+    let external_ips = r
+        .string_or_list("external-ip", "an IP address", parse_specific_ip)
+        .and_then(|ips| one_per_family(r, "external-ip", &ips.unwrap_or_default()));
+    let relay_ips = match r.string_or_list("relay-ip", "an IP address", parse_specific_ip) {
+        Ok(Some(ips)) if ips.is_empty() => {
+            r.error(
+                "relay-ip",
+                "at least one IP address is required (leave relay-ip out to use the specific \
+                 listen addresses)",
+            );
+            Err(Invalid)
+        }
+        Ok(Some(ips)) => one_per_family(r, "relay-ip", &ips).map(Some),
+        Ok(None) => Ok(None),
+        Err(Invalid) => Err(Invalid),
+    };
     let relay_ports = r.parse(
         "relay-ports",
         r#"a port range like "49152-65535""#,
@@ -130,30 +177,105 @@ fn read_relay(r: &mut Reader<'_, '_>, source: &Source) -> Result<Relay, Invalid>
     let nonce_lifetime = r.duration("nonce-lifetime", MIN_NONCE_LIFETIME, MAX_NONCE_LIFETIME);
     let threads = r.integer("threads", 1, MAX_THREADS);
     let grace_period = r.duration("grace-period", Duration::ZERO, MAX_GRACE_PERIOD);
+    let max_connections_per_ip = r.integer("max-connections-per-ip", 1, MAX_MAX_CONNECTIONS_PER_IP);
+    let handshake_timeout = r.duration(
+        "handshake-timeout",
+        MIN_HANDSHAKE_TIMEOUT,
+        MAX_HANDSHAKE_TIMEOUT,
+    );
+    let idle_timeout = r.duration("idle-timeout", MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT);
+    let max_frame = r.integer("max-frame", MIN_MAX_FRAME, MAX_MAX_FRAME);
+    let stream_queue = r.integer("stream-queue", 1, MAX_STREAM_QUEUE);
 
-    // relay-ip defaults to the first listen address, unless that is a
-    // wildcard: 0.0.0.0 cannot be handed to clients as a relayed address.
-    let relay_ip = match (relay_ip, &listen) {
-        (Ok(Some(ip)), _) => Ok(ip),
-        (Ok(None), Ok(listen)) => match listen.first().map(|l| l.addr.ip()) {
-            Some(ip) if !ip.is_unspecified() => Ok(ip),
-            _ => {
+    let tls = r.table("tls").and_then(|table| match table {
+        Some(table) => read_tls(&mut Reader::new("relay.tls", table, r.errs())).map(Some),
+        None => Ok(None),
+    });
+    // tls:// promises TLS: without a certificate that promise cannot be kept.
+    let tls = match (tls, &listen) {
+        (Ok(None), Ok(listen)) => match listen.iter().position(|l| l.transport == Transport::Tls) {
+            Some(i) => {
+                let by = r.name(&format!("listen[{i}]"));
+                r.error(
+                    "tls",
+                    format!(
+                        "required by {by} ({}): add a [relay.tls] table with cert-file and \
+                         key-file",
+                        listen[i]
+                    ),
+                );
+                Err(Invalid)
+            }
+            None => Ok(None),
+        },
+        (tls, _) => tls,
+    };
+
+    // relay-ip defaults to the specific listen addresses (the first of each
+    // family); wildcards do not count: 0.0.0.0 cannot be handed to clients
+    // as a relayed address.
+    let relay_ips = match (relay_ips, &listen) {
+        (Ok(Some(ips)), _) => Ok(ips),
+        (Ok(None), Ok(listen)) => {
+            let mut ips = RelayIps::default();
+            for l in listen {
+                match l.addr.ip() {
+                    ip if ip.is_unspecified() => {}
+                    IpAddr::V4(ip) => {
+                        ips.v4.get_or_insert(ip);
+                    }
+                    IpAddr::V6(ip) => {
+                        ips.v6.get_or_insert(ip);
+                    }
+                }
+            }
+            if ips.is_empty() {
                 r.error(
                     "relay-ip",
                     "required when relay.listen binds a wildcard address",
                 );
                 Err(Invalid)
+            } else {
+                Ok(ips)
             }
-        },
+        }
         (Ok(None), Err(Invalid)) | (Err(Invalid), _) => Err(Invalid),
+    };
+
+    // An external address stands for the relay address of its family.
+    let external_ips = match (external_ips, &relay_ips) {
+        (Ok(external), Ok(relay)) => {
+            let mut ok = true;
+            for ip in external.iter() {
+                if relay.get(ip.is_ipv6()).is_none() {
+                    ok = false;
+                    let family = if ip.is_ipv6() { "IPv6" } else { "IPv4" };
+                    let relay_ip = r.name("relay-ip");
+                    r.error(
+                        "external-ip",
+                        format!(
+                            "{ip} is {family}, but there is no {family} relay address for it \
+                             to stand for: add one to {relay_ip} (or listen on a specific \
+                             {family} address)"
+                        ),
+                    );
+                }
+            }
+            if ok {
+                Ok(external)
+            } else {
+                Err(Invalid)
+            }
+        }
+        (external, _) => external,
     };
 
     r.finish();
     Ok(Relay {
         realm: realm?,
         listen: listen?,
-        external_ip: external_ip?,
-        relay_ip: relay_ip?,
+        external_ips: external_ips?,
+        relay_ips: relay_ips?,
         relay_ports: relay_ports?.unwrap_or(DEFAULT_RELAY_PORTS),
         secrets: secrets?,
         allow_peers: allow_peers?.unwrap_or_default(),
@@ -165,6 +287,34 @@ fn read_relay(r: &mut Reader<'_, '_>, source: &Source) -> Result<Relay, Invalid>
         nonce_lifetime: nonce_lifetime?.unwrap_or(DEFAULT_NONCE_LIFETIME),
         threads: threads?.and_then(|n| NonZeroUsize::new(n as usize)),
         grace_period: grace_period?.unwrap_or(DEFAULT_GRACE_PERIOD),
+        max_connections_per_ip: max_connections_per_ip?.unwrap_or(DEFAULT_MAX_CONNECTIONS_PER_IP),
+        handshake_timeout: handshake_timeout?.unwrap_or(DEFAULT_HANDSHAKE_TIMEOUT),
+        idle_timeout: idle_timeout?.unwrap_or(DEFAULT_IDLE_TIMEOUT),
+        max_frame: max_frame?.unwrap_or(DEFAULT_MAX_FRAME) as usize,
+        stream_queue: stream_queue?.unwrap_or(DEFAULT_STREAM_QUEUE) as usize,
+        tls: tls?,
+    })
+}
+
+/// `[relay.tls]`: both files are required, and must be readable now, so a
+/// typo in a path fails at start-up rather than at the first TLS client.
+fn read_tls(r: &mut Reader<'_, '_>) -> Result<Tls, Invalid> {
+    let cert_file = r.parse("cert-file", "a file path", parse_readable_file);
+    let cert_file = r.required(
+        "cert-file",
+        cert_file,
+        r#"required: the PEM certificate chain, e.g. "/etc/turnpike/fullchain.pem""#,
+    );
+    let key_file = r.parse("key-file", "a file path", parse_readable_file);
+    let key_file = r.required(
+        "key-file",
+        key_file,
+        r#"required: the PEM private key, e.g. "/etc/turnpike/privkey.pem""#,
+    );
+    r.finish();
+    Ok(Tls {
+        cert_file: cert_file?,
+        key_file: key_file?,
     })
 }
 
@@ -201,7 +351,7 @@ where
     for (i, item) in list.iter().enumerate() {
         if let Some(first) = list[..i].iter().position(|earlier| same(earlier, item)) {
             ok = false;
-            let first_path = r.path(&format!("{key}[{first}]"));
+            let first_path = r.name(&format!("{key}[{first}]"));
             r.error(&format!("{key}[{i}]"), format!("duplicate of {first_path}"));
         }
     }
@@ -209,6 +359,91 @@ where
         Ok(list.to_vec())
     } else {
         Err(Invalid)
+    }
+}
+
+/// Reports every later listen entry with the address of an earlier one of
+/// the same kind: a duplicate (same transport), or `tcp://` next to `tls://`
+/// (one stream listener per address serves both, telling TLS from plain
+/// TCP by the first byte). UDP and a stream transport may share an address.
+fn check_listen(r: &mut Reader<'_, '_>, list: Vec<Listen>) -> Result<Vec<Listen>, Invalid> {
+    let mut ok = true;
+    for (i, item) in list.iter().enumerate() {
+        let clash = |earlier: &Listen| {
+            earlier.addr == item.addr && earlier.transport.is_stream() == item.transport.is_stream()
+        };
+        let Some(first) = list[..i].iter().position(clash) else {
+            continue;
+        };
+        ok = false;
+        let first_name = r.name(&format!("listen[{first}]"));
+        let message = if list[first].transport == item.transport {
+            format!("duplicate of {first_name}")
+        } else {
+            format!(
+                "conflicts with {first_name} ({}): one stream listener per address serves both \
+                 TCP and TLS (it tells them apart by the first byte), so list the address once; \
+                 tls:// only adds the check that [relay.tls] is configured",
+                list[first]
+            )
+        };
+        r.error(&format!("listen[{i}]"), message);
+    }
+    if ok {
+        Ok(list)
+    } else {
+        Err(Invalid)
+    }
+}
+
+/// At most one address per family; reports every extra one at `key[i]`.
+fn one_per_family(
+    r: &mut Reader<'_, '_>,
+    key: &'static str,
+    ips: &[IpAddr],
+) -> Result<RelayIps, Invalid> {
+    let mut out = RelayIps::default();
+    let mut first = [None, None];
+    let mut ok = true;
+    for (i, ip) in ips.iter().enumerate() {
+        let family = usize::from(ip.is_ipv6());
+        if let Some(j) = first[family] {
+            ok = false;
+            let name = if ip.is_ipv6() { "IPv6" } else { "IPv4" };
+            let earlier = r.name(&format!("{key}[{j}]"));
+            r.error(
+                &format!("{key}[{i}]"),
+                format!(
+                    "a second {name} address ({earlier} is {name} too): at most one IPv4 and \
+                     one IPv6 address"
+                ),
+            );
+            continue;
+        }
+        first[family] = Some(i);
+        match *ip {
+            IpAddr::V4(ip) => out.v4 = Some(ip),
+            IpAddr::V6(ip) => out.v6 = Some(ip),
+        }
+    }
+    if ok {
+        Ok(out)
+    } else {
+        Err(Invalid)
+    }
+}
+
+/// A path to a file that exists and can be opened for reading now. Only
+/// the path is ever shown in errors, never anything read from the file.
+fn parse_readable_file(s: &str) -> Result<PathBuf, String> {
+    if s.is_empty() {
+        return Err("must not be empty".to_string());
+    }
+    let file = std::fs::File::open(s).map_err(|e| format!("cannot read {s:?}: {e}"))?;
+    match file.metadata() {
+        Ok(m) if m.is_dir() => Err(format!("cannot read {s:?}: it is a directory")),
+        Ok(_) => Ok(PathBuf::from(s)),
+        Err(e) => Err(format!("cannot read {s:?}: {e}")),
     }
 }
 
@@ -228,17 +463,14 @@ fn parse_realm(s: &str) -> Result<String, String> {
 }
 
 fn parse_listen(s: &str) -> Result<Listen, String> {
-    let usage = r#"expected "udp://IP:PORT" (IPv6 as "udp://[::1]:3478")"#;
+    let usage = r#"expected "udp://IP:PORT", "tcp://IP:PORT" or "tls://IP:PORT" (IPv6 as "udp://[::1]:3478")"#;
     let Some((scheme, addr)) = s.split_once("://") else {
         return Err(format!("{usage}, got {s:?}"));
     };
     let transport = match scheme.to_ascii_lowercase().as_str() {
         "udp" => Transport::Udp,
-        "tcp" | "tls" | "dtls" => {
-            return Err(format!(
-                "{scheme}:// is not supported yet (UDP only), got {s:?}"
-            ))
-        }
+        "tcp" => Transport::Tcp,
+        "tls" => Transport::Tls,
         _ => return Err(format!("unknown transport {scheme:?}: {usage}, got {s:?}")),
     };
     let addr = addr

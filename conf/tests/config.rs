@@ -1,12 +1,12 @@
 #![allow(clippy::unwrap_used)]
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
 use conf::{
-    load, parse, parse_with_source, Config, ConfigError, Errors, Listen, PortRange, Secret, Source,
-    Transport, ValueKind, EXAMPLE, SCHEMA,
+    load, parse, parse_with_source, Config, ConfigError, Errors, Listen, PortRange, RelayIps,
+    Secret, Source, Tls, Transport, ValueKind, EXAMPLE, SCHEMA,
 };
 
 /// The smallest valid file; tests append keys to its `[relay]` table.
@@ -60,6 +60,60 @@ fn net(s: &str) -> ipnet::IpNet {
     s.parse().unwrap()
 }
 
+fn v4(s: &str) -> Ipv4Addr {
+    s.parse().unwrap()
+}
+
+fn v6(s: &str) -> Ipv6Addr {
+    s.parse().unwrap()
+}
+
+fn ips(v4: Option<&str>, v6: Option<&str>) -> RelayIps {
+    RelayIps {
+        v4: v4.map(|s| s.parse().unwrap()),
+        v6: v6.map(|s| s.parse().unwrap()),
+    }
+}
+
+/// MINIMAL with another `listen` list (give the TOML array).
+fn with_listen(list: &str) -> String {
+    MINIMAL.replace("[\"udp://192.0.2.10:3478\"]", list)
+}
+
+/// A scratch directory, removed on drop; unique per test.
+struct Scratch(PathBuf);
+
+impl Scratch {
+    fn new(test: &str) -> Self {
+        let dir = std::env::temp_dir().join(format!("conf-test-{}-{test}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        Scratch(dir)
+    }
+
+    /// Writes `name` in the directory and returns its path as a string.
+    fn file(&self, name: &str, contents: &str) -> String {
+        let path = self.0.join(name);
+        std::fs::write(&path, contents).unwrap();
+        path.to_str().unwrap().to_string()
+    }
+
+    fn path(&self, name: &str) -> String {
+        self.0.join(name).to_str().unwrap().to_string()
+    }
+}
+
+impl Drop for Scratch {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// A `[relay.tls]` table with these two paths (TOML basic strings).
+fn tls_table(cert: &str, key: &str) -> String {
+    format!("[relay.tls]\ncert-file = {cert:?}\nkey-file = {key:?}\n")
+}
+
 // ---------------------------------------------------------------- embedded
 
 #[test]
@@ -70,12 +124,21 @@ fn embedded_default_loads_with_one_generated_secret() {
     assert_eq!(c.relay.realm, "turnpike.local");
     assert_eq!(
         c.relay.listen,
-        vec![Listen {
-            transport: Transport::Udp,
-            addr: addr("127.0.0.1:3478")
-        }]
+        vec![
+            Listen {
+                transport: Transport::Udp,
+                addr: addr("127.0.0.1:3478")
+            },
+            Listen {
+                transport: Transport::Tcp,
+                addr: addr("127.0.0.1:3478")
+            }
+        ]
     );
-    assert_eq!(c.relay.relay_ip, ip("127.0.0.1"));
+    assert_eq!(c.relay.relay_ips, ips(Some("127.0.0.1"), None));
+    assert!(c.relay.external_ips.is_empty());
+    // No TLS by default: there is no certificate for a local test.
+    assert_eq!(c.relay.tls, None);
     assert_eq!(
         c.relay.relay_ports,
         PortRange {
@@ -196,6 +259,31 @@ fn wrong_types_name_what_was_found() {
             "relay.deny-peers[0]",
             "expected a string, got an integer",
         ),
+        (
+            "relay-ip = 5",
+            "relay.relay-ip",
+            "expected an IP address or an array of them, got an integer",
+        ),
+        (
+            "external-ip = [\"203.0.113.7\", true]",
+            "relay.external-ip[1]",
+            "expected a string, got a boolean",
+        ),
+        (
+            "max-frame = \"64k\"",
+            "relay.max-frame",
+            "expected an integer, got a string",
+        ),
+        (
+            "idle-timeout = 300",
+            "relay.idle-timeout",
+            r#"expected a duration like "30s", got an integer"#,
+        ),
+        (
+            "tls = \"/etc/cert.pem\"",
+            "relay.tls",
+            "expected a table, got a string",
+        ),
     ];
     for (line, path, message) in cases {
         // Later duplicates of MINIMAL's keys would be TOML errors: use a table that lacks them.
@@ -260,8 +348,8 @@ fn a_minimal_file_gets_the_documented_defaults() {
     let r = &c.relay;
     assert!(!c.is_embedded());
     assert_eq!(c.source, Source::File(PathBuf::from("<string>")));
-    assert_eq!(r.relay_ip, ip("192.0.2.10"));
-    assert_eq!(r.external_ip, None);
+    assert_eq!(r.relay_ips, ips(Some("192.0.2.10"), None));
+    assert_eq!(r.external_ips, RelayIps::default());
     assert_eq!(
         r.relay_ports,
         PortRange {
@@ -278,6 +366,14 @@ fn a_minimal_file_gets_the_documented_defaults() {
     assert_eq!(r.nonce_lifetime, Duration::from_secs(600));
     assert_eq!(r.threads, None);
     assert_eq!(r.grace_period, Duration::from_secs(30));
+    assert_eq!(r.max_connections_per_ip, 64);
+    assert_eq!(r.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(r.idle_timeout, Duration::from_secs(300));
+    assert_eq!(r.max_frame, 65552);
+    assert_eq!(r.max_frame, 20 + 65532);
+    assert!(r.max_frame >= 4 + 65535);
+    assert_eq!(r.stream_queue, 256);
+    assert_eq!(r.tls, None);
     assert_eq!(c.admin.listen, addr("127.0.0.1:9641"));
     assert_eq!(c.log.level, "info");
 }
@@ -576,7 +672,8 @@ fn wildcard_listen_needs_relay_ip() {
         );
 
         let c = ok(&with_relay_text(&text, "relay-ip = \"192.0.2.10\""));
-        assert_eq!(c.relay.relay_ip, ip("192.0.2.10"));
+        assert_eq!(c.relay.relay_ips, ips(Some("192.0.2.10"), None));
+        assert_eq!(c.relay.relay_ips.primary(), ip("192.0.2.10"));
     }
     // A wildcard as relay-ip is no better.
     let e = one_err(&with_relay("relay-ip = \"0.0.0.0\""), &[]);
@@ -589,34 +686,87 @@ fn with_relay_text(text: &str, extra: &str) -> String {
 }
 
 #[test]
-fn relay_ip_defaults_to_the_first_listen_address() {
-    let text = MINIMAL.replace(
-        "[\"udp://192.0.2.10:3478\"]",
+fn relay_ip_defaults_to_the_specific_listen_addresses() {
+    // Wildcards do not count; the specific IPv6 address is the only one.
+    let c = ok(&with_listen(
         "[\"udp://[2001:db8::5]:3478\", \"udp://0.0.0.0:3479\"]",
-    );
-    let c = ok(&text);
-    assert_eq!(c.relay.relay_ip, ip("2001:db8::5"));
+    ));
+    assert_eq!(c.relay.relay_ips, ips(None, Some("2001:db8::5")));
+    assert_eq!(c.relay.relay_ips.primary(), ip("2001:db8::5"));
     assert_eq!(c.relay.listen.len(), 2);
     assert_eq!(c.relay.listen[1].addr, addr("0.0.0.0:3479"));
     assert_eq!(c.relay.listen[0].to_string(), "udp://[2001:db8::5]:3478");
+
+    // The first of each family, from any transport; a wildcard first is skipped.
+    let c = ok(&with_listen(
+        r#"["udp://0.0.0.0:3478", "tcp://[2001:db8::5]:3478", "udp://192.0.2.20:3478", "udp://192.0.2.21:3478", "udp://[2001:db8::6]:3478"]"#,
+    ));
+    assert_eq!(
+        c.relay.relay_ips,
+        ips(Some("192.0.2.20"), Some("2001:db8::5"))
+    );
+    assert_eq!(c.relay.relay_ips.primary(), ip("192.0.2.20"));
+
+    // Only wildcards, on every transport: relay-ip is required.
+    let e = one_err(
+        &with_listen(r#"["udp://0.0.0.0:3478", "tcp://[::]:3478"]"#),
+        &[],
+    );
+    assert_eq!(e.path, "relay.relay-ip");
+    assert_eq!(
+        e.message,
+        "required when relay.listen binds a wildcard address"
+    );
 }
 
 #[test]
-fn only_udp_listeners_for_now() {
+fn listen_takes_udp_tcp_and_tls() {
+    let dir = Scratch::new("listen-transports");
+    let tls = tls_table(&dir.file("cert.pem", "cert"), &dir.file("key.pem", "key"));
+    let text = format!(
+        "{}{tls}",
+        with_listen(
+            r#"["udp://192.0.2.10:3478", "TCP://192.0.2.10:3478", "tls://[2001:db8::5]:5349"]"#
+        )
+    );
+    let c = ok(&text);
+    assert_eq!(
+        c.relay.listen,
+        vec![
+            Listen {
+                transport: Transport::Udp,
+                addr: addr("192.0.2.10:3478")
+            },
+            Listen {
+                transport: Transport::Tcp,
+                addr: addr("192.0.2.10:3478")
+            },
+            Listen {
+                transport: Transport::Tls,
+                addr: addr("[2001:db8::5]:5349")
+            },
+        ]
+    );
+    assert_eq!(c.relay.listen[1].to_string(), "tcp://192.0.2.10:3478");
+    assert_eq!(c.relay.listen[2].to_string(), "tls://[2001:db8::5]:5349");
+    assert_eq!(Transport::Udp.to_string(), "udp");
+    assert_eq!(Transport::Tcp.to_string(), "tcp");
+    assert_eq!(Transport::Tls.to_string(), "tls");
+    assert!(!Transport::Udp.is_stream());
+    assert!(Transport::Tcp.is_stream() && Transport::Tls.is_stream());
+}
+
+#[test]
+fn bad_listen_addresses() {
+    let usage = r#"expected "udp://IP:PORT", "tcp://IP:PORT" or "tls://IP:PORT""#;
     let cases = [
-        (
-            "tcp://0.0.0.0:3478",
-            "tcp:// is not supported yet (UDP only)",
-        ),
-        (
-            "tls://0.0.0.0:5349",
-            "tls:// is not supported yet (UDP only)",
-        ),
-        ("0.0.0.0:3478", r#"expected "udp://IP:PORT""#),
-        ("udp://example.com:3478", r#"expected "udp://IP:PORT""#),
-        ("udp://192.0.2.1", r#"expected "udp://IP:PORT""#),
+        ("dtls://0.0.0.0:5349", "unknown transport \"dtls\""),
+        ("0.0.0.0:3478", usage),
+        ("udp://example.com:3478", usage),
+        ("tcp://192.0.2.1", usage),
+        ("tls://192.0.2.1:99999", usage),
         ("sctp://192.0.2.1:3478", "unknown transport \"sctp\""),
-        ("garbage", r#"expected "udp://IP:PORT""#),
+        ("garbage", usage),
     ];
     for (value, start) in cases {
         let e = one_err(&MINIMAL.replace("udp://192.0.2.10:3478", value), &[]);
@@ -649,10 +799,394 @@ fn duplicate_listen_addresses_are_rejected() {
 fn every_bad_list_item_is_reported() {
     let text = MINIMAL.replace(
         "[\"udp://192.0.2.10:3478\"]",
-        "[\"tcp://192.0.2.10:3478\", \"udp://192.0.2.10:3478\", \"nope\"]",
+        "[\"dtls://192.0.2.10:3478\", \"udp://192.0.2.10:3478\", \"nope\"]",
     );
     let e = errs(&text, &[]);
     assert_eq!(e.paths(), vec!["relay.listen[0]", "relay.listen[2]"]);
+}
+
+#[test]
+fn one_address_may_serve_udp_and_a_stream_transport() {
+    let c = ok(&with_listen(
+        r#"["udp://0.0.0.0:3478", "tcp://0.0.0.0:3478", "udp://[::]:3478", "tcp://[::]:3478"]"#,
+    )
+    .replace("secrets", "relay-ip = \"192.0.2.10\"\nsecrets"));
+    assert_eq!(c.relay.listen.len(), 4);
+}
+
+#[test]
+fn the_same_transport_and_address_twice_is_a_duplicate() {
+    let e = one_err(
+        &with_listen(
+            r#"["tcp://192.0.2.10:3478", "udp://192.0.2.10:3478", "tcp://192.0.2.10:3478"]"#,
+        ),
+        &[],
+    );
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("relay.listen[2]", "duplicate of relay.listen[0]")
+    );
+}
+
+#[test]
+fn tcp_and_tls_on_one_address_conflict() {
+    let dir = Scratch::new("tcp-tls-conflict");
+    let tls = tls_table(&dir.file("cert.pem", "cert"), &dir.file("key.pem", "key"));
+    let text = format!(
+        "{}{tls}",
+        with_listen(
+            r#"["tcp://192.0.2.10:3478", "udp://192.0.2.10:3478", "tls://192.0.2.10:3478", "tls://192.0.2.10:5349"]"#
+        )
+    );
+    let e = one_err(&text, &[]);
+    assert_eq!(e.path, "relay.listen[2]");
+    assert!(
+        e.message
+            .starts_with("conflicts with relay.listen[0] (tcp://192.0.2.10:3478): one stream listener per address serves both TCP and TLS"),
+        "{e}"
+    );
+    // The other order too, and a tls:// duplicate is still a duplicate.
+    let text = format!(
+        "{}{tls}",
+        with_listen(
+            r#"["tls://192.0.2.10:5349", "tcp://192.0.2.10:5349", "tls://192.0.2.10:5349"]"#
+        )
+    );
+    let e = errs(&text, &[]);
+    assert_eq!(e.paths(), vec!["relay.listen[1]", "relay.listen[2]"]);
+    assert!(
+        e.0[0]
+            .message
+            .starts_with("conflicts with relay.listen[0] (tls://192.0.2.10:5349)"),
+        "{e}"
+    );
+    assert_eq!(e.0[1].message, "duplicate of relay.listen[0]");
+}
+
+#[test]
+fn a_tls_listener_requires_relay_tls() {
+    let text = with_listen(r#"["udp://192.0.2.10:3478", "tls://192.0.2.10:5349"]"#);
+    let e = one_err(&text, &[]);
+    assert_eq!(e.path, "relay.tls");
+    assert!(
+        e.message
+            .starts_with("required by relay.listen[1] (tls://192.0.2.10:5349)"),
+        "{e}"
+    );
+
+    // From the environment, the message names the variable.
+    let e = one_err(
+        MINIMAL,
+        &[("TURNPIKE_RELAY_LISTEN", "tls://192.0.2.10:5349")],
+    );
+    assert_eq!(e.path, "relay.tls");
+    assert!(
+        e.message
+            .starts_with("required by env TURNPIKE_RELAY_LISTEN[0] (tls://192.0.2.10:5349)"),
+        "{e}"
+    );
+
+    // tcp:// does not insist; with [relay.tls] it would serve TLS too.
+    let c = ok(&with_listen(r#"["tcp://192.0.2.10:3478"]"#));
+    assert_eq!(c.relay.tls, None);
+}
+
+#[test]
+fn relay_tls_names_two_readable_files() {
+    let dir = Scratch::new("tls-ok");
+    let (cert, key) = (
+        dir.file("fullchain.pem", "-----BEGIN CERTIFICATE-----"),
+        dir.file("privkey.pem", "-----BEGIN PRIVATE KEY-----"),
+    );
+    let text = format!(
+        "{}{}",
+        with_listen(r#"["udp://192.0.2.10:3478", "tls://192.0.2.10:5349"]"#),
+        tls_table(&cert, &key)
+    );
+    let c = ok(&text);
+    assert_eq!(
+        c.relay.tls,
+        Some(Tls {
+            cert_file: PathBuf::from(&cert),
+            key_file: PathBuf::from(&key),
+        })
+    );
+    // [relay.tls] with only tcp:// listeners is fine (they then accept TLS too).
+    let c = ok(&format!(
+        "{}{}",
+        with_listen(r#"["tcp://192.0.2.10:3478"]"#),
+        tls_table(&cert, &key)
+    ));
+    assert!(c.relay.tls.is_some());
+}
+
+#[test]
+fn relay_tls_files_must_exist_and_errors_name_key_and_path() {
+    let dir = Scratch::new("tls-missing");
+    let secret_pem = "-----BEGIN PRIVATE KEY----- top secret";
+    let key = dir.file("privkey.pem", secret_pem);
+    let missing = dir.path("missing.pem");
+    let text = format!(
+        "{}{}",
+        with_listen(r#"["tls://192.0.2.10:5349"]"#),
+        tls_table(&missing, &key)
+    );
+    let e = one_err(&text, &[]);
+    assert_eq!(e.path, "relay.tls.cert-file");
+    assert!(
+        e.message.starts_with(&format!("cannot read {missing:?}: ")),
+        "{e}"
+    );
+
+    // Both bad: both reported. A directory is not a readable file.
+    let text = format!(
+        "{}{}",
+        with_listen(r#"["tls://192.0.2.10:5349"]"#),
+        tls_table(&missing, dir.0.to_str().unwrap())
+    );
+    let e = errs(&text, &[]);
+    assert_eq!(
+        e.paths(),
+        vec!["relay.tls.cert-file", "relay.tls.key-file"],
+        "{e}"
+    );
+    assert!(e.0[1].message.contains(dir.0.to_str().unwrap()), "{e}");
+    assert!(!e.to_string().contains("top secret"));
+
+    let e = one_err(&format!("{MINIMAL}{}", tls_table("", &key)), &[]);
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("relay.tls.cert-file", "must not be empty")
+    );
+}
+
+#[test]
+fn relay_tls_needs_both_keys_and_no_others() {
+    let e = errs(&format!("{MINIMAL}[relay.tls]\n"), &[]);
+    assert_eq!(
+        e.paths(),
+        vec!["relay.tls.cert-file", "relay.tls.key-file"],
+        "{e}"
+    );
+    assert!(e.0[0].message.starts_with("required"), "{e}");
+
+    let dir = Scratch::new("tls-unknown");
+    let text = format!(
+        "{MINIMAL}{}ca-file = \"/etc/ca.pem\"\n",
+        tls_table(&dir.file("c.pem", "c"), &dir.file("k.pem", "k"))
+    );
+    let e = one_err(&text, &[]);
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("relay.tls.ca-file", "unknown key")
+    );
+}
+
+#[test]
+fn relay_ip_takes_a_string_or_a_list() {
+    let c = ok(&with_relay("relay-ip = \"192.0.2.99\""));
+    assert_eq!(c.relay.relay_ips, ips(Some("192.0.2.99"), None));
+
+    // Either order; IPv4 always comes first.
+    let c = ok(&with_relay("relay-ip = [\"2001:db8::7\", \"203.0.113.7\"]"));
+    let r = c.relay.relay_ips;
+    assert_eq!(r.v4, Some(v4("203.0.113.7")));
+    assert_eq!(r.v6, Some(v6("2001:db8::7")));
+    assert_eq!(
+        r.iter().collect::<Vec<_>>(),
+        vec![ip("203.0.113.7"), ip("2001:db8::7")]
+    );
+    assert_eq!(r.primary(), ip("203.0.113.7"));
+    assert_eq!(r.get(false), Some(ip("203.0.113.7")));
+    assert_eq!(r.get(true), Some(ip("2001:db8::7")));
+
+    // A list of one IPv6 address.
+    let c = ok(&with_relay("relay-ip = [\"2001:db8::7\"]"));
+    let r = c.relay.relay_ips;
+    assert_eq!(r, ips(None, Some("2001:db8::7")));
+    assert_eq!(r.primary(), ip("2001:db8::7"));
+    assert_eq!(r.get(false), None);
+    assert_eq!(r.iter().count(), 1);
+}
+
+#[test]
+fn relay_ips_helpers_on_an_empty_set() {
+    let none = RelayIps::default();
+    assert!(none.is_empty());
+    assert_eq!(none.iter().count(), 0);
+    assert_eq!(none.get(false), None);
+    assert_eq!(none.get(true), None);
+    assert!(none.primary().is_unspecified());
+}
+
+#[test]
+fn at_most_one_address_per_family() {
+    let e = one_err(
+        &with_relay("relay-ip = [\"192.0.2.1\", \"2001:db8::1\", \"192.0.2.2\"]"),
+        &[],
+    );
+    assert_eq!(e.path, "relay.relay-ip[2]");
+    assert_eq!(
+        e.message,
+        "a second IPv4 address (relay.relay-ip[0] is IPv4 too): at most one IPv4 and one IPv6 address"
+    );
+
+    let e = errs(
+        &with_relay(
+            "relay-ip = [\"2001:db8::1\", \"2001:db8::2\"]\nexternal-ip = [\"203.0.113.1\", \"203.0.113.1\"]",
+        ),
+        &[],
+    );
+    assert_eq!(
+        e.paths(),
+        vec!["relay.external-ip[1]", "relay.relay-ip[1]"],
+        "{e}"
+    );
+    assert!(e.0[1].message.starts_with("a second IPv6 address"), "{e}");
+
+    // Wildcards are refused in a list too, and an empty relay-ip list is no
+    // relay address at all.
+    let e = one_err(&with_relay("relay-ip = [\"192.0.2.1\", \"::\"]"), &[]);
+    assert_eq!(e.path, "relay.relay-ip[1]");
+    assert!(e.message.starts_with("must be a specific address"), "{e}");
+    let e = one_err(&with_relay("relay-ip = []"), &[]);
+    assert_eq!(e.path, "relay.relay-ip");
+    assert!(
+        e.message.starts_with("at least one IP address is required"),
+        "{e}"
+    );
+}
+
+#[test]
+fn external_ip_takes_a_string_or_a_list() {
+    let c = ok(&with_relay(
+        "relay-ip = [\"10.0.0.5\", \"fd00::5\"]\nexternal-ip = [\"2001:db8::9\", \"203.0.113.9\"]",
+    ));
+    assert_eq!(
+        c.relay.external_ips,
+        ips(Some("203.0.113.9"), Some("2001:db8::9"))
+    );
+    assert_eq!(c.relay.relay_ips, ips(Some("10.0.0.5"), Some("fd00::5")));
+
+    // Only one family behind a NAT.
+    let c = ok(&with_relay(
+        "relay-ip = [\"10.0.0.5\", \"2001:db8::5\"]\nexternal-ip = \"203.0.113.9\"",
+    ));
+    assert_eq!(c.relay.external_ips.get(false), Some(ip("203.0.113.9")));
+    assert_eq!(c.relay.external_ips.get(true), None);
+
+    // An empty list is no NAT.
+    let c = ok(&with_relay("external-ip = []"));
+    assert!(c.relay.external_ips.is_empty());
+}
+
+#[test]
+fn external_ip_needs_a_relay_ip_of_its_family() {
+    // The relay address defaults to the IPv4 listen address: nothing for an
+    // IPv6 external address to stand for.
+    let e = one_err(&with_relay("external-ip = \"2001:db8::9\""), &[]);
+    assert_eq!(e.path, "relay.external-ip");
+    assert!(
+        e.message.starts_with(
+            "2001:db8::9 is IPv6, but there is no IPv6 relay address for it to stand for"
+        ),
+        "{e}"
+    );
+
+    let e = one_err(
+        &with_relay("relay-ip = \"2001:db8::5\"\nexternal-ip = [\"2001:db8::9\", \"203.0.113.9\"]"),
+        &[],
+    );
+    assert_eq!(e.path, "relay.external-ip");
+    assert!(e.message.starts_with("203.0.113.9 is IPv4"), "{e}");
+    assert!(e.message.contains("relay.relay-ip"), "{e}");
+}
+
+#[test]
+fn stream_keys_take_values_in_range() {
+    let c = ok(&with_relay(
+        "max-connections-per-ip = 100000\nhandshake-timeout = \"1s\"\nidle-timeout = \"1h\"\nmax-frame = 548\nstream-queue = 65536",
+    ));
+    let r = &c.relay;
+    assert_eq!(r.max_connections_per_ip, 100_000);
+    assert_eq!(r.handshake_timeout, Duration::from_secs(1));
+    assert_eq!(r.idle_timeout, Duration::from_secs(3600));
+    assert_eq!(r.max_frame, 548);
+    assert_eq!(r.stream_queue, 65536);
+
+    let c = ok(&with_relay(
+        "max-connections-per-ip = 1\nhandshake-timeout = \"5m\"\nidle-timeout = \"5s\"\nmax-frame = 65552\nstream-queue = 1",
+    ));
+    let r = &c.relay;
+    assert_eq!(r.max_connections_per_ip, 1);
+    assert_eq!(r.handshake_timeout, Duration::from_secs(300));
+    assert_eq!(r.idle_timeout, Duration::from_secs(5));
+    assert_eq!(r.max_frame, 65552);
+    assert_eq!(r.stream_queue, 1);
+}
+
+#[test]
+fn stream_keys_reject_values_out_of_range() {
+    let cases = [
+        (
+            "max-connections-per-ip = 0",
+            "relay.max-connections-per-ip",
+            "must be at least 1, got 0",
+        ),
+        (
+            "max-connections-per-ip = 100001",
+            "relay.max-connections-per-ip",
+            "must be at most 100000, got 100001",
+        ),
+        (
+            "handshake-timeout = \"500ms\"",
+            "relay.handshake-timeout",
+            "must be at least 1s, got \"500ms\"",
+        ),
+        (
+            "handshake-timeout = \"6m\"",
+            "relay.handshake-timeout",
+            "must be at most 5m, got \"6m\"",
+        ),
+        (
+            "idle-timeout = \"4s\"",
+            "relay.idle-timeout",
+            "must be at least 5s, got \"4s\"",
+        ),
+        (
+            "idle-timeout = \"2h\"",
+            "relay.idle-timeout",
+            "must be at most 1h, got \"2h\"",
+        ),
+        (
+            "max-frame = 547",
+            "relay.max-frame",
+            "must be at least 548, got 547",
+        ),
+        (
+            "max-frame = 65553",
+            "relay.max-frame",
+            "must be at most 65552, got 65553",
+        ),
+        (
+            "stream-queue = 0",
+            "relay.stream-queue",
+            "must be at least 1, got 0",
+        ),
+        (
+            "stream-queue = 65537",
+            "relay.stream-queue",
+            "must be at most 65536, got 65537",
+        ),
+    ];
+    for (line, path, message) in cases {
+        let e = one_err(&with_relay(line), &[]);
+        assert_eq!(
+            (e.path.as_str(), e.message.as_str()),
+            (path, message),
+            "{line}"
+        );
+    }
 }
 
 // ------------------------------------------------------------------- CIDR
@@ -750,7 +1284,10 @@ fn env_overrides_win_over_the_file() {
         c.relay.listen.iter().map(|l| l.addr).collect::<Vec<_>>(),
         vec![addr("192.0.2.20:3478"), addr("[2001:db8::1]:3478")]
     );
-    assert_eq!(c.relay.relay_ip, ip("192.0.2.20"));
+    assert_eq!(
+        c.relay.relay_ips,
+        ips(Some("192.0.2.20"), Some("2001:db8::1"))
+    );
     assert_eq!(c.relay.max_lifetime, Duration::from_secs(7200));
     assert_eq!(
         c.relay.relay_ports,
@@ -823,14 +1360,124 @@ fn bad_env_values_name_the_variable() {
         MINIMAL,
         &[(
             "TURNPIKE_RELAY_LISTEN",
-            "udp://192.0.2.1:1,tcp://192.0.2.1:2",
+            "udp://192.0.2.1:1,dtls://192.0.2.1:2",
         )],
     );
     assert_eq!(e.path, "env TURNPIKE_RELAY_LISTEN[1]");
-    assert!(e.message.contains("not supported yet (UDP only)"), "{e}");
+    assert!(e.message.starts_with("unknown transport \"dtls\""), "{e}");
 
     let e = one_err(MINIMAL, &[("TURNPIKE_RELAY_RELAY_PORTS", "abc")]);
     assert_eq!(e.path, "env TURNPIKE_RELAY_RELAY_PORTS");
+}
+
+#[test]
+fn env_overrides_the_new_relay_keys() {
+    let dir = Scratch::new("env-new-keys");
+    let (cert, key) = (dir.file("cert.pem", "c"), dir.file("key.pem", "k"));
+    let vars = env(&[
+        (
+            "TURNPIKE_RELAY_LISTEN",
+            "udp://0.0.0.0:3478,tcp://0.0.0.0:3478,tls://[::]:5349",
+        ),
+        ("TURNPIKE_RELAY_RELAY_IP", "192.0.2.10, 2001:db8::10"),
+        ("TURNPIKE_RELAY_EXTERNAL_IP", "203.0.113.10"),
+        ("TURNPIKE_RELAY_MAX_CONNECTIONS_PER_IP", "8"),
+        ("TURNPIKE_RELAY_HANDSHAKE_TIMEOUT", "3s"),
+        ("TURNPIKE_RELAY_IDLE_TIMEOUT", "90s"),
+        ("TURNPIKE_RELAY_MAX_FRAME", "1500"),
+        ("TURNPIKE_RELAY_STREAM_QUEUE", "32"),
+        // No [relay.tls] in the file: the variables create it.
+        ("TURNPIKE_RELAY_TLS_CERT_FILE", &cert),
+        ("TURNPIKE_RELAY_TLS_KEY_FILE", &key),
+    ]);
+    let c = parse(MINIMAL, &vars).unwrap();
+    let r = &c.relay;
+    assert_eq!(r.listen.len(), 3);
+    assert_eq!(r.listen[2].transport, Transport::Tls);
+    assert_eq!(r.relay_ips, ips(Some("192.0.2.10"), Some("2001:db8::10")));
+    assert_eq!(r.external_ips, ips(Some("203.0.113.10"), None));
+    assert_eq!(r.max_connections_per_ip, 8);
+    assert_eq!(r.handshake_timeout, Duration::from_secs(3));
+    assert_eq!(r.idle_timeout, Duration::from_secs(90));
+    assert_eq!(r.max_frame, 1500);
+    assert_eq!(r.stream_queue, 32);
+    assert_eq!(
+        r.tls,
+        Some(Tls {
+            cert_file: PathBuf::from(&cert),
+            key_file: PathBuf::from(&key),
+        })
+    );
+
+    // A variable wins over the file's [relay.tls] key, and one alone leaves
+    // the other key to the file.
+    let other = dir.file("other.pem", "o");
+    let text = format!("{MINIMAL}{}", tls_table(&cert, &key));
+    let c = parse(&text, &env(&[("TURNPIKE_RELAY_TLS_CERT_FILE", &other)])).unwrap();
+    let tls = c.relay.tls.unwrap();
+    assert_eq!(tls.cert_file, PathBuf::from(&other));
+    assert_eq!(tls.key_file, PathBuf::from(&key));
+
+    // An empty external-ip clears the file's.
+    let text = with_relay("external-ip = \"203.0.113.10\"");
+    let c = parse(&text, &env(&[("TURNPIKE_RELAY_EXTERNAL_IP", "")])).unwrap();
+    assert!(c.relay.external_ips.is_empty());
+}
+
+#[test]
+fn bad_overrides_of_the_new_keys_name_the_variable() {
+    let dir = Scratch::new("env-bad-new-keys");
+    let missing = dir.path("missing.pem");
+    let e = errs(
+        MINIMAL,
+        &[
+            ("TURNPIKE_RELAY_TLS_CERT_FILE", &missing),
+            ("TURNPIKE_RELAY_RELAY_IP", "192.0.2.1,192.0.2.2"),
+            ("TURNPIKE_RELAY_MAX_FRAME", "100"),
+            ("TURNPIKE_RELAY_IDLE_TIMEOUT", "forever"),
+            ("TURNPIKE_RELAY_STREAM_QUEUE", "many"),
+        ],
+    );
+    assert_eq!(
+        e.paths(),
+        vec![
+            "env TURNPIKE_RELAY_STREAM_QUEUE",
+            "env TURNPIKE_RELAY_RELAY_IP[1]",
+            "env TURNPIKE_RELAY_IDLE_TIMEOUT",
+            "env TURNPIKE_RELAY_MAX_FRAME",
+            "env TURNPIKE_RELAY_TLS_CERT_FILE",
+            // Only the certificate was given: the key is still required.
+            "relay.tls.key-file",
+        ],
+        "{e}"
+    );
+    assert!(
+        e.0[1]
+            .message
+            .starts_with("a second IPv4 address (env TURNPIKE_RELAY_RELAY_IP[0] is IPv4 too)"),
+        "{e}"
+    );
+    assert!(
+        e.0[4]
+            .message
+            .starts_with(&format!("cannot read {missing:?}")),
+        "{e}"
+    );
+
+    // An external address without a relay address of its family.
+    let e = one_err(MINIMAL, &[("TURNPIKE_RELAY_EXTERNAL_IP", "2001:db8::9")]);
+    assert_eq!(e.path, "env TURNPIKE_RELAY_EXTERNAL_IP");
+
+    // relay.tls is not a table: the override has nowhere to go, and the
+    // file's mistake is what gets reported.
+    let e = one_err(
+        &with_relay("tls = 1"),
+        &[("TURNPIKE_RELAY_TLS_KEY_FILE", "/x")],
+    );
+    assert_eq!(
+        (e.path.as_str(), e.message.as_str()),
+        ("relay.tls", "expected a table, got an integer")
+    );
 }
 
 #[test]
@@ -842,6 +1489,10 @@ fn env_var_names_follow_the_rule_and_are_unique() {
         "TURNPIKE_RELAY_USER_QUOTA",
         "TURNPIKE_ADMIN_LISTEN",
         "TURNPIKE_LOG_LEVEL",
+        "TURNPIKE_RELAY_RELAY_IP",
+        "TURNPIKE_RELAY_MAX_CONNECTIONS_PER_IP",
+        "TURNPIKE_RELAY_TLS_CERT_FILE",
+        "TURNPIKE_RELAY_TLS_KEY_FILE",
     ] {
         assert!(names.iter().any(|n| n == expected), "{expected}");
     }
@@ -849,7 +1500,7 @@ fn env_var_names_follow_the_rule_and_are_unique() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), names.len());
-    assert_eq!(SCHEMA.len(), 17);
+    assert_eq!(SCHEMA.len(), 24);
     let lists: Vec<String> = SCHEMA
         .iter()
         .filter(|k| k.kind == ValueKind::List)
@@ -864,6 +1515,18 @@ fn env_var_names_follow_the_rule_and_are_unique() {
             "relay.deny-peers"
         ]
     );
+    let string_or_list: Vec<String> = SCHEMA
+        .iter()
+        .filter(|k| k.kind == ValueKind::StringOrList)
+        .map(|k| k.path())
+        .collect();
+    assert_eq!(string_or_list, ["relay.external-ip", "relay.relay-ip"]);
+    let tls: Vec<String> = SCHEMA
+        .iter()
+        .filter(|k| k.section == "relay.tls")
+        .map(|k| k.path())
+        .collect();
+    assert_eq!(tls, ["relay.tls.cert-file", "relay.tls.key-file"]);
 }
 
 // ------------------------------------------------------------------- load
@@ -920,12 +1583,16 @@ fn the_example_is_a_valid_config_with_these_values() {
     let r = &c.relay;
     assert_eq!(r.realm, "example.com");
     assert_eq!(
-        r.listen.iter().map(|l| l.addr).collect::<Vec<_>>(),
-        vec![addr("0.0.0.0:3478"), addr("[::]:3478")]
+        r.listen.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        vec![
+            "udp://0.0.0.0:3478",
+            "udp://[::]:3478",
+            "tcp://0.0.0.0:3478",
+            "tcp://[::]:3478"
+        ]
     );
-    assert!(r.listen.iter().all(|l| l.transport == Transport::Udp));
-    assert_eq!(r.external_ip, Some(ip("203.0.113.7")));
-    assert_eq!(r.relay_ip, ip("10.0.0.5"));
+    assert_eq!(r.external_ips, ips(Some("203.0.113.7"), None));
+    assert_eq!(r.relay_ips, ips(Some("10.0.0.5"), Some("2001:db8::5")));
     assert_eq!(
         r.relay_ports,
         PortRange {
@@ -955,21 +1622,100 @@ fn the_example_is_a_valid_config_with_these_values() {
     assert_eq!(r.nonce_lifetime, Duration::from_secs(600));
     assert_eq!(r.threads.map(|n| n.get()), Some(4));
     assert_eq!(r.grace_period, Duration::from_secs(30));
+    assert_eq!(r.max_connections_per_ip, 64);
+    assert_eq!(r.handshake_timeout, Duration::from_secs(10));
+    assert_eq!(r.idle_timeout, Duration::from_secs(300));
+    assert_eq!(r.max_frame, 65552);
+    assert_eq!(r.stream_queue, 256);
+    // [relay.tls] is commented out: the example cannot name real files.
+    assert_eq!(r.tls, None);
     assert_eq!(c.admin.listen, addr("127.0.0.1:9641"));
     assert_eq!(c.log.level, "info");
 }
 
+/// EXAMPLE with its commented-out settings switched on: every line `# X`
+/// where X is a table header (`[relay.tls]`) or a single TOML `key = value`
+/// becomes `X`. Prose comments never parse as either.
+fn example_uncommented() -> String {
+    EXAMPLE
+        .lines()
+        .map(|line| match line.strip_prefix("# ") {
+            Some(rest) if is_setting(rest) => rest,
+            _ => line,
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+fn is_setting(line: &str) -> bool {
+    let header = line.starts_with('[')
+        && line.ends_with(']')
+        && line[1..line.len() - 1]
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '.');
+    header || line.parse::<toml::Table>().is_ok_and(|t| t.len() == 1)
+}
+
+/// The table at a dotted section path (`relay.tls`).
+fn section<'t>(table: &'t toml::Table, path: &str) -> Option<&'t toml::Table> {
+    path.split('.')
+        .try_fold(table, |t, part| t.get(part).and_then(|v| v.as_table()))
+}
+
 #[test]
 fn the_example_shows_every_key_in_the_schema() {
-    let table: toml::Table = EXAMPLE.parse().unwrap();
+    // Set, or shown commented out (only [relay.tls], which needs real files).
+    let table: toml::Table = example_uncommented().parse().unwrap();
     for key in SCHEMA {
-        let section = table.get(key.section).and_then(|s| s.as_table());
         assert!(
-            section.is_some_and(|s| s.contains_key(key.name)),
+            section(&table, key.section).is_some_and(|s| s.contains_key(key.name)),
             "{} is missing from examples/turnpike.toml",
             key.path()
         );
     }
+    // Everything else is really set, not just shown.
+    let set: toml::Table = EXAMPLE.parse().unwrap();
+    for key in SCHEMA.iter().filter(|k| k.section != "relay.tls") {
+        assert!(
+            section(&set, key.section).is_some_and(|s| s.contains_key(key.name)),
+            "{} is only commented out in examples/turnpike.toml",
+            key.path()
+        );
+    }
+    assert!(section(&set, "relay.tls").is_none());
+}
+
+#[test]
+fn the_examples_commented_tls_block_is_valid_when_switched_on() {
+    // Uncommented, the block names files that do not exist here...
+    let e = errs(&example_uncommented(), &[]);
+    assert_eq!(
+        e.paths(),
+        vec!["relay.tls.cert-file", "relay.tls.key-file"],
+        "{e}"
+    );
+    assert!(
+        e.0[0].message.contains("/etc/turnpike/fullchain.pem"),
+        "{e}"
+    );
+    // ...and with real files (through the environment) it is a valid config.
+    let dir = Scratch::new("example-tls");
+    let vars = env(&[
+        (
+            "TURNPIKE_RELAY_TLS_CERT_FILE",
+            &dir.file("fullchain.pem", "cert"),
+        ),
+        (
+            "TURNPIKE_RELAY_TLS_KEY_FILE",
+            &dir.file("privkey.pem", "key"),
+        ),
+    ]);
+    let c = parse(&example_uncommented(), &vars).unwrap();
+    assert_eq!(
+        c.relay.tls.unwrap().cert_file,
+        PathBuf::from(dir.path("fullchain.pem"))
+    );
+    assert_eq!(c.relay.listen.len(), 4);
 }
 
 #[test]

@@ -6,7 +6,7 @@ use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Instant;
 
-use crate::server::FiveTuple;
+use crate::server::{Family, FiveTuple};
 
 /// A permission: peers at `ip` may send to the allocation until `expires`.
 #[derive(Debug, Clone, Copy)]
@@ -31,6 +31,19 @@ pub(crate) struct Cached {
     pub(crate) bytes: Box<[u8]>,
 }
 
+/// One family's relay socket of an allocation.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Relay {
+    /// This family is not part of the allocation.
+    None,
+    /// The driver is binding the socket.
+    Binding,
+    /// Bound; the advertised relayed address (external IP when behind NAT).
+    Bound(SocketAddr),
+    /// The additional family of a dual allocation could not be had: the ADDRESS-ERROR-CODE.
+    Failed(u16),
+}
+
 #[derive(Debug)]
 pub(crate) enum State {
     /// Waiting for the driver to bind the relay socket; `tid` is the Allocate's, `fingerprint`
@@ -46,6 +59,10 @@ pub(crate) enum State {
 pub(crate) struct Allocation {
     pub(crate) five: FiveTuple,
     pub(crate) state: State,
+    /// The family asked for with REQUESTED-ADDRESS-FAMILY (IPv4 by default).
+    pub(crate) primary: Family,
+    /// Relay sockets by [`Family::index`].
+    pub(crate) relays: [Relay; 2],
     pub(crate) username: Box<str>,
     pub(crate) key: [u8; 16],
     pub(crate) expires: Instant,
@@ -58,6 +75,11 @@ pub(crate) struct Allocation {
 }
 
 impl Allocation {
+    /// Whether a relay socket of `f` is bound.
+    pub(crate) fn has(&self, f: Family) -> bool {
+        matches!(self.relays[f.index()], Relay::Bound(_))
+    }
+
     pub(crate) fn permitted(&self, ip: IpAddr, now: Instant) -> bool {
         self.permissions
             .iter()

@@ -47,7 +47,8 @@ pub use auth::{rest_credentials, rest_password};
 pub use policy::{DenyReason, PeerPolicy};
 pub use server::{
     AllocResult, AuthFailure, BindError, BindRequest, Config, DeleteReason, Dest, Direction,
-    DropReason, Event, FiveTuple, Output, Quotas, RelayId, Server, Stats, Transmit, Transport,
+    DropReason, Event, Family, FiveTuple, Output, PerFamily, Quotas, RelayId, Server, Stats,
+    Transmit, Transport,
 };
 
 /// Declares a fieldless enum used as a metric label: `COUNT`, `ALL`, `as_str` and an index, so

@@ -8,7 +8,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 pub use crate::alloc::Quotas;
-use crate::alloc::{Allocation, Cached, Channel, QuotaError, State};
+use crate::alloc::{Allocation, Cached, Channel, QuotaError, Relay, State};
 use crate::auth::{self, NonceCheck, NonceKey};
 use crate::label_enum;
 use crate::limit::Limiter;
@@ -26,11 +26,107 @@ const RECENT_DELETES: usize = 64;
 /// Largest UDP payload (IPv4: 65 535 − 20 − 8). Anything we would build bigger is dropped.
 const MAX_UDP_PAYLOAD: usize = 65_507;
 
-/// The transport between client and server.
+label_enum! {
+    /// The transport between client and server (metric label).
+    pub enum Transport {
+        /// UDP.
+        Udp => "udp",
+        /// TCP (RFC 8656 §3.1: STUN and ChannelData framed on a stream).
+        Tcp => "tcp",
+        /// TLS over TCP.
+        Tls => "tls",
+    }
+}
+
+impl Transport {
+    /// Whether messages travel on a byte stream (TCP, TLS) rather than in datagrams.
+    pub fn is_stream(self) -> bool {
+        !matches!(self, Transport::Udp)
+    }
+}
+
+label_enum! {
+    /// An address family (metric label).
+    pub enum Family {
+        /// IPv4.
+        V4 => "ipv4",
+        /// IPv6.
+        V6 => "ipv6",
+    }
+}
+
+impl Family {
+    /// The family of `ip`; IPv4-mapped IPv6 addresses count as IPv4.
+    pub fn of(ip: IpAddr) -> Self {
+        if crate::policy::canonical(ip).is_ipv4() {
+            Family::V4
+        } else {
+            Family::V6
+        }
+    }
+
+    /// The value in REQUESTED-/ADDITIONAL-ADDRESS-FAMILY (RFC 8656 §18.6).
+    fn from_attr(v: u8) -> Option<Self> {
+        match v {
+            0x01 => Some(Family::V4),
+            0x02 => Some(Family::V6),
+            _ => None,
+        }
+    }
+
+    fn attr_value(self) -> u8 {
+        match self {
+            Family::V4 => 0x01,
+            Family::V6 => 0x02,
+        }
+    }
+}
+
+/// One value per address family.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum Transport {
-    /// UDP.
-    Udp,
+pub struct PerFamily<T> {
+    /// The IPv4 value.
+    pub v4: Option<T>,
+    /// The IPv6 value.
+    pub v6: Option<T>,
+}
+
+impl<T> Default for PerFamily<T> {
+    fn default() -> Self {
+        Self { v4: None, v6: None }
+    }
+}
+
+impl<T: Copy> PerFamily<T> {
+    /// The value for `f`.
+    pub fn get(&self, f: Family) -> Option<T> {
+        match f {
+            Family::V4 => self.v4,
+            Family::V6 => self.v6,
+        }
+    }
+
+    /// Sets the value for `f`.
+    pub fn set(&mut self, f: Family, v: Option<T>) {
+        match f {
+            Family::V4 => self.v4 = v,
+            Family::V6 => self.v6 = v,
+        }
+    }
+
+    /// The values present, IPv4 first.
+    pub fn iter(&self) -> impl Iterator<Item = T> + '_ {
+        self.v4.iter().chain(self.v6.iter()).copied()
+    }
+}
+
+impl PerFamily<IpAddr> {
+    /// The IP of its family (`v4` for an IPv4 address, `v6` otherwise).
+    pub fn single(ip: IpAddr) -> Self {
+        let mut p = Self::default();
+        p.set(Family::of(ip), Some(ip));
+        p
+    }
 }
 
 /// A client's 5-tuple: who sent it, to which of our listeners, over what.
@@ -44,18 +140,43 @@ pub struct FiveTuple {
     pub transport: Transport,
 }
 
-/// Identifies an allocation's relay socket across driver and core. Slot index plus a generation,
-/// so a stale id (of an allocation since freed and reused) never matches.
+/// Identifies an allocation: slot index plus a generation, so a stale id (of an allocation since
+/// freed and the slot reused) never matches.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct RelayId {
+pub(crate) struct AllocId {
     slot: u32,
     generation: u32,
 }
 
+/// Identifies a relay socket across driver and core: an allocation and one of its (at most two,
+/// RFC 8656 dual allocation) address families.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub struct RelayId {
+    alloc: AllocId,
+    family: Family,
+}
+
+impl PartialOrd for Family {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Family {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        self.index().cmp(&other.index())
+    }
+}
+
 impl RelayId {
-    /// The slot, dense from 0: drivers may index a `Vec` with it.
+    /// Dense from 0 (two per allocation slot): drivers may index a `Vec` with it.
     pub fn index(self) -> usize {
-        self.slot as usize
+        self.alloc.slot as usize * 2 + self.family.index()
+    }
+
+    /// The address family of this relay socket.
+    pub fn family(self) -> Family {
+        self.family
     }
 }
 
@@ -119,17 +240,17 @@ pub enum BindError {
 pub enum Event {
     /// An allocation became active.
     AllocationCreated {
-        /// Its relay.
-        relay: RelayId,
-        /// The advertised relayed address.
+        /// The client's address.
+        client: SocketAddr,
+        /// The advertised relayed address (the first, for a dual allocation).
         relayed: SocketAddr,
         /// Its lifetime.
         lifetime: Duration,
     },
     /// An allocation ended.
     AllocationDeleted {
-        /// Its relay.
-        relay: RelayId,
+        /// The client's address.
+        client: SocketAddr,
         /// Why.
         reason: DeleteReason,
     },
@@ -157,6 +278,8 @@ label_enum! {
         Expired => "expired",
         /// The server shut down.
         Shutdown => "shutdown",
+        /// The client's TCP/TLS connection closed (RFC 8656 §3.1: the allocation dies with it).
+        ConnectionClosed => "connection_closed",
     }
 }
 
@@ -243,22 +366,22 @@ label_enum! {
 /// Counters of one shard. Plain integers: the driver copies them into its metrics registry.
 #[derive(Debug, Clone, Default)]
 pub struct Stats {
-    /// Allocate outcomes by [`AllocResult`].
-    pub allocations: [u64; AllocResult::COUNT],
-    /// Relayed packets by [`Direction`].
-    pub packets: [u64; Direction::COUNT],
-    /// Relayed application bytes by [`Direction`].
-    pub bytes: [u64; Direction::COUNT],
+    /// Allocate outcomes by client [`Transport`] and [`AllocResult`].
+    pub allocations: [[u64; AllocResult::COUNT]; Transport::COUNT],
+    /// Relayed packets by client [`Transport`] and [`Direction`].
+    pub packets: [[u64; Direction::COUNT]; Transport::COUNT],
+    /// Relayed application bytes by client [`Transport`] and [`Direction`].
+    pub bytes: [[u64; Direction::COUNT]; Transport::COUNT],
     /// Of [`Stats::packets`], those framed as ChannelData (the rest are Send/Data indications).
-    pub channel_data: [u64; Direction::COUNT],
+    pub channel_data: [[u64; Direction::COUNT]; Transport::COUNT],
     /// Dropped datagrams by [`DropReason`].
     pub dropped: [u64; DropReason::COUNT],
     /// Authentication failures by [`AuthFailure`].
     pub auth_failures: [u64; AuthFailure::COUNT],
     /// Peers refused by [`DenyReason`].
     pub peers_denied: [u64; DenyReason::COUNT],
-    /// Binding requests answered.
-    pub binding_requests: u64,
+    /// Binding requests answered, by [`Transport`].
+    pub binding_requests: [u64; Transport::COUNT],
     /// Allocations deleted by [`DeleteReason`].
     pub deleted: [u64; DeleteReason::COUNT],
 }
@@ -285,10 +408,12 @@ pub struct Config {
     pub channel_lifetime: Duration,
     /// Distinct peer IPs one allocation may have permissions for.
     pub max_permissions: usize,
-    /// The relay IP relay sockets bind to.
-    pub relay_ip: IpAddr,
-    /// The IP advertised in XOR-RELAYED-ADDRESS instead, behind a 1:1 NAT.
-    pub external_ip: Option<IpAddr>,
+    /// The IPs relay sockets bind to, at most one per family. IPv4 is the default family of an
+    /// allocation (RFC 8656 §7.2); an IPv6 one enables REQUESTED-ADDRESS-FAMILY IPv6 and dual
+    /// allocations.
+    pub relay_ips: PerFamily<IpAddr>,
+    /// The IPs advertised in XOR-RELAYED-ADDRESS instead, behind a 1:1 NAT, per family.
+    pub external_ips: PerFamily<IpAddr>,
     /// The relay port range (used to recognise other allocations' relayed addresses).
     pub relay_ports: RangeInclusive<u16>,
     /// Peer policy.
@@ -325,8 +450,8 @@ impl Config {
             permission_lifetime: Duration::from_secs(300),
             channel_lifetime: Duration::from_secs(600),
             max_permissions: 64,
-            relay_ip,
-            external_ip: None,
+            relay_ips: PerFamily::single(relay_ip),
+            external_ips: PerFamily::default(),
             relay_ports: 49152..=65535,
             policy,
             quotas: Quotas::new(Some(16), None),
@@ -378,8 +503,12 @@ pub struct Server {
     config: Config,
     slots: Vec<Slot>,
     free: Vec<u32>,
-    by_five: HashMap<FiveTuple, RelayId, ahash::RandomState>,
-    timers: BinaryHeap<Reverse<(Instant, RelayId)>>,
+    by_five: HashMap<FiveTuple, AllocId, ahash::RandomState>,
+    timers: BinaryHeap<Reverse<(Instant, AllocId)>>,
+    /// Allocations by client [`Transport`].
+    active: [usize; Transport::COUNT],
+    /// Transaction ids of Data indications.
+    indications: u64,
     recent_deletes: VecDeque<(FiveTuple, Cached)>,
     outputs: VecDeque<OutputItem>,
     buf: Vec<u8>,
@@ -418,6 +547,8 @@ impl Server {
             free: Vec::new(),
             by_five: HashMap::default(),
             timers: BinaryHeap::new(),
+            active: [0; Transport::COUNT],
+            indications: 0,
             recent_deletes: VecDeque::with_capacity(RECENT_DELETES),
             outputs: VecDeque::new(),
             buf: Vec::with_capacity(64 * 1024),
@@ -445,6 +576,11 @@ impl Server {
         self.by_five.len()
     }
 
+    /// Allocations on this shard by client [`Transport`].
+    pub fn allocations_by_transport(&self) -> [usize; Transport::COUNT] {
+        self.active
+    }
+
     /// Re-anchors the wall clock: REST expiries and nonces are compared against
     /// `wall` + (now − `now` given here).
     pub fn handle_wall_clock(&mut self, now: Instant, wall: SystemTime) {
@@ -464,7 +600,7 @@ impl Server {
 
     /// Deletes every allocation (shutdown after the grace period).
     pub fn close_all(&mut self) {
-        let ids: Vec<RelayId> = self.by_five.values().copied().collect();
+        let ids: Vec<AllocId> = self.by_five.values().copied().collect();
         for id in ids {
             self.delete(id, DeleteReason::Shutdown);
         }
@@ -523,7 +659,7 @@ impl Server {
     /// Makes sure the allocation's timer fires by `at`. Deadlines that move later need nothing:
     /// the earlier entry fires, finds nothing due, and re-arms for the true deadline. So every
     /// call is O(log n) and the heap never needs searching.
-    fn schedule(&mut self, id: RelayId, at: Instant) {
+    fn schedule(&mut self, id: AllocId, at: Instant) {
         let Some(a) = self.get_mut(id) else { return };
         if a.timer_at.is_none_or(|t| at < t) {
             a.timer_at = Some(at);
@@ -531,7 +667,7 @@ impl Server {
         }
     }
 
-    fn get(&self, id: RelayId) -> Option<&Allocation> {
+    fn get(&self, id: AllocId) -> Option<&Allocation> {
         let s = self.slots.get(id.slot as usize)?;
         if s.generation != id.generation {
             return None;
@@ -539,7 +675,7 @@ impl Server {
         s.alloc.as_ref()
     }
 
-    fn get_mut(&mut self, id: RelayId) -> Option<&mut Allocation> {
+    fn get_mut(&mut self, id: AllocId) -> Option<&mut Allocation> {
         let s = self.slots.get_mut(id.slot as usize)?;
         if s.generation != id.generation {
             return None;
@@ -547,13 +683,14 @@ impl Server {
         s.alloc.as_mut()
     }
 
-    fn insert(&mut self, alloc: Allocation) -> RelayId {
+    fn insert(&mut self, alloc: Allocation) -> AllocId {
         let five = alloc.five;
+        let transport = five.transport;
         let id = match self.free.pop() {
             Some(slot) => {
                 let s = &mut self.slots[slot as usize];
                 s.alloc = Some(alloc);
-                RelayId {
+                AllocId {
                     slot,
                     generation: s.generation,
                 }
@@ -563,19 +700,20 @@ impl Server {
                     generation: 0,
                     alloc: Some(alloc),
                 });
-                RelayId {
+                AllocId {
                     slot: (self.slots.len() - 1) as u32,
                     generation: 0,
                 }
             }
         };
         self.by_five.insert(five, id);
+        self.active[transport.index()] += 1;
         id
     }
 
     /// Takes an allocation out of every table. Its quota lease is given back when the returned
     /// value is dropped.
-    fn remove(&mut self, id: RelayId) -> Option<Allocation> {
+    fn remove(&mut self, id: AllocId) -> Option<Allocation> {
         let s = self.slots.get_mut(id.slot as usize)?;
         if s.generation != id.generation {
             return None;
@@ -584,24 +722,32 @@ impl Server {
         s.generation = s.generation.wrapping_add(1);
         self.free.push(id.slot);
         self.by_five.remove(&a.five);
+        self.active[a.five.transport.index()] -= 1;
         Some(a)
     }
 
-    fn delete(&mut self, id: RelayId, reason: DeleteReason) {
+    fn delete(&mut self, id: AllocId, reason: DeleteReason) {
         let Some(a) = self.remove(id) else { return };
         self.stats.deleted[reason.index()] += 1;
-        if matches!(a.state, State::Active) {
-            self.outputs
-                .push_back(OutputItem::Other(Output::ReleaseRelay(id)));
+        for family in Family::ALL.iter().copied() {
+            // Sockets still binding are released when the driver reports them bound.
+            if a.has(family) {
+                self.outputs
+                    .push_back(OutputItem::Other(Output::ReleaseRelay(RelayId {
+                        alloc: id,
+                        family,
+                    })));
+            }
         }
         self.outputs
             .push_back(OutputItem::Other(Output::Event(Event::AllocationDeleted {
-                relay: id,
+                client: a.five.client,
                 reason,
             })));
     }
 
-    /// A datagram from a client arrived on a listener.
+    /// A datagram from a client arrived on a UDP listener, or a complete frame (see
+    /// [`stun::stream_frame_len`]) on a TCP/TLS connection.
     pub fn handle_client(&mut self, now: Instant, five: FiveTuple, datagram: &[u8]) {
         self.begin(now);
         match datagram.first() {
@@ -609,6 +755,14 @@ impl Server {
             Some(0x00..=0x03) => self.handle_stun(now, five, datagram),
             Some(0x40..=0x4F) => self.handle_channel_data(now, five, datagram),
             _ => self.drop(DropReason::Malformed),
+        }
+    }
+
+    /// The client's TCP/TLS connection closed: its allocation ends with it (RFC 8656 §3.1).
+    pub fn handle_connection_closed(&mut self, now: Instant, five: FiveTuple) {
+        self.begin(now);
+        if let Some(&id) = self.by_five.get(&five) {
+            self.delete(id, DeleteReason::ConnectionClosed);
         }
     }
 
@@ -633,16 +787,26 @@ impl Server {
         if !a.permitted(peer.ip(), now) {
             return self.drop(DropReason::NoPermission);
         }
-        self.stats.channel_data[Direction::ClientToPeer.index()] += 1;
-        self.forward_to_peer(id, peer, data);
+        self.stats.channel_data[five.transport.index()][Direction::ClientToPeer.index()] += 1;
+        self.forward_to_peer(id, five.transport, peer, data);
     }
 
-    fn forward_to_peer(&mut self, relay: RelayId, peer: SocketAddr, data: &[u8]) {
+    fn forward_to_peer(
+        &mut self,
+        id: AllocId,
+        transport: Transport,
+        peer: SocketAddr,
+        data: &[u8],
+    ) {
         let start = self.buf.len();
         self.buf.extend_from_slice(data);
-        self.stats.packets[Direction::ClientToPeer.index()] += 1;
-        self.stats.bytes[Direction::ClientToPeer.index()] += data.len() as u64;
+        self.stats.packets[transport.index()][Direction::ClientToPeer.index()] += 1;
+        self.stats.bytes[transport.index()][Direction::ClientToPeer.index()] += data.len() as u64;
         let peer = self.client_view_to_wire(peer);
+        let relay = RelayId {
+            alloc: id,
+            family: Family::of(peer.ip()),
+        };
         self.outputs.push_back(OutputItem::Transmit(Transmit {
             dest: Dest::Peer { relay, peer },
             range: start..self.buf.len(),
@@ -652,20 +816,30 @@ impl Server {
     /// Peers that name our external IP mean our relay IP: send there directly instead of
     /// relying on the NAT to hairpin.
     fn client_view_to_wire(&self, peer: SocketAddr) -> SocketAddr {
-        match self.config.external_ip {
-            Some(ext) if peer.ip() == ext && self.config.relay_ports.contains(&peer.port()) => {
-                SocketAddr::new(self.config.relay_ip, peer.port())
+        let f = Family::of(peer.ip());
+        match (
+            self.config.external_ips.get(f),
+            self.config.relay_ips.get(f),
+        ) {
+            (Some(ext), Some(relay))
+                if peer.ip() == ext && self.config.relay_ports.contains(&peer.port()) =>
+            {
+                SocketAddr::new(relay, peer.port())
             }
             _ => peer,
         }
     }
 
-    /// The inverse of [`Server::client_view_to_wire`], for addresses reported to clients and permissions.
+    /// The inverse of [`Server::client_view_to_wire`], for addresses reported to clients and
+    /// checked against permissions.
     fn wire_to_client_view(&self, peer: SocketAddr) -> SocketAddr {
-        match self.config.external_ip {
-            Some(ext)
-                if peer.ip() == self.config.relay_ip
-                    && self.config.relay_ports.contains(&peer.port()) =>
+        let f = Family::of(peer.ip());
+        match (
+            self.config.external_ips.get(f),
+            self.config.relay_ips.get(f),
+        ) {
+            (Some(ext), Some(relay))
+                if peer.ip() == relay && self.config.relay_ports.contains(&peer.port()) =>
             {
                 SocketAddr::new(ext, peer.port())
             }
@@ -680,27 +854,33 @@ impl Server {
             crate::policy::canonical(from.ip()),
             from.port(),
         ));
-        let Some(a) = self.get(relay) else {
+        let Some(a) = self.get(relay.alloc) else {
             return self.drop(DropReason::NoAllocation);
         };
-        if !matches!(a.state, State::Active) {
+        if !matches!(a.state, State::Active) || !a.has(relay.family) {
             return self.drop(DropReason::NoAllocation);
         }
         if !a.permitted(from.ip(), now) {
             return self.drop(DropReason::NoPermission);
         }
         let five = a.five;
+        let t = five.transport.index();
         let start = self.buf.len();
         match a.channel_by_peer(from, now).map(|c| c.number) {
             Some(number) => {
                 if CHANNEL_HEADER_LEN + datagram.len() > MAX_UDP_PAYLOAD {
                     return self.drop(DropReason::TooLarge);
                 }
-                self.stats.channel_data[Direction::PeerToClient.index()] += 1;
+                self.stats.channel_data[t][Direction::PeerToClient.index()] += 1;
                 self.buf.extend_from_slice(&number.to_be_bytes());
                 self.buf
                     .extend_from_slice(&(datagram.len() as u16).to_be_bytes());
                 self.buf.extend_from_slice(datagram);
+                if five.transport.is_stream() {
+                    // RFC 8656 §12.5: on streams ChannelData is padded to a multiple of four.
+                    let pad = (4 - datagram.len() % 4) % 4;
+                    self.buf.extend_from_slice(&[0u8; 3][..pad]);
+                }
             }
             None => {
                 // Data indication: header 20 + XOR-PEER-ADDRESS (≤ 24) + DATA header 4 + padding 3.
@@ -714,8 +894,8 @@ impl Server {
                 e.finish();
             }
         }
-        self.stats.packets[Direction::PeerToClient.index()] += 1;
-        self.stats.bytes[Direction::PeerToClient.index()] += datagram.len() as u64;
+        self.stats.packets[t][Direction::PeerToClient.index()] += 1;
+        self.stats.bytes[t][Direction::PeerToClient.index()] += datagram.len() as u64;
         self.outputs.push_back(OutputItem::Transmit(Transmit {
             dest: Dest::Client(five),
             range: start..self.buf.len(),
@@ -724,10 +904,10 @@ impl Server {
 
     /// Indications need a transaction id but nobody matches on it; a counter is enough and keeps
     /// the core free of randomness.
-    fn indication_tid(&self) -> [u8; 12] {
-        let n = self.stats.packets[Direction::PeerToClient.index()];
+    fn indication_tid(&mut self) -> [u8; 12] {
+        self.indications = self.indications.wrapping_add(1);
         let mut t = [0u8; 12];
-        t[4..].copy_from_slice(&n.to_be_bytes());
+        t[4..].copy_from_slice(&self.indications.to_be_bytes());
         t
     }
 
@@ -739,9 +919,9 @@ impl Server {
         result: Result<SocketAddr, BindError>,
     ) {
         self.begin(now);
-        let external_ip = self.config.external_ip;
-        let Some(a) = self.get_mut(relay) else {
-            // Deleted meanwhile (shutdown): give the socket back.
+        let external = self.config.external_ips.get(relay.family);
+        let Some(a) = self.get_mut(relay.alloc) else {
+            // Deleted meanwhile (shutdown, connection closed): give the socket back.
             if result.is_ok() {
                 self.outputs
                     .push_back(OutputItem::Other(Output::ReleaseRelay(relay)));
@@ -751,29 +931,56 @@ impl Server {
         let State::Binding { tid, fingerprint } = a.state else {
             return;
         };
+        if a.relays[relay.family.index()] != Relay::Binding {
+            return;
+        }
+        a.relays[relay.family.index()] = match result {
+            Ok(bound) => Relay::Bound(SocketAddr::new(
+                external.unwrap_or(bound.ip()),
+                bound.port(),
+            )),
+            Err(_) => Relay::Failed(code::INSUFFICIENT_CAPACITY),
+        };
+        if a.relays.contains(&Relay::Binding) {
+            return; // the other family of a dual allocation is still binding
+        }
         let five = a.five;
         let key = a.key;
-        let relayed = match result {
-            Ok(addr) => addr,
-            Err(_) => {
-                // Never active: no socket to release, no deletion to report.
-                drop(self.remove(relay));
-                self.stats.allocations[AllocResult::Capacity.index()] += 1;
-                let reject = Reject::authed(code::INSUFFICIENT_CAPACITY, key);
-                self.send_error(five, method::ALLOCATE, tid, fingerprint, &reject);
-                return;
+        let transport = five.transport.index();
+        if !a.has(a.primary) {
+            // Without its requested family there is no allocation: release the other, 508.
+            let id = relay.alloc;
+            let bound: Vec<Family> = Family::ALL.iter().copied().filter(|f| a.has(*f)).collect();
+            for family in bound {
+                self.outputs
+                    .push_back(OutputItem::Other(Output::ReleaseRelay(RelayId {
+                        alloc: id,
+                        family,
+                    })));
             }
-        };
-        let advertised = match external_ip {
-            Some(ip) => SocketAddr::new(ip, relayed.port()),
-            None => relayed,
-        };
+            // Never active: no deletion to report.
+            drop(self.remove(id));
+            self.stats.allocations[transport][AllocResult::Capacity.index()] += 1;
+            let reject = Reject::authed(code::INSUFFICIENT_CAPACITY, key);
+            self.send_error(five, method::ALLOCATE, tid, fingerprint, &reject);
+            return;
+        }
         let lifetime = a.expires.saturating_duration_since(now);
         a.state = State::Active;
+        let relays = a.relays;
         let start = self.buf.len();
         let mut e = Encoder::new(&mut self.buf, method::ALLOCATE, Class::Success, tid);
-        e.xor_address(attr::XOR_RELAYED_ADDRESS, advertised)
-            .u32_attr(attr::LIFETIME, lifetime.as_secs() as u32)
+        for r in relays {
+            if let Relay::Bound(addr) = r {
+                e.xor_address(attr::XOR_RELAYED_ADDRESS, addr);
+            }
+        }
+        for (family, r) in Family::ALL.iter().zip(relays) {
+            if let Relay::Failed(code) = r {
+                e.address_error_code(family.attr_value(), code);
+            }
+        }
+        e.u32_attr(attr::LIFETIME, lifetime.as_secs() as u32)
             .xor_address(attr::XOR_MAPPED_ADDRESS, five.client);
         if let Some(sw) = &self.config.software {
             e.attr(attr::SOFTWARE, sw.as_bytes());
@@ -784,20 +991,26 @@ impl Server {
         }
         let range = e.finish();
         let bytes: Box<[u8]> = self.buf[range.clone()].into();
-        if let Some(a) = self.get_mut(relay) {
+        if let Some(a) = self.get_mut(relay.alloc) {
             a.last = Some(Cached { tid, bytes });
         }
-        self.stats.allocations[AllocResult::Ok.index()] += 1;
+        self.stats.allocations[transport][AllocResult::Ok.index()] += 1;
         self.outputs.push_back(OutputItem::Transmit(Transmit {
             dest: Dest::Client(five),
             range: start..range.end,
         }));
-        self.outputs
-            .push_back(OutputItem::Other(Output::Event(Event::AllocationCreated {
-                relay,
-                relayed: advertised,
-                lifetime,
-            })));
+        let relayed = relays.iter().find_map(|r| match r {
+            Relay::Bound(a) => Some(*a),
+            _ => None,
+        });
+        if let Some(relayed) = relayed {
+            self.outputs
+                .push_back(OutputItem::Other(Output::Event(Event::AllocationCreated {
+                    client: five.client,
+                    relayed,
+                    lifetime,
+                })));
+        }
     }
 
     fn handle_stun(&mut self, now: Instant, five: FiveTuple, datagram: &[u8]) {
@@ -831,7 +1044,7 @@ impl Server {
         if !matches!(a.state, State::Active) || !a.permitted(peer.ip(), now) {
             return self.drop(DropReason::NoPermission);
         }
-        self.forward_to_peer(id, peer, data);
+        self.forward_to_peer(id, five.transport, peer, data);
     }
 
     fn handle_request(&mut self, now: Instant, five: FiveTuple, msg: &Message<'_>) {
@@ -846,7 +1059,8 @@ impl Server {
                     reject.unknown = Some(list);
                 }
                 if msg.method() == method::ALLOCATE {
-                    self.stats.allocations[AllocResult::BadRequest.index()] += 1;
+                    self.stats.allocations[five.transport.index()]
+                        [AllocResult::BadRequest.index()] += 1;
                 }
                 return self.send_error(five, msg.method(), tid, fp, &reject);
             }
@@ -867,7 +1081,8 @@ impl Server {
         };
         if let Err(reject) = result {
             if msg.method() == method::ALLOCATE {
-                self.stats.allocations[alloc_result(reject.code).index()] += 1;
+                self.stats.allocations[five.transport.index()]
+                    [alloc_result(reject.code).index()] += 1;
             }
             self.send_error(five, msg.method(), tid, fp, &reject);
         }
@@ -914,7 +1129,7 @@ impl Server {
             };
             return self.send_error(five, method::BINDING, tid, msg.has_fingerprint(), &reject);
         }
-        self.stats.binding_requests += 1;
+        self.stats.binding_requests[five.transport.index()] += 1;
         let start = self.buf.len();
         let mut e = Encoder::new(&mut self.buf, method::BINDING, Class::Success, tid);
         e.xor_address(attr::XOR_MAPPED_ADDRESS, five.client);
@@ -1059,10 +1274,24 @@ impl Server {
             Some(PROTO_UDP) => {}
             Some(_) => return Err(Reject::authed(code::UNSUPPORTED_TRANSPORT, key)),
         }
-        let family = if self.config.relay_ip.is_ipv4() { 1 } else { 2 };
-        if attrs.requested_family.is_some_and(|f| f != family) {
-            return Err(Reject::authed(code::ADDRESS_FAMILY_NOT_SUPPORTED, key));
+        // RFC 8656 §7.2: IPv4 unless REQUESTED-ADDRESS-FAMILY says otherwise; ADDITIONAL-ADDRESS-
+        // FAMILY (IPv6 only) asks for a dual allocation and excludes REQUESTED-ADDRESS-FAMILY.
+        let (primary, additional) = match (attrs.requested_family, attrs.additional_family) {
+            (Some(_), Some(_)) => return Err(Reject::authed(code::BAD_REQUEST, key)),
+            (None, Some(0x02)) => (Family::V4, Some(Family::V6)),
+            (None, Some(_)) => return Err(Reject::authed(code::BAD_REQUEST, key)),
+            (None, None) => (Family::V4, None),
+            (Some(v), None) => match Family::from_attr(v) {
+                Some(f) => (f, None),
+                None => return Err(Reject::authed(code::ADDRESS_FAMILY_NOT_SUPPORTED, key)),
+            },
+        };
+        if additional.is_some() && attrs.even_port.is_some() {
+            return Err(Reject::authed(code::BAD_REQUEST, key));
         }
+        let Some(primary_ip) = self.config.relay_ips.get(primary) else {
+            return Err(Reject::authed(code::ADDRESS_FAMILY_NOT_SUPPORTED, key));
+        };
         if self.draining {
             return Err(Reject::authed(code::INSUFFICIENT_CAPACITY, key));
         }
@@ -1086,8 +1315,23 @@ impl Server {
         let lifetime = self
             .lifetime(attrs.lifetime)
             .max(self.config.default_lifetime.min(self.config.max_lifetime));
+        let mut relays = [Relay::None; 2];
+        relays[primary.index()] = Relay::Binding;
+        let mut binds = vec![(primary, primary_ip)];
+        if let Some(f) = additional {
+            match self.config.relay_ips.get(f) {
+                Some(ip) => {
+                    relays[f.index()] = Relay::Binding;
+                    binds.push((f, ip));
+                }
+                // Answered in the success response with ADDRESS-ERROR-CODE (RFC 8656 §7.2).
+                None => relays[f.index()] = Relay::Failed(code::ADDRESS_FAMILY_NOT_SUPPORTED),
+            }
+        }
         let alloc = Allocation {
             five,
+            primary,
+            relays,
             state: State::Binding {
                 tid,
                 fingerprint: authed.fingerprint,
@@ -1103,12 +1347,14 @@ impl Server {
         };
         let id = self.insert(alloc);
         self.schedule(id, now + lifetime);
-        self.outputs
-            .push_back(OutputItem::Other(Output::BindRelay(BindRequest {
-                relay: id,
-                ip: self.config.relay_ip,
-                even_port: attrs.even_port.is_some(),
-            })));
+        for (family, ip) in binds {
+            self.outputs
+                .push_back(OutputItem::Other(Output::BindRelay(BindRequest {
+                    relay: RelayId { alloc: id, family },
+                    ip,
+                    even_port: attrs.even_port.is_some(),
+                })));
+        }
         Ok(())
     }
 
@@ -1119,7 +1365,7 @@ impl Server {
         five: FiveTuple,
         msg: &Message<'_>,
         attrs: &Attrs<'_>,
-    ) -> Result<(RelayId, Authed), Reject> {
+    ) -> Result<(AllocId, Authed), Reject> {
         let authed = self.authenticate(now, five, msg, attrs, false)?;
         let id = match self.by_five.get(&five) {
             Some(id)
@@ -1143,13 +1389,20 @@ impl Server {
         attrs: &Attrs<'_>,
     ) -> Result<(), Reject> {
         let (id, authed) = self.existing(now, five, msg, attrs)?;
-        let family = if self.config.relay_ip.is_ipv4() { 1 } else { 2 };
-        if attrs.requested_family.is_some_and(|f| f != family) {
-            return Err(Reject::authed(
-                code::PEER_ADDRESS_FAMILY_MISMATCH,
-                authed.key,
-            ));
-        }
+        // RFC 8656 §7.3: REQUESTED-ADDRESS-FAMILY names one relay of the allocation (443 when it
+        // has none of that family); with LIFETIME 0 only that one is deleted.
+        let only = match attrs.requested_family {
+            None => None,
+            Some(v) => match Family::from_attr(v) {
+                Some(f) if self.get(id).is_some_and(|a| a.has(f)) => Some(f),
+                _ => {
+                    return Err(Reject::authed(
+                        code::PEER_ADDRESS_FAMILY_MISMATCH,
+                        authed.key,
+                    ))
+                }
+            },
+        };
         // RFC 8656 §7.3: LIFETIME 0 deletes; anything else is granted like in Allocate, at least
         // the default and at most the maximum.
         let lifetime = match attrs.lifetime {
@@ -1158,7 +1411,24 @@ impl Server {
                 .lifetime(requested)
                 .max(self.config.default_lifetime.min(self.config.max_lifetime)),
         };
-        if lifetime.is_zero() {
+        let other_family_stays = only.is_some_and(|f| {
+            self.get(id)
+                .is_some_and(|a| Family::ALL.iter().any(|g| *g != f && a.has(*g)))
+        });
+        if lifetime.is_zero() && other_family_stays {
+            if let (Some(f), Some(a)) = (only, self.get_mut(id)) {
+                a.relays[f.index()] = Relay::None;
+                // Permissions and channels of that family went through the released socket:
+                // keeping them would send from it.
+                a.permissions.retain(|p| Family::of(p.ip) != f);
+                a.channels.retain(|c| Family::of(c.peer.ip()) != f);
+                self.outputs
+                    .push_back(OutputItem::Other(Output::ReleaseRelay(RelayId {
+                        alloc: id,
+                        family: f,
+                    })));
+            }
+        } else if lifetime.is_zero() {
             self.delete(id, DeleteReason::Client);
         } else if let Some(a) = self.get_mut(id) {
             a.expires = now + lifetime;
@@ -1167,14 +1437,21 @@ impl Server {
         let range = self.success(five, msg, &authed, |e| {
             e.u32_attr(attr::LIFETIME, lifetime.as_secs() as u32);
         });
-        self.remember(id, five, msg.transaction_id(), range, lifetime.is_zero());
+        let deleted = lifetime.is_zero() && !other_family_stays;
+        self.remember(id, five, msg.transaction_id(), range, deleted);
         Ok(())
     }
 
     /// Checks a peer for CreatePermission (`with_port` false: only the IP matters) or
     /// ChannelBind (`with_port` true: the exact transport address). Policy comes first, so an
     /// IPv4 address hidden in IPv6 is refused as what it is (403), then the family (443).
-    fn vet_peer(&mut self, peer: SocketAddr, key: [u8; 16], with_port: bool) -> Result<(), Reject> {
+    fn vet_peer(
+        &mut self,
+        id: AllocId,
+        peer: SocketAddr,
+        key: [u8; 16],
+        with_port: bool,
+    ) -> Result<(), Reject> {
         let verdict = if with_port {
             self.config.policy.check(peer).map(|_| ())
         } else {
@@ -1185,9 +1462,11 @@ impl Server {
             return Err(Reject::authed(code::FORBIDDEN, key));
         }
         // An IPv4 address written as IPv6 (::ffff:a.b.c.d) is an IPv4 peer. Peer data is matched
-        // on the canonical address, so on an IPv6 relay its permission could never match.
-        let family_v4 = crate::policy::canonical(peer.ip()).is_ipv4();
-        if peer.is_ipv4() != family_v4 || family_v4 != self.config.relay_ip.is_ipv4() {
+        // on the canonical address, so its permission could never match: refuse it. Otherwise
+        // the allocation needs a relay of the peer's family (RFC 8656 §9.1, §11.1: 443).
+        let family = Family::of(peer.ip());
+        let written_as_is = peer.is_ipv4() == (family == Family::V4);
+        if !written_as_is || !self.get(id).is_some_and(|a| a.has(family)) {
             return Err(Reject::authed(code::PEER_ADDRESS_FAMILY_MISMATCH, key));
         }
         Ok(())
@@ -1206,7 +1485,7 @@ impl Server {
         }
         // All or nothing: one denied peer refuses the whole request.
         for peer in attrs.peers() {
-            self.vet_peer(peer, authed.key, false)?;
+            self.vet_peer(id, peer, authed.key, false)?;
         }
         let max = self.config.max_permissions;
         let expires = now + self.config.permission_lifetime;
@@ -1249,7 +1528,7 @@ impl Server {
         if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&number) || peer.port() == 0 {
             return Err(Reject::authed(code::BAD_REQUEST, key));
         }
-        self.vet_peer(peer, key, true)?;
+        self.vet_peer(id, peer, key, true)?;
         let max = self.config.max_permissions;
         let perm_expires = now + self.config.permission_lifetime;
         let chan_expires = now + self.config.channel_lifetime;
@@ -1312,7 +1591,7 @@ impl Server {
     /// Keeps the answer for retransmissions of the same transaction.
     fn remember(
         &mut self,
-        id: RelayId,
+        id: AllocId,
         five: FiveTuple,
         tid: [u8; 12],
         range: Range<usize>,

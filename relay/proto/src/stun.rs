@@ -89,8 +89,10 @@ pub mod attr {
     pub const XOR_MAPPED_ADDRESS: u16 = 0x0020;
     /// RESERVATION-TOKEN (not supported: answered with 420).
     pub const RESERVATION_TOKEN: u16 = 0x0022;
-    /// ADDITIONAL-ADDRESS-FAMILY (comprehension-optional; dual allocation is not offered yet).
+    /// ADDITIONAL-ADDRESS-FAMILY (asks for a dual allocation).
     pub const ADDITIONAL_ADDRESS_FAMILY: u16 = 0x8000;
+    /// ADDRESS-ERROR-CODE (why one family of a dual allocation is missing).
+    pub const ADDRESS_ERROR_CODE: u16 = 0x8001;
     /// SOFTWARE.
     pub const SOFTWARE: u16 = 0x8022;
     /// FINGERPRINT.
@@ -630,6 +632,15 @@ impl<'b> Encoder<'b> {
         self.attr(attr::ERROR_CODE, &v)
     }
 
+    /// Appends ADDRESS-ERROR-CODE (RFC 8656 §18.12) for `family` (0x01 IPv4, 0x02 IPv6).
+    pub fn address_error_code(&mut self, family: u8, code: u16) -> &mut Self {
+        let reason = code::reason(code).as_bytes();
+        let mut v = Vec::with_capacity(4 + reason.len());
+        v.extend_from_slice(&[family, 0, (code / 100) as u8, (code % 100) as u8]);
+        v.extend_from_slice(reason);
+        self.attr(attr::ADDRESS_ERROR_CODE, &v)
+    }
+
     /// Appends UNKNOWN-ATTRIBUTES.
     pub fn unknown_attributes(&mut self, types: &[u16]) -> &mut Self {
         let mut v = [0u8; 2 * MAX_UNKNOWN];
@@ -701,6 +712,65 @@ pub fn parse_channel_data(buf: &[u8]) -> Option<(u16, &[u8])> {
     Some((number, data))
 }
 
+/// Why a byte stream cannot be cut into TURN frames. The connection is closed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum StreamError {
+    /// The next bytes are neither a STUN message nor ChannelData: the stream lost its framing.
+    #[error("not a STUN message or ChannelData")]
+    NotTurn,
+    /// A STUN length that is not a multiple of four, or a wrong magic cookie.
+    #[error("malformed STUN header")]
+    BadHeader,
+    /// The frame declares more than the configured maximum.
+    #[error("frame of {0} bytes is over the limit")]
+    TooLarge(usize),
+}
+
+/// The length of the frame at the start of a TCP/TLS stream buffer ([RFC 8656 §3.1]): a STUN
+/// message (20-byte header plus its length) or ChannelData (4 bytes plus its length, padded to
+/// a multiple of four on streams, §12.5). `Ok(None)` means more bytes are needed to know.
+///
+/// [RFC 8656 §3.1]: https://www.rfc-editor.org/rfc/rfc8656#section-3.1
+pub fn stream_frame_len(buf: &[u8], max: usize) -> Result<Option<usize>, StreamError> {
+    let Some(&first) = buf.first() else {
+        return Ok(None);
+    };
+    let len = match first {
+        0x00..=0x03 => {
+            let Some(h) = buf.get(..8) else {
+                // Judge the length as soon as it is known, before the cookie arrives.
+                if let Some(l) = buf.get(2..4) {
+                    let l = usize::from(u16::from_be_bytes([l[0], l[1]]));
+                    if l % 4 != 0 {
+                        return Err(StreamError::BadHeader);
+                    }
+                    if HEADER_LEN + l > max {
+                        return Err(StreamError::TooLarge(HEADER_LEN + l));
+                    }
+                }
+                return Ok(None);
+            };
+            let l = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            if l % 4 != 0 || u32::from_be_bytes([h[4], h[5], h[6], h[7]]) != MAGIC_COOKIE {
+                return Err(StreamError::BadHeader);
+            }
+            HEADER_LEN + l
+        }
+        0x40..=0x4F => {
+            let Some(h) = buf.get(..4) else {
+                return Ok(None);
+            };
+            let l = usize::from(u16::from_be_bytes([h[2], h[3]]));
+            CHANNEL_HEADER_LEN + ((l + 3) & !3)
+        }
+        _ => return Err(StreamError::NotTurn),
+    };
+    if len > max {
+        return Err(StreamError::TooLarge(len));
+    }
+    Ok((buf.len() >= len).then_some(len))
+}
+
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
 mod tests {
@@ -755,6 +825,41 @@ mod tests {
         );
         assert!(a.verify_integrity(&msg, b"key"));
         assert!(!a.verify_integrity(&msg, b"other"));
+    }
+
+    #[test]
+    fn stream_frames() {
+        let mut stun = Vec::new();
+        Encoder::new(&mut stun, method::BINDING, Class::Request, [1; 12]).finish();
+        assert_eq!(stream_frame_len(&stun, 1000), Ok(Some(20)));
+        assert_eq!(stream_frame_len(&stun[..19], 1000), Ok(None));
+        assert_eq!(stream_frame_len(&[], 1000), Ok(None));
+        // ChannelData with 5 bytes of data occupies 4 + 8 on a stream.
+        let cd = [0x40, 0x00, 0x00, 0x05, 1, 2, 3, 4, 5, 0, 0, 0, 0x00];
+        assert_eq!(stream_frame_len(&cd, 1000), Ok(Some(12)));
+        assert_eq!(stream_frame_len(&cd[..11], 1000), Ok(None));
+        assert_eq!(
+            stream_frame_len(&[0x16, 3, 1], 1000),
+            Err(StreamError::NotTurn)
+        );
+        assert_eq!(
+            stream_frame_len(&[0x00, 0x01, 0xFF, 0xFC], 1000),
+            Err(StreamError::TooLarge(20 + 0xFFFC))
+        );
+        assert_eq!(
+            stream_frame_len(&[0x00, 0x01, 0x00, 0x03], 1000),
+            Err(StreamError::BadHeader)
+        );
+        let mut bad_cookie = stun.clone();
+        bad_cookie[4] = 0;
+        assert_eq!(
+            stream_frame_len(&bad_cookie, 1000),
+            Err(StreamError::BadHeader)
+        );
+        assert_eq!(
+            stream_frame_len(&[0x40, 0x00, 0xFF, 0xFF], 1000),
+            Err(StreamError::TooLarge(4 + 65536))
+        );
     }
 
     #[test]

@@ -34,20 +34,23 @@ pub mod admin;
 mod metrics;
 mod ports;
 mod shard;
+mod stream;
+mod tls;
 
 use std::future::Future;
-use std::net::{IpAddr, SocketAddr, UdpSocket as StdUdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime};
 
 use rand::RngCore as _;
-use relay_proto::{label_enum, PeerPolicy, Quotas};
+use relay_proto::{label_enum, Family, PeerPolicy, PerFamily, Quotas};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::watch;
 use tracing::{info, warn};
 
 pub use metrics::RelayMetrics;
+pub use tls::{TlsError, TlsHandle, ALPN_STUN_TURN};
 
 /// Datagrams a task reads before it flushes and yields. Large enough to amortise the wake-up
 /// (about 1 µs) over many packets, small enough that one busy socket delays the others on the
@@ -64,6 +67,11 @@ pub const LISTENER_SOCKET_BUFFER: usize = 4 << 20;
 /// moved earlier. Allocation, permission and channel lifetimes are whole seconds, so a second
 /// of resolution loses nothing.
 pub const TICK: Duration = Duration::from_secs(1);
+/// Backlog of stream listeners: connections the kernel completes before a shard accepts them.
+const STREAM_BACKLOG: i32 = 1024;
+/// First byte of a TLS handshake record: neither STUN (0x00–0x03) nor ChannelData (0x40–0x4F),
+/// so one port can serve TCP and TLS (RFC 7983 demultiplexing).
+pub(crate) const TLS_HANDSHAKE_BYTE: u8 = 0x16;
 
 label_enum! {
     /// Drops counted by the driver (same metric as the core's drops, `reason` label).
@@ -74,6 +82,36 @@ label_enum! {
         SendError => "send_error",
         /// A receive failed with something other than "would block".
         RecvError => "recv_error",
+        /// A stream client's egress queue was full (it does not read fast enough).
+        StreamQueueFull => "stream_queue_full",
+    }
+}
+
+label_enum! {
+    /// Why a TCP/TLS connection ended (metric label). Every stream limit has its own value.
+    pub enum StreamClose {
+        /// The client closed it (or reset it).
+        ClientClosed => "client_closed",
+        /// Refused at accept: `max-connections-per-ip` reached.
+        PerIpLimit => "per_ip_limit",
+        /// No TLS handshake and first frame within `handshake-timeout`.
+        HandshakeTimeout => "handshake_timeout",
+        /// Nothing received for `idle-timeout`.
+        IdleTimeout => "idle_timeout",
+        /// A frame declared more than `max-frame` bytes.
+        FrameTooLarge => "frame_too_large",
+        /// The stream stopped being STUN/ChannelData.
+        FramingError => "framing_error",
+        /// A TLS ClientHello on a server without `[relay.tls]`.
+        TlsUnavailable => "tls_unavailable",
+        /// The TLS handshake failed (old protocol version, no common cipher, wrong ALPN).
+        TlsHandshakeFailed => "tls_handshake_failed",
+        /// A read or write failed.
+        IoError => "io_error",
+        /// The relay shut down.
+        Shutdown => "shutdown",
+        /// Accepting failed (e.g. out of file descriptors); counted per failed accept.
+        AcceptError => "accept_error",
     }
 }
 
@@ -96,6 +134,9 @@ pub enum StartError {
         /// The cause.
         source: std::io::Error,
     },
+    /// The TLS certificate or key could not be loaded.
+    #[error("TLS: {0}")]
+    Tls(#[from] TlsError),
     /// Registering metrics failed (a name registered twice).
     #[error("metrics: {0}")]
     Metrics(#[from] prometheus::Error),
@@ -107,15 +148,23 @@ pub enum StartError {
 /// A bound, not yet running relay.
 #[derive(Debug)]
 pub struct RelayServer {
-    local_addrs: Vec<SocketAddr>,
+    local_addrs: Vec<conf::Listen>,
     shards: Vec<shard::ShardSetup>,
     grace: Duration,
     ready: Arc<AtomicBool>,
+    tls: Option<TlsHandle>,
 }
 
 impl std::fmt::Debug for shard::ShardSetup {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         f.debug_struct("ShardSetup").finish_non_exhaustive()
+    }
+}
+
+fn per_family(ips: &conf::RelayIps) -> PerFamily<IpAddr> {
+    PerFamily {
+        v4: ips.v4.map(IpAddr::V4),
+        v6: ips.v6.map(IpAddr::V6),
     }
 }
 
@@ -132,33 +181,49 @@ impl RelayServer {
             .map(|n| n.get())
             .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, |n| n.get()));
         let metrics = RelayMetrics::register(registry)?;
-        // listeners[l][s]: listen address l, shard s.
-        let mut per_addr: Vec<Vec<StdUdpSocket>> = Vec::new();
+        let tls = match &cfg.tls {
+            Some(t) => Some(TlsHandle::load(&t.cert_file, &t.key_file)?),
+            None => None,
+        };
+        // udp[l][s] / tcp[l][s]: listen address l, shard s.
+        let mut udp: Vec<Vec<StdUdpSocket>> = Vec::new();
+        let mut tcp: Vec<Vec<StdTcpListener>> = Vec::new();
         let mut local_addrs = Vec::new();
         for l in &cfg.listen {
-            let mut socks = Vec::with_capacity(threads);
             let mut addr = l.addr;
-            for _ in 0..threads {
-                let s =
-                    reuseport_socket(addr).map_err(|source| StartError::Listen { addr, source })?;
-                // Port 0: the first bind chooses, the other shards join that port.
-                addr = s
-                    .local_addr()
-                    .map_err(|source| StartError::Listen { addr, source })?;
-                socks.push(s);
+            let listen_err = |addr, source| StartError::Listen { addr, source };
+            if l.transport.is_stream() {
+                let mut socks = Vec::with_capacity(threads);
+                for _ in 0..threads {
+                    let s = reuseport_listener(addr).map_err(|e| listen_err(addr, e))?;
+                    // Port 0: the first bind chooses, the other shards join that port.
+                    addr = s.local_addr().map_err(|e| listen_err(addr, e))?;
+                    socks.push(s);
+                }
+                tcp.push(socks);
+            } else {
+                let mut socks = Vec::with_capacity(threads);
+                for _ in 0..threads {
+                    let s = reuseport_socket(addr).map_err(|e| listen_err(addr, e))?;
+                    addr = s.local_addr().map_err(|e| listen_err(addr, e))?;
+                    socks.push(s);
+                }
+                udp.push(socks);
             }
-            local_addrs.push(addr);
-            per_addr.push(socks);
+            local_addrs.push(conf::Listen {
+                transport: l.transport,
+                addr,
+            });
         }
-        let own = own_addresses(&local_addrs, admin);
-        let mut relay_ips = vec![cfg.relay_ip];
-        relay_ips.extend(cfg.external_ip);
+        let own = own_addresses(local_addrs.iter().map(|l| l.addr), admin);
+        let relay_ips = per_family(&cfg.relay_ips);
+        let external_ips = per_family(&cfg.external_ips);
         let range = cfg.relay_ports.start..=cfg.relay_ports.end;
         let policy = PeerPolicy::new(
             cfg.allow_peers.clone(),
             cfg.deny_peers.clone(),
             own,
-            relay_ips,
+            relay_ips.iter().chain(external_ips.iter()).collect(),
             range.clone(),
         );
         let quotas = Quotas::new(cfg.user_quota, cfg.total_quota);
@@ -171,25 +236,42 @@ impl RelayServer {
                 .map(|s| s.expose().as_bytes().to_vec())
                 .collect(),
             nonce_key,
-            cfg.relay_ip,
+            cfg.relay_ips.primary(),
             policy,
         );
-        proto.external_ip = cfg.external_ip;
+        proto.relay_ips = relay_ips;
+        proto.external_ips = external_ips;
         proto.relay_ports = range.clone();
         proto.max_lifetime = cfg.max_lifetime;
         proto.nonce_lifetime = cfg.nonce_lifetime;
         proto.max_permissions = cfg.max_permissions as usize;
         proto.quotas = quotas;
+        let streams = stream::StreamShared::new(
+            stream::StreamLimits {
+                per_ip: cfg.max_connections_per_ip,
+                handshake_timeout: cfg.handshake_timeout,
+                idle_timeout: cfg.idle_timeout,
+                max_frame: cfg.max_frame,
+                queue: cfg.stream_queue,
+            },
+            tls.clone(),
+        );
         let now = Instant::now();
         let wall = SystemTime::now();
         let mut shards = Vec::with_capacity(threads);
         for s in 0..threads {
-            let listeners = per_addr.iter_mut().map(|v| v.remove(0)).collect();
+            let pool = |f: Family| {
+                relay_ips
+                    .get(f)
+                    .map(|_| ports::PortPool::new(range.clone(), s, threads))
+            };
             shards.push(shard::ShardSetup {
                 core: relay_proto::Server::new(proto.clone(), now, wall),
-                listeners,
-                ports: ports::PortPool::new(range.clone(), s, threads),
+                listeners: udp.iter_mut().map(|v| v.remove(0)).collect(),
+                stream_listeners: tcp.iter_mut().map(|v| v.remove(0)).collect(),
+                ports: [pool(Family::V4), pool(Family::V6)],
                 metrics: metrics.clone(),
+                streams: Arc::clone(&streams),
             });
         }
         Ok(Self {
@@ -197,12 +279,21 @@ impl RelayServer {
             shards,
             grace: cfg.grace_period,
             ready: Arc::new(AtomicBool::new(false)),
+            tls,
         })
     }
 
     /// The bound listen addresses, in `listen` order (with real ports when 0 was asked for).
-    pub fn local_addrs(&self) -> &[SocketAddr] {
+    pub fn local_addrs(&self) -> &[conf::Listen] {
         &self.local_addrs
+    }
+
+    /// The bound address of the first listener of `transport`.
+    pub fn local_addr(&self, transport: conf::Transport) -> Option<SocketAddr> {
+        self.local_addrs
+            .iter()
+            .find(|l| l.transport == transport)
+            .map(|l| l.addr)
     }
 
     /// True while the relay takes new allocations: for `/ready`.
@@ -210,6 +301,10 @@ impl RelayServer {
         Arc::clone(&self.ready)
     }
 
+    /// The TLS configuration, to reload certificates (on SIGHUP) while running.
+    pub fn tls(&self) -> Option<TlsHandle> {
+        self.tls.clone()
+    }
     /// Runs the shards until `shutdown` completes, then drains for up to the grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         let (tx, rx) = watch::channel(Phase::Running);
@@ -280,14 +375,31 @@ fn reuseport_socket(addr: SocketAddr) -> std::io::Result<StdUdpSocket> {
     Ok(s.into())
 }
 
+/// A TCP listener with `SO_REUSEPORT`, non-blocking, listening.
+fn reuseport_listener(addr: SocketAddr) -> std::io::Result<StdTcpListener> {
+    let s = Socket::new(Domain::for_address(addr), Type::STREAM, Some(Protocol::TCP))?;
+    if addr.is_ipv6() {
+        s.set_only_v6(true)?;
+    }
+    s.set_reuse_address(true)?;
+    s.set_reuse_port(true)?;
+    s.bind(&addr.into())?;
+    s.listen(STREAM_BACKLOG)?;
+    s.set_nonblocking(true)?;
+    Ok(s.into())
+}
+
 /// The server's own sockets, with wildcard listeners expanded to every interface address, so
 /// the peer policy refuses exactly them (and not the same port on every host of the Internet).
-fn own_addresses(listeners: &[SocketAddr], admin: Option<SocketAddr>) -> Vec<SocketAddr> {
+fn own_addresses(
+    listeners: impl Iterator<Item = SocketAddr>,
+    admin: Option<SocketAddr>,
+) -> Vec<SocketAddr> {
     let ifaces: Vec<IpAddr> = if_addrs::get_if_addrs()
         .map(|v| v.into_iter().map(|i| i.ip()).collect())
         .unwrap_or_default();
     let mut out = Vec::new();
-    for a in listeners.iter().copied().chain(admin) {
+    for a in listeners.chain(admin) {
         if a.ip().is_unspecified() {
             if ifaces.is_empty() {
                 // Could not list interfaces: keep the wildcard, which the policy reads as "any".

@@ -1,16 +1,16 @@
 //! Prometheus metrics of the relay (prefix `turnpike_relay_`). Labels come only from the fixed
-//! enums of `relay-proto`: never usernames, IPs or ports.
+//! enums of `relay-proto` and this crate: never usernames, IPs or ports.
 //!
 //! The core keeps plain counters; each shard copies the increase into these collectors on every
 //! timer tick ([`crate::TICK`]), so the data path never touches an atomic shared with another
 //! thread.
 
-use prometheus::{IntCounter, IntCounterVec, IntGauge, Opts, Registry};
+use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use relay_proto::{
-    AllocResult, AuthFailure, DeleteReason, DenyReason, Direction, DropReason, Stats,
+    AllocResult, AuthFailure, DeleteReason, DenyReason, Direction, DropReason, Stats, Transport,
 };
 
-use crate::DriverDrop;
+use crate::{DriverDrop, StreamClose};
 
 /// Values of the `framing` label of `turnpike_relay_packets_total`.
 const FRAMINGS: [&str; 2] = ["channel_data", "indication"];
@@ -18,7 +18,7 @@ const FRAMINGS: [&str; 2] = ["channel_data", "indication"];
 /// Every relay collector, registered once per process and shared (cheaply cloned) by shards.
 #[derive(Clone, Debug)]
 pub struct RelayMetrics {
-    allocations_active: IntGauge,
+    allocations_active: IntGaugeVec,
     allocation_requests: IntCounterVec,
     allocations_ended: IntCounterVec,
     packets: IntCounterVec,
@@ -26,11 +26,13 @@ pub struct RelayMetrics {
     dropped: IntCounterVec,
     auth_failures: IntCounterVec,
     peers_denied: IntCounterVec,
-    binding_requests: IntCounter,
-    relay_ports_available: IntGauge,
+    binding_requests: IntCounterVec,
+    relay_ports_available: IntGaugeVec,
+    stream_connections: IntGaugeVec,
+    stream_closed: IntCounterVec,
 }
 
-fn counter_vec(
+fn counter(
     r: &Registry,
     name: &str,
     help: &str,
@@ -41,84 +43,113 @@ fn counter_vec(
     Ok(c)
 }
 
+fn gauge(r: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntGaugeVec> {
+    let g = IntGaugeVec::new(Opts::new(name, help), labels)?;
+    r.register(Box::new(g.clone()))?;
+    Ok(g)
+}
+
 impl RelayMetrics {
     /// Creates and registers the collectors.
     pub fn register(r: &Registry) -> prometheus::Result<Self> {
-        let allocations_active = IntGauge::new(
-            "turnpike_relay_allocations_active",
-            "Allocations currently held (including those binding their relay socket).",
-        )?;
-        r.register(Box::new(allocations_active.clone()))?;
-        let binding_requests = IntCounter::new(
-            "turnpike_relay_binding_requests_total",
-            "STUN Binding requests answered.",
-        )?;
-        r.register(Box::new(binding_requests.clone()))?;
-        let relay_ports_available = IntGauge::new(
-            "turnpike_relay_ports_available",
-            "Free relay ports across all shards.",
-        )?;
-        r.register(Box::new(relay_ports_available.clone()))?;
         let m = Self {
-            allocations_active,
-            allocation_requests: counter_vec(
+            allocations_active: gauge(
+                r,
+                "turnpike_relay_allocations_active",
+                "Allocations currently held (including those binding their relay socket), by client transport.",
+                &["transport"],
+            )?,
+            allocation_requests: counter(
                 r,
                 "turnpike_relay_allocation_requests_total",
-                "Allocate requests by result (unauthenticated includes the normal first 401).",
-                &["result"],
+                "Allocate requests by client transport and result (unauthenticated includes the normal first 401).",
+                &["transport", "result"],
             )?,
-            allocations_ended: counter_vec(
+            allocations_ended: counter(
                 r,
                 "turnpike_relay_allocations_ended_total",
                 "Allocations ended, by reason.",
                 &["reason"],
             )?,
-            packets: counter_vec(
+            packets: counter(
                 r,
                 "turnpike_relay_packets_total",
-                "Packets relayed, by direction and framing (channel_data or indication).",
-                &["direction", "framing"],
+                "Packets relayed, by client transport, direction and framing (channel_data or indication).",
+                &["transport", "direction", "framing"],
             )?,
-            bytes: counter_vec(
+            bytes: counter(
                 r,
                 "turnpike_relay_bytes_total",
-                "Application bytes relayed (without TURN framing), by direction.",
-                &["direction"],
+                "Application bytes relayed (without TURN framing), by client transport and direction.",
+                &["transport", "direction"],
             )?,
-            dropped: counter_vec(
+            dropped: counter(
                 r,
                 "turnpike_relay_dropped_packets_total",
-                "Datagrams dropped without an answer, by reason.",
+                "Datagrams and stream frames dropped without an answer, by reason.",
                 &["reason"],
             )?,
-            auth_failures: counter_vec(
+            auth_failures: counter(
                 r,
                 "turnpike_relay_auth_failures_total",
                 "Requests that failed authentication, by reason.",
                 &["reason"],
             )?,
-            peers_denied: counter_vec(
+            peers_denied: counter(
                 r,
                 "turnpike_relay_peers_denied_total",
                 "Peer addresses refused by the peer policy, by reason.",
                 &["reason"],
             )?,
-            binding_requests,
-            relay_ports_available,
+            binding_requests: counter(
+                r,
+                "turnpike_relay_binding_requests_total",
+                "STUN Binding requests answered, by transport.",
+                &["transport"],
+            )?,
+            relay_ports_available: gauge(
+                r,
+                "turnpike_relay_ports_available",
+                "Free relay ports across all shards, by address family.",
+                &["family"],
+            )?,
+            stream_connections: gauge(
+                r,
+                "turnpike_relay_stream_connections_active",
+                "Open TCP/TLS client connections, by transport (TLS counts once its handshake is done).",
+                &["transport"],
+            )?,
+            stream_closed: counter(
+                r,
+                "turnpike_relay_stream_connections_closed_total",
+                "TCP/TLS client connections closed, by reason (limits that trip have their own reason).",
+                &["reason"],
+            )?,
         };
         // Touch every label value so each series exists (at 0) from the first scrape: rate()
         // and alerts then work without waiting for the first event.
-        for v in AllocResult::ALL {
-            m.allocation_requests.with_label_values(&[v.as_str()]);
+        for t in Transport::ALL {
+            let t = t.as_str();
+            m.allocations_active.with_label_values(&[t]);
+            m.binding_requests.with_label_values(&[t]);
+            for v in AllocResult::ALL {
+                m.allocation_requests.with_label_values(&[t, v.as_str()]);
+            }
+            for d in Direction::ALL {
+                for f in FRAMINGS {
+                    m.packets.with_label_values(&[t, d.as_str(), f]);
+                }
+                m.bytes.with_label_values(&[t, d.as_str()]);
+            }
+        }
+        for t in [Transport::Tcp, Transport::Tls] {
+            m.stream_connections.with_label_values(&[t.as_str()]);
+        }
+        for v in StreamClose::ALL {
+            m.stream_closed.with_label_values(&[v.as_str()]);
         }
         for v in DeleteReason::ALL {
             m.allocations_ended.with_label_values(&[v.as_str()]);
-        }
-        for v in Direction::ALL {
-            for f in FRAMINGS {
-                m.packets.with_label_values(&[v.as_str(), f]);
-            }
-            m.bytes.with_label_values(&[v.as_str()]);
         }
         for v in DropReason::ALL {
             m.dropped.with_label_values(&[v.as_str()]);
@@ -132,31 +163,44 @@ impl RelayMetrics {
         for v in DenyReason::ALL {
             m.peers_denied.with_label_values(&[v.as_str()]);
         }
+        for f in ["ipv4", "ipv6"] {
+            m.relay_ports_available.with_label_values(&[f]);
+        }
         Ok(m)
     }
 }
 
-/// What one shard has published so far, to turn the core's running totals into increments.
+/// Counters the driver keeps itself, next to the core's [`Stats`].
+#[derive(Debug, Clone, Default)]
+pub(crate) struct DriverStats {
+    pub(crate) drops: [u64; DriverDrop::COUNT],
+    pub(crate) closed: [u64; StreamClose::COUNT],
+    /// Open stream connections by [`Transport`].
+    pub(crate) streams: [i64; Transport::COUNT],
+    /// Free relay ports by family (IPv4, IPv6).
+    pub(crate) ports: [i64; 2],
+}
+
+/// What one shard has published so far, to turn running totals into increments.
 #[derive(Debug, Default)]
 pub(crate) struct Publisher {
     last: Stats,
-    last_active: i64,
-    last_ports: i64,
-    last_driver: [u64; DriverDrop::COUNT],
+    last_driver: DriverStats,
+    last_active: [i64; Transport::COUNT],
 }
 
-fn add_each<T: Copy>(
-    vec: &IntCounterVec,
-    labels: &[T],
-    name: impl Fn(T) -> &'static str,
-    now: &[u64],
-    last: &mut [u64],
-) {
-    for ((l, n), p) in labels.iter().zip(now).zip(last.iter_mut()) {
-        if *n > *p {
-            vec.with_label_values(&[name(*l)]).inc_by(*n - *p);
-            *p = *n;
-        }
+/// Adds `now - last` to the series `labels` and remembers `now`.
+fn bump(vec: &IntCounterVec, labels: &[&str], now: u64, last: &mut u64) {
+    if now > *last {
+        vec.with_label_values(labels).inc_by(now - *last);
+        *last = now;
+    }
+}
+
+fn set(vec: &IntGaugeVec, labels: &[&str], now: i64, last: &mut i64) {
+    if now != *last {
+        vec.with_label_values(labels).add(now - *last);
+        *last = now;
     }
 }
 
@@ -165,88 +209,118 @@ impl Publisher {
         &mut self,
         m: &RelayMetrics,
         s: &Stats,
-        active: usize,
-        ports: usize,
-        driver: &[u64; DriverDrop::COUNT],
+        active: [usize; Transport::COUNT],
+        d: &DriverStats,
     ) {
         let l = &mut self.last;
-        add_each(
-            &m.allocation_requests,
-            AllocResult::ALL,
-            AllocResult::as_str,
-            &s.allocations,
-            &mut l.allocations,
-        );
-        add_each(
-            &m.allocations_ended,
-            DeleteReason::ALL,
-            DeleteReason::as_str,
-            &s.deleted,
-            &mut l.deleted,
-        );
-        for d in Direction::ALL {
-            let i = d.index();
-            let channel = s.channel_data[i];
-            let indication = s.packets[i] - channel;
-            let last_indication = l.packets[i] - l.channel_data[i];
-            if channel > l.channel_data[i] {
-                m.packets
-                    .with_label_values(&[d.as_str(), FRAMINGS[0]])
-                    .inc_by(channel - l.channel_data[i]);
+        for t in Transport::ALL {
+            let (ti, ts) = (t.index(), t.as_str());
+            set(
+                &m.allocations_active,
+                &[ts],
+                active[ti] as i64,
+                &mut self.last_active[ti],
+            );
+            bump(
+                &m.binding_requests,
+                &[ts],
+                s.binding_requests[ti],
+                &mut l.binding_requests[ti],
+            );
+            for r in AllocResult::ALL {
+                let i = r.index();
+                bump(
+                    &m.allocation_requests,
+                    &[ts, r.as_str()],
+                    s.allocations[ti][i],
+                    &mut l.allocations[ti][i],
+                );
             }
-            if indication > last_indication {
-                m.packets
-                    .with_label_values(&[d.as_str(), FRAMINGS[1]])
-                    .inc_by(indication - last_indication);
+            for dir in Direction::ALL {
+                let i = dir.index();
+                let (channel, total) = (s.channel_data[ti][i], s.packets[ti][i]);
+                let mut last_indication = l.packets[ti][i] - l.channel_data[ti][i];
+                bump(
+                    &m.packets,
+                    &[ts, dir.as_str(), FRAMINGS[0]],
+                    channel,
+                    &mut l.channel_data[ti][i],
+                );
+                bump(
+                    &m.packets,
+                    &[ts, dir.as_str(), FRAMINGS[1]],
+                    total - channel,
+                    &mut last_indication,
+                );
+                l.packets[ti][i] = total;
+                bump(
+                    &m.bytes,
+                    &[ts, dir.as_str()],
+                    s.bytes[ti][i],
+                    &mut l.bytes[ti][i],
+                );
             }
         }
-        l.packets = s.packets;
-        l.channel_data = s.channel_data;
-        add_each(
-            &m.bytes,
-            Direction::ALL,
-            Direction::as_str,
-            &s.bytes,
-            &mut l.bytes,
-        );
-        add_each(
-            &m.dropped,
-            DropReason::ALL,
-            DropReason::as_str,
-            &s.dropped,
-            &mut l.dropped,
-        );
-        add_each(
-            &m.auth_failures,
-            AuthFailure::ALL,
-            AuthFailure::as_str,
-            &s.auth_failures,
-            &mut l.auth_failures,
-        );
-        add_each(
-            &m.peers_denied,
-            DenyReason::ALL,
-            DenyReason::as_str,
-            &s.peers_denied,
-            &mut l.peers_denied,
-        );
-        add_each(
-            &m.dropped,
-            DriverDrop::ALL,
-            DriverDrop::as_str,
-            driver,
-            &mut self.last_driver,
-        );
-        if s.binding_requests > l.binding_requests {
-            m.binding_requests
-                .inc_by(s.binding_requests - l.binding_requests);
-            l.binding_requests = s.binding_requests;
+        for r in DeleteReason::ALL {
+            bump(
+                &m.allocations_ended,
+                &[r.as_str()],
+                s.deleted[r.index()],
+                &mut l.deleted[r.index()],
+            );
         }
-        let active = active as i64;
-        m.allocations_active.add(active - self.last_active);
-        self.last_active = active;
-        let ports = ports as i64;
-        m.relay_ports_available.add(ports - self.last_ports);
-        self.last_ports = ports;
+        for r in DropReason::ALL {
+            bump(
+                &m.dropped,
+                &[r.as_str()],
+                s.dropped[r.index()],
+                &mut l.dropped[r.index()],
+            );
+        }
+        for r in AuthFailure::ALL {
+            bump(
+                &m.auth_failures,
+                &[r.as_str()],
+                s.auth_failures[r.index()],
+                &mut l.auth_failures[r.index()],
+            );
+        }
+        for r in DenyReason::ALL {
+            bump(
+                &m.peers_denied,
+                &[r.as_str()],
+                s.peers_denied[r.index()],
+                &mut l.peers_denied[r.index()],
+            );
+        }
+        let ld = &mut self.last_driver;
+        for r in DriverDrop::ALL {
+            bump(
+                &m.dropped,
+                &[r.as_str()],
+                d.drops[r.index()],
+                &mut ld.drops[r.index()],
+            );
+        }
+        for r in StreamClose::ALL {
+            bump(
+                &m.stream_closed,
+                &[r.as_str()],
+                d.closed[r.index()],
+                &mut ld.closed[r.index()],
+            );
+        }
+        for t in [Transport::Tcp, Transport::Tls] {
+            let ti = t.index();
+            set(
+                &m.stream_connections,
+                &[t.as_str()],
+                d.streams[ti],
+                &mut ld.streams[ti],
+            );
+        }
+        for (i, f) in ["ipv4", "ipv6"].iter().enumerate() {
+            set(&m.relay_ports_available, &[f], d.ports[i], &mut ld.ports[i]);
+        }
     }
 }

@@ -1,28 +1,33 @@
 //! One shard: an OS thread with a single-threaded tokio runtime that owns one `relay-proto`
-//! core, one `SO_REUSEPORT` socket per listen address, and the relay sockets of its allocations.
+//! core, one `SO_REUSEPORT` socket per listen address (UDP, and TCP for streams), and the relay
+//! sockets of its allocations.
 //!
 //! Every task of a shard runs on its thread and shares the shard through `Rc<RefCell<_>>`: a
 //! borrow, never a lock, and never held across an `.await`. Each task reads a bounded batch,
 //! feeds the core, then flushes the core's outputs with non-blocking sends.
 
 use std::cell::RefCell;
+use std::collections::HashMap;
 use std::io;
-use std::net::{SocketAddr, UdpSocket as StdUdpSocket};
+use std::net::{IpAddr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
 use std::rc::Rc;
+use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use relay_proto::{BindError, Dest, FiveTuple, Output, RelayId, Server, Transport};
+use relay_proto::{BindError, Dest, Family, FiveTuple, Output, RelayId, Server, Transport};
 use tokio::net::UdpSocket;
-use tokio::sync::watch;
+use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
 
-use crate::metrics::{Publisher, RelayMetrics};
+use crate::metrics::{DriverStats, Publisher, RelayMetrics};
 use crate::ports::PortPool;
+use crate::stream::{self, Ingress, StreamShared};
 use crate::{DriverDrop, Phase, IO_LOOP_BOUND, RECV_BUFFER, TICK};
 
 struct Relay {
     id: RelayId,
+    family: Family,
     port: u16,
     socket: Rc<UdpSocket>,
     task: JoinHandle<()>,
@@ -38,20 +43,25 @@ pub(crate) struct Shard {
     listeners: Vec<Listener>,
     /// Indexed by `RelayId::index()`, which the core keeps dense.
     relays: Vec<Option<Relay>>,
-    ports: PortPool,
+    /// Relay port pools by family (IPv4, IPv6).
+    ports: [Option<PortPool>; 2],
     recv_buf: Box<[u8]>,
-    driver_drops: [u64; DriverDrop::COUNT],
+    /// Frames for stream clients, by 5-tuple: each connection's bounded egress queue.
+    pub(crate) streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
+    pub(crate) stats: DriverStats,
     publisher: Publisher,
     metrics: RelayMetrics,
 }
 
-type ShardRef = Rc<RefCell<Shard>>;
+pub(crate) type ShardRef = Rc<RefCell<Shard>>;
 
 pub(crate) struct ShardSetup {
     pub(crate) core: Server,
     pub(crate) listeners: Vec<StdUdpSocket>,
-    pub(crate) ports: PortPool,
+    pub(crate) stream_listeners: Vec<StdTcpListener>,
+    pub(crate) ports: [Option<PortPool>; 2],
     pub(crate) metrics: RelayMetrics,
+    pub(crate) streams: Arc<StreamShared>,
 }
 
 /// Runs a shard to completion on the current thread.
@@ -79,18 +89,36 @@ pub(crate) fn run(
             relays: Vec::new(),
             ports: setup.ports,
             recv_buf: vec![0u8; RECV_BUFFER].into_boxed_slice(),
-            driver_drops: [0; DriverDrop::COUNT],
+            streams: HashMap::new(),
+            stats: DriverStats::default(),
             publisher: Publisher::default(),
             metrics: setup.metrics,
         }));
-        let count = shard.borrow().listeners.len();
         let mut tasks = Vec::new();
+        let count = shard.borrow().listeners.len();
         for i in 0..count {
             tasks.push(tokio::task::spawn_local(listener_task(
                 Rc::clone(&shard),
                 i,
             )));
         }
+        // Stream connections hand their frames to the shard over one bounded queue; a full
+        // queue makes readers wait, which pushes back on the client through TCP.
+        let (ingress_tx, ingress_rx) = mpsc::channel(setup.streams.limits.queue);
+        tasks.push(tokio::task::spawn_local(ingress_task(
+            Rc::clone(&shard),
+            ingress_rx,
+        )));
+        for l in setup.stream_listeners {
+            let listener = tokio::net::TcpListener::from_std(l)?;
+            tasks.push(tokio::task::spawn_local(stream::accept_task(
+                Rc::clone(&shard),
+                listener,
+                Arc::clone(&setup.streams),
+                ingress_tx.clone(),
+            )));
+        }
+        drop(ingress_tx);
         debug!(shard = index, "shard running");
         timer_task(Rc::clone(&shard), phase).await;
         for t in tasks {
@@ -100,6 +128,8 @@ pub(crate) fn run(
         for r in sh.relays.iter_mut().filter_map(Option::take) {
             r.task.abort();
         }
+        // Dropping the egress senders ends every connection's writer, closing the connections.
+        sh.streams.clear();
         sh.publish();
         debug!(shard = index, "shard stopped");
         Ok(())
@@ -137,7 +167,7 @@ async fn listener_task(shard: ShardRef, index: usize) {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => {
-                        sh.driver_drops[DriverDrop::RecvError.index()] += 1;
+                        sh.stats.drops[DriverDrop::RecvError.index()] += 1;
                         break;
                     }
                 }
@@ -147,6 +177,36 @@ async fn listener_task(shard: ShardRef, index: usize) {
         };
         if more {
             // Let relay sockets and the timer have a turn before the next batch.
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Feeds frames from this shard's stream connections to the core, in arrival order.
+async fn ingress_task(shard: ShardRef, mut rx: mpsc::Receiver<Ingress>) {
+    while let Some(first) = rx.recv().await {
+        let n = {
+            let mut sh = shard.borrow_mut();
+            let now = Instant::now();
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(item) = next.take() {
+                match item {
+                    Ingress::Frame { five, frame } => sh.core.handle_client(now, five, &frame),
+                    Ingress::Closed { five } => {
+                        sh.streams.remove(&five);
+                        sh.core.handle_connection_closed(now, five);
+                    }
+                }
+                n += 1;
+                if n < IO_LOOP_BOUND {
+                    next = rx.try_recv().ok();
+                }
+            }
+            sh.flush(&shard, now);
+            n
+        };
+        if n == IO_LOOP_BOUND {
             tokio::task::yield_now().await;
         }
     }
@@ -170,7 +230,7 @@ async fn relay_task(shard: ShardRef, id: RelayId, socket: Rc<UdpSocket>) {
                     }
                     Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                     Err(_) => {
-                        sh.driver_drops[DriverDrop::RecvError.index()] += 1;
+                        sh.stats.drops[DriverDrop::RecvError.index()] += 1;
                         break;
                     }
                 }
@@ -232,25 +292,37 @@ async fn timer_task(shard: ShardRef, mut phase: watch::Receiver<Phase>) {
 
 impl Shard {
     fn publish(&mut self) {
-        let active = self.core.allocations();
-        let ports = self.ports.available();
-        self.publisher.publish(
-            &self.metrics,
-            self.core.stats(),
-            active,
-            ports,
-            &self.driver_drops,
-        );
+        let active = self.core.allocations_by_transport();
+        for (i, p) in self.ports.iter().enumerate() {
+            self.stats.ports[i] = p.as_ref().map_or(0, |p| p.available() as i64);
+        }
+        self.publisher
+            .publish(&self.metrics, self.core.stats(), active, &self.stats);
     }
 
     /// Drains the core's outputs. Binding a relay socket answers the core at once, which may
     /// queue more outputs; the loop takes those too.
-    fn flush(&mut self, shard: &ShardRef, now: Instant) {
+    pub(crate) fn flush(&mut self, shard: &ShardRef, now: Instant) {
         while let Some(out) = self.core.poll_output() {
             match out {
                 Output::Transmit(t) => {
                     let payload = self.core.payload(&t);
                     let sent = match t.dest {
+                        Dest::Client(five) if five.transport.is_stream() => {
+                            match self.streams.get(&five) {
+                                // A copy per frame: the stream path is not the hot one, and the
+                                // connection's writer owns what it writes.
+                                Some(tx) => match tx.try_send(payload.to_vec()) {
+                                    Ok(()) => Some(Ok(0)),
+                                    Err(mpsc::error::TrySendError::Full(_)) => {
+                                        self.stats.drops[DriverDrop::StreamQueueFull.index()] += 1;
+                                        continue;
+                                    }
+                                    Err(mpsc::error::TrySendError::Closed(_)) => None,
+                                },
+                                None => None,
+                            }
+                        }
                         Dest::Client(five) => self
                             .listeners
                             .iter()
@@ -266,10 +338,10 @@ impl Shard {
                     match sent {
                         Some(Ok(_)) => {}
                         Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.driver_drops[DriverDrop::SendWouldBlock.index()] += 1;
+                            self.stats.drops[DriverDrop::SendWouldBlock.index()] += 1;
                         }
                         Some(Err(_)) | None => {
-                            self.driver_drops[DriverDrop::SendError.index()] += 1;
+                            self.stats.drops[DriverDrop::SendError.index()] += 1;
                         }
                     }
                 }
@@ -287,18 +359,18 @@ impl Shard {
         &mut self,
         shard: &ShardRef,
         id: RelayId,
-        ip: std::net::IpAddr,
+        ip: IpAddr,
         even: bool,
     ) -> Result<SocketAddr, BindError> {
         // A port may still be held by a socket whose task has not been dropped yet, or by
         // another program: try a few before answering 508.
         const BIND_ATTEMPTS: usize = 8;
+        let family = Family::of(ip);
+        let Some(pool) = self.ports[family.index()].as_mut() else {
+            return Err(BindError::PortsExhausted);
+        };
         for _ in 0..BIND_ATTEMPTS {
-            let port = if even {
-                self.ports.take_even()
-            } else {
-                self.ports.take()
-            };
+            let port = if even { pool.take_even() } else { pool.take() };
             let Some(port) = port else {
                 return Err(BindError::PortsExhausted);
             };
@@ -321,6 +393,7 @@ impl Shard {
                     }
                     self.relays[slot] = Some(Relay {
                         id,
+                        family,
                         port,
                         socket,
                         task,
@@ -329,10 +402,10 @@ impl Shard {
                 }
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
                     // Someone else has it; back of the queue, try the next.
-                    self.ports.put(port);
+                    pool.put(port);
                 }
                 Err(e) => {
-                    self.ports.put(port);
+                    pool.put(port);
                     warn!(error = %e, "binding a relay socket failed");
                     return Err(BindError::System);
                 }
@@ -342,12 +415,16 @@ impl Shard {
     }
 
     fn release(&mut self, id: RelayId) {
-        if let Some(slot) = self.relays.get_mut(id.index()) {
-            if slot.as_ref().is_some_and(|r| r.id == id) {
-                if let Some(r) = slot.take() {
-                    r.task.abort();
-                    self.ports.put(r.port);
-                }
+        let Some(slot) = self.relays.get_mut(id.index()) else {
+            return;
+        };
+        if slot.as_ref().is_none_or(|r| r.id != id) {
+            return;
+        }
+        if let Some(r) = slot.take() {
+            r.task.abort();
+            if let Some(pool) = self.ports[r.family.index()].as_mut() {
+                pool.put(r.port);
             }
         }
     }

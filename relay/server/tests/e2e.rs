@@ -49,7 +49,7 @@ grace-period = "1s"
         let cfg = conf::parse(text, &[]).unwrap();
         let registry = prometheus::Registry::new();
         let server = RelayServer::bind(&cfg.relay, None, &registry).unwrap();
-        let addr = server.local_addrs()[0];
+        let addr = server.local_addr(conf::Transport::Udp).unwrap();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -155,8 +155,7 @@ async fn turn_client_allocates_binds_a_channel_and_exchanges_data_with_a_peer() 
 
     // The first sends go as Send indications while the client binds a channel in the
     // background; keep sending until the relay has seen ChannelData from the client.
-    let channel =
-        r#"turnpike_relay_packets_total{direction="client_to_peer",framing="channel_data"}"#;
+    let channel = r#"turnpike_relay_packets_total{direction="client_to_peer",framing="channel_data",transport="udp"}"#;
     let mut i = 0u32;
     while relay.metric(channel) < 1.0 {
         assert!(i < 200, "the client never switched to ChannelData");
@@ -180,19 +179,19 @@ async fn turn_client_allocates_binds_a_channel_and_exchanges_data_with_a_peer() 
     assert_eq!(from, peer_addr);
     relay
         .wait_metric(
-            r#"turnpike_relay_packets_total{direction="peer_to_client",framing="channel_data"}"#,
+            r#"turnpike_relay_packets_total{direction="peer_to_client",framing="channel_data",transport="udp"}"#,
             1.0,
         )
         .await;
     relay
         .wait_metric(
-            r#"turnpike_relay_allocation_requests_total{result="ok"}"#,
+            r#"turnpike_relay_allocation_requests_total{result="ok",transport="udp"}"#,
             1.0,
         )
         .await;
     assert_eq!(
         relay
-            .wait_metric("turnpike_relay_allocations_active", 1.0)
+            .wait_metric(r#"turnpike_relay_allocations_active{transport="udp"}"#, 1.0)
             .await,
         1.0
     );
@@ -233,7 +232,7 @@ async fn wrong_secret_and_expired_username_are_refused_with_401() {
         )
         .await;
     assert_eq!(
-        relay.metric(r#"turnpike_relay_allocation_requests_total{result="ok"}"#),
+        relay.metric(r#"turnpike_relay_allocation_requests_total{result="ok",transport="udp"}"#),
         0.0
     );
     relay.shutdown().await;
@@ -294,7 +293,10 @@ async fn hostile_datagrams_are_dropped_and_counted_and_the_relay_keeps_serving()
         .await;
     assert!(got >= expected - 1.0, "malformed drops {got}");
     relay
-        .wait_metric("turnpike_relay_binding_requests_total", 2.0)
+        .wait_metric(
+            r#"turnpike_relay_binding_requests_total{transport="udp"}"#,
+            2.0,
+        )
         .await;
     relay.shutdown().await;
 }
@@ -522,13 +524,13 @@ grace-period = "1s"
     assert_eq!(again.allocate().await, None);
     relay
         .wait_metric(
-            r#"turnpike_relay_allocation_requests_total{result="ok"}"#,
+            r#"turnpike_relay_allocation_requests_total{result="ok",transport="udp"}"#,
             1005.0,
         )
         .await;
     relay
         .wait_metric(
-            r#"turnpike_relay_allocation_requests_total{result="capacity"}"#,
+            r#"turnpike_relay_allocation_requests_total{result="capacity",transport="udp"}"#,
             1.0,
         )
         .await;

@@ -1,0 +1,293 @@
+//! TURN over TCP and TLS ([RFC 8656 §3.1](https://www.rfc-editor.org/rfc/rfc8656#section-3.1)).
+//!
+//! Every shard has its own `SO_REUSEPORT` listener on each stream address, so connections are
+//! spread over shards by the kernel and a connection lives on the shard that accepted it. Its
+//! task detects TLS by the first byte (a TLS handshake record starts with 0x16, which is neither
+//! STUN nor ChannelData), cuts the byte stream into frames with
+//! [`relay_proto::stun::stream_frame_len`], and hands them to the shard over a bounded queue. The
+//! shard answers through the connection's own bounded egress queue; when a client does not read
+//! and that queue is full, frames are dropped and counted (`stream_queue_full`), never buffered
+//! without bound. When the connection ends, its allocation ends with it.
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::rc::Rc;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use relay_proto::stun::{stream_frame_len, StreamError};
+use relay_proto::{FiveTuple, Transport};
+use tokio::io::{AsyncRead, AsyncReadExt as _, AsyncWrite, AsyncWriteExt as _};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tracing::{debug, warn};
+
+use crate::shard::ShardRef;
+use crate::tls::TlsHandle;
+use crate::{StreamClose, TLS_HANDSHAKE_BYTE};
+
+/// Bytes read from a connection at a time. Larger than any media frame, so one read usually
+/// yields whole frames; the buffer grows past it only for a frame that is itself larger.
+const READ_CHUNK: usize = 16 * 1024;
+/// Pause after a failed accept (out of file descriptors): keeps a full table from spinning the
+/// shard while existing connections go on.
+const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
+
+/// Limits of stream connections, from the `[relay]` configuration.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct StreamLimits {
+    pub(crate) per_ip: u32,
+    pub(crate) handshake_timeout: Duration,
+    pub(crate) idle_timeout: Duration,
+    pub(crate) max_frame: usize,
+    pub(crate) queue: usize,
+}
+
+/// What every shard's stream side shares: limits, TLS, and the per-source connection counts.
+#[derive(Debug)]
+pub(crate) struct StreamShared {
+    pub(crate) limits: StreamLimits,
+    pub(crate) tls: Option<TlsHandle>,
+    per_ip: Mutex<HashMap<IpAddr, u32>>,
+}
+
+impl StreamShared {
+    pub(crate) fn new(limits: StreamLimits, tls: Option<TlsHandle>) -> Arc<Self> {
+        Arc::new(Self {
+            limits,
+            tls,
+            per_ip: Mutex::new(HashMap::new()),
+        })
+    }
+
+    /// Counts a connection from `ip` unless it already has `per_ip`. Shared by shards (a
+    /// source's connections hash to different shards) and touched only at accept and close.
+    fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        let n = map.entry(ip).or_insert(0);
+        if *n >= self.limits.per_ip {
+            return None;
+        }
+        *n += 1;
+        Some(IpSlot {
+            shared: Arc::clone(self),
+            ip,
+        })
+    }
+}
+
+/// One connection's place in the per-source count, given back when dropped.
+struct IpSlot {
+    shared: Arc<StreamShared>,
+    ip: IpAddr,
+}
+
+impl Drop for IpSlot {
+    fn drop(&mut self) {
+        let mut map = self.shared.per_ip.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(n) = map.get_mut(&self.ip) {
+            *n -= 1;
+            if *n == 0 {
+                map.remove(&self.ip);
+            }
+        }
+    }
+}
+
+/// What connection tasks send to their shard.
+#[derive(Debug)]
+pub(crate) enum Ingress {
+    /// One complete STUN message or ChannelData.
+    Frame { five: FiveTuple, frame: Vec<u8> },
+    /// The connection is gone: end its allocation.
+    Closed { five: FiveTuple },
+}
+
+pub(crate) async fn accept_task(
+    shard: ShardRef,
+    listener: TcpListener,
+    shared: Arc<StreamShared>,
+    ingress: mpsc::Sender<Ingress>,
+) {
+    let Ok(local) = listener.local_addr() else {
+        return;
+    };
+    loop {
+        let (sock, peer) = match listener.accept().await {
+            Ok(x) => x,
+            Err(e) => {
+                shard.borrow_mut().stats.closed[StreamClose::AcceptError.index()] += 1;
+                warn!(error = %e, "accepting a stream connection failed");
+                tokio::time::sleep(ACCEPT_BACKOFF).await;
+                continue;
+            }
+        };
+        let Some(slot) = shared.admit(peer.ip()) else {
+            shard.borrow_mut().stats.closed[StreamClose::PerIpLimit.index()] += 1;
+            drop(sock);
+            continue;
+        };
+        tokio::task::spawn_local(connection(
+            Rc::clone(&shard),
+            sock,
+            local,
+            peer,
+            Arc::clone(&shared),
+            ingress.clone(),
+            slot,
+        ));
+    }
+}
+
+async fn connection(
+    shard: ShardRef,
+    sock: TcpStream,
+    local: SocketAddr,
+    peer: SocketAddr,
+    shared: Arc<StreamShared>,
+    ingress: mpsc::Sender<Ingress>,
+    _slot: IpSlot,
+) {
+    let _ = sock.set_nodelay(true);
+    let deadline = Instant::now() + shared.limits.handshake_timeout;
+    let mut first = [0u8; 1];
+    let peeked = tokio::time::timeout_at(deadline, sock.peek(&mut first)).await;
+    let reason = match peeked {
+        Err(_) => StreamClose::HandshakeTimeout,
+        Ok(Err(_)) | Ok(Ok(0)) => StreamClose::ClientClosed,
+        Ok(Ok(_)) if first[0] == TLS_HANDSHAKE_BYTE => match &shared.tls {
+            None => StreamClose::TlsUnavailable,
+            Some(tls) => {
+                let acceptor = tls.acceptor();
+                match tokio::time::timeout_at(deadline, acceptor.accept(sock)).await {
+                    Err(_) => StreamClose::HandshakeTimeout,
+                    Ok(Err(e)) => {
+                        debug!(error = %e, "TLS handshake failed");
+                        StreamClose::TlsHandshakeFailed
+                    }
+                    Ok(Ok(tls)) => {
+                        let five = FiveTuple {
+                            client: peer,
+                            server: local,
+                            transport: Transport::Tls,
+                        };
+                        serve(&shard, tls, five, &shared, &ingress, deadline).await
+                    }
+                }
+            }
+        },
+        Ok(Ok(_)) => {
+            let five = FiveTuple {
+                client: peer,
+                server: local,
+                transport: Transport::Tcp,
+            };
+            serve(&shard, sock, five, &shared, &ingress, deadline).await
+        }
+    };
+    shard.borrow_mut().stats.closed[reason.index()] += 1;
+}
+
+/// Relays one established connection until it ends; returns why it ended.
+async fn serve<S>(
+    shard: &ShardRef,
+    stream: S,
+    five: FiveTuple,
+    shared: &StreamShared,
+    ingress: &mpsc::Sender<Ingress>,
+    handshake_deadline: Instant,
+) -> StreamClose
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    let (egress_tx, mut egress_rx) = mpsc::channel::<Vec<u8>>(shared.limits.queue);
+    {
+        let mut sh = shard.borrow_mut();
+        sh.streams.insert(five, egress_tx);
+        sh.stats.streams[five.transport.index()] += 1;
+    }
+    let coalesce = five.transport == Transport::Tcp;
+    let (mut rd, mut wr) = tokio::io::split(stream);
+    let writer = async {
+        while let Some(frame) = egress_rx.recv().await {
+            let mut batch = frame;
+            // On TCP, coalesce what is already queued into one write. On TLS every frame gets its
+            // own record, as coturn sends them: some clients (coturn's own) read one message
+            // per record and would lose the rest.
+            while coalesce && batch.len() < READ_CHUNK {
+                match egress_rx.try_recv() {
+                    Ok(more) => batch.extend_from_slice(&more),
+                    Err(_) => break,
+                }
+            }
+            // TLS keeps records in its own buffer until flushed: flush every batch.
+            if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
+                return StreamClose::IoError;
+            }
+        }
+        // The shard dropped our queue: it is shutting down.
+        let _ = wr.shutdown().await;
+        StreamClose::Shutdown
+    };
+    let reader = read_frames(&mut rd, five, shared.limits, ingress, handshake_deadline);
+    let reason = tokio::select! {
+        r = reader => r,
+        r = writer => r,
+    };
+    // Ends the allocation; the shard also forgets our egress queue then. If the shard is gone
+    // (shutdown), there is nobody left to tell.
+    let _ = ingress.send(Ingress::Closed { five }).await;
+    shard.borrow_mut().stats.streams[five.transport.index()] -= 1;
+    reason
+}
+
+async fn read_frames<R>(
+    rd: &mut R,
+    five: FiveTuple,
+    limits: StreamLimits,
+    ingress: &mpsc::Sender<Ingress>,
+    handshake_deadline: Instant,
+) -> StreamClose
+where
+    R: AsyncRead + Unpin,
+{
+    let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
+    let mut got_frame = false;
+    loop {
+        // Cut every complete frame out of what we have.
+        let mut start = 0;
+        loop {
+            match stream_frame_len(&buf[start..], limits.max_frame) {
+                Ok(Some(len)) => {
+                    let frame = buf[start..start + len].to_vec();
+                    start += len;
+                    got_frame = true;
+                    if ingress.send(Ingress::Frame { five, frame }).await.is_err() {
+                        return StreamClose::Shutdown;
+                    }
+                }
+                Ok(None) => break,
+                Err(StreamError::TooLarge(_)) => return StreamClose::FrameTooLarge,
+                Err(_) => return StreamClose::FramingError,
+            }
+        }
+        buf.drain(..start);
+        // Until the first frame, the handshake deadline applies; then the idle timeout.
+        let deadline = if got_frame {
+            Instant::now() + limits.idle_timeout
+        } else {
+            handshake_deadline
+        };
+        let old = buf.len();
+        buf.resize(old + READ_CHUNK, 0);
+        let n = match tokio::time::timeout_at(deadline, rd.read(&mut buf[old..])).await {
+            Err(_) if got_frame => return StreamClose::IdleTimeout,
+            Err(_) => return StreamClose::HandshakeTimeout,
+            Ok(Err(_)) => return StreamClose::IoError,
+            Ok(Ok(0)) => return StreamClose::ClientClosed,
+            Ok(Ok(n)) => n,
+        };
+        buf.truncate(old + n);
+    }
+}
