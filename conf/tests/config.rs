@@ -1149,9 +1149,9 @@ fn stream_keys_reject_values_out_of_range() {
             "must be at most 5m, got \"6m\"",
         ),
         (
-            "idle-timeout = \"4s\"",
+            "idle-timeout = \"500ms\"",
             "relay.idle-timeout",
-            "must be at least 5s, got \"4s\"",
+            "must be at least 1s, got \"500ms\"",
         ),
         (
             "idle-timeout = \"2h\"",
