@@ -139,47 +139,54 @@ pub(crate) fn run(
 async fn listener_task(shard: ShardRef, index: usize) {
     let (socket, local) = {
         let sh = shard.borrow();
-        (
-            Rc::clone(&sh.listeners[index].socket),
-            sh.listeners[index].local,
-        )
+        (Rc::clone(&sh.listeners[index].socket), sh.listeners[index].local)
     };
     loop {
         if let Err(e) = socket.readable().await {
             warn!(error = %e, "listener socket failed");
             return;
         }
-        let more = {
-            let mut sh = shard.borrow_mut();
-            let sh = &mut *sh;
-            let now = Instant::now();
-            let mut more = false;
-            for i in 0..IO_LOOP_BOUND {
-                match socket.try_recv_from(&mut sh.recv_buf) {
-                    Ok((n, from)) => {
-                        let five = FiveTuple {
-                            client: from,
-                            server: local,
-                            transport: Transport::Udp,
-                        };
-                        sh.core.handle_client(now, five, &sh.recv_buf[..n]);
-                        more = i + 1 == IO_LOOP_BOUND;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        sh.stats.drops[DriverDrop::RecvError.index()] += 1;
-                        break;
-                    }
-                }
-            }
-            sh.flush(&shard, now);
-            more
-        };
+        let more = recv_batch(&shard, &socket, |core, now, from, data| {
+            let five = FiveTuple {
+                client: from,
+                server: local,
+                transport: Transport::Udp,
+            };
+            core.handle_client(now, five, data);
+        });
         if more {
             // Let relay sockets and the timer have a turn before the next batch.
             tokio::task::yield_now().await;
         }
     }
+}
+
+/// Reads up to [`IO_LOOP_BOUND`] datagrams from `socket` into the core with `handle`, then
+/// flushes the core's outputs. Returns whether the bound was reached (more may be waiting).
+fn recv_batch(
+    shard: &ShardRef,
+    socket: &UdpSocket,
+    handle: impl Fn(&mut Server, Instant, SocketAddr, &[u8]),
+) -> bool {
+    let mut sh = shard.borrow_mut();
+    let sh = &mut *sh;
+    let now = Instant::now();
+    let mut more = false;
+    for i in 0..IO_LOOP_BOUND {
+        match socket.try_recv_from(&mut sh.recv_buf) {
+            Ok((n, from)) => {
+                handle(&mut sh.core, now, from, &sh.recv_buf[..n]);
+                more = i + 1 == IO_LOOP_BOUND;
+            }
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
+            Err(_) => {
+                sh.stats.drops[DriverDrop::RecvError.index()] += 1;
+                break;
+            }
+        }
+    }
+    sh.flush(shard, now);
+    more
 }
 
 /// Feeds frames from this shard's stream connections to the core, in arrival order.
@@ -217,27 +224,9 @@ async fn relay_task(shard: ShardRef, id: RelayId, socket: Rc<UdpSocket>) {
         if socket.readable().await.is_err() {
             return;
         }
-        let more = {
-            let mut sh = shard.borrow_mut();
-            let sh = &mut *sh;
-            let now = Instant::now();
-            let mut more = false;
-            for i in 0..IO_LOOP_BOUND {
-                match socket.try_recv_from(&mut sh.recv_buf) {
-                    Ok((n, from)) => {
-                        sh.core.handle_peer(now, id, from, &sh.recv_buf[..n]);
-                        more = i + 1 == IO_LOOP_BOUND;
-                    }
-                    Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                    Err(_) => {
-                        sh.stats.drops[DriverDrop::RecvError.index()] += 1;
-                        break;
-                    }
-                }
-            }
-            sh.flush(&shard, now);
-            more
-        };
+        let more = recv_batch(&shard, &socket, |core, now, from, data| {
+            core.handle_peer(now, id, from, data);
+        });
         if more {
             tokio::task::yield_now().await;
         }
