@@ -24,6 +24,9 @@ REQUIRED_TOOLS=(
     "openssl:openssl"
     "curl:curl"
     "c++:g++" # the fuzz build step: libfuzzer-sys compiles libFuzzer (C++)
+    "iptables:iptables" # tests/strict_firewall.rs: firewalls and a NAT in network namespaces
+    "ip:iproute2" # network namespaces and veth pairs (ip), socket listing (ss)
+    "python3:python3-minimal" # UDP probes inside the namespaces
     # --- Later issues add their tools here (one line each), e.g.:
     # "redis-server:redis-server"   # control plane: Redis store tests
     # "chromium:chromium"           # dashboards / browser tests
