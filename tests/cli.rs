@@ -420,3 +420,136 @@ fn bad_environment_override_is_reported_with_exit_64() {
     assert!(err.contains("TURNPIKE_RELAY_USER_QUOTA"), "{err}");
     assert!(err.contains("TURNPIKE_RELAY_NO_SUCH_KEY"), "{err}");
 }
+
+/// A relay with a stream listener (`tcp://` or `tls://`, from `listen`) next to the UDP one;
+/// returns it and the stream listener's address, read from the binary's output.
+fn start_stream_relay(name: &str, listen: &str, tls: bool) -> (Relay, SocketAddr) {
+    let dir = std::env::temp_dir().join(format!("turnpike-cli-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let tls_table = if tls {
+        let ck = rcgen::generate_simple_self_signed(vec![
+            "localhost".to_owned(),
+            "127.0.0.1".to_owned(),
+        ])
+        .unwrap();
+        let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+        std::fs::write(&cert, ck.cert.pem()).unwrap();
+        std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+        format!(
+            "[relay.tls]\ncert-file = \"{}\"\nkey-file = \"{}\"\n",
+            cert.display(),
+            key.display()
+        )
+    } else {
+        String::new()
+    };
+    let config = temp_config(
+        name,
+        &format!(
+            r#"
+[relay]
+realm = "example.org"
+listen = ["udp://127.0.0.1:0", "{listen}"]
+relay-ip = "127.0.0.1"
+secrets = ["{SECRET}"]
+threads = 2
+{tls_table}
+[admin]
+listen = "127.0.0.1:0"
+"#
+        ),
+    );
+    let scheme = listen.split("://").next().unwrap();
+    let prefix = format!("turnpike: relay listening on {scheme}://");
+    let mut child = Command::new(BIN)
+        .args(["relay", "--config"])
+        .arg(&config)
+        .env("RUST_LOG", "info")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let (tx, lines) = mpsc::channel();
+    let out = BufReader::new(child.stdout.take().unwrap());
+    std::thread::spawn(move || {
+        for l in out.lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let (mut udp, mut admin, mut stream) = (None, None, None);
+    while udp.is_none() || admin.is_none() || stream.is_none() {
+        let line = lines
+            .recv_timeout(WAIT)
+            .expect("relay prints its addresses");
+        if let Some(a) = line.strip_prefix("turnpike: relay listening on udp://") {
+            udp = Some(a.parse().unwrap());
+        }
+        if let Some(a) = line.strip_prefix(prefix.as_str()) {
+            stream = Some(a.parse().unwrap());
+        }
+        if let Some(a) = line.strip_prefix("turnpike: admin listening on http://") {
+            admin = Some(a.parse().unwrap());
+        }
+    }
+    let relay = Relay {
+        child,
+        udp: udp.unwrap(),
+        admin: admin.unwrap(),
+        lines,
+    };
+    (relay, stream.unwrap())
+}
+
+/// Runs coturn's client against a stream listener and checks: no loss, all 2000 messages
+/// back, and the relay counted them on `transport`.
+fn uclient_over_stream(relay: &Relay, addr: SocketAddr, transport: &str, extra: &[&str]) {
+    let mut args = extra.to_vec();
+    args.extend(["-m", "10", "-n", "200"]);
+    let out = uclient(addr, SECRET, &args);
+    let text =
+        String::from_utf8_lossy(&out.stdout).to_string() + &String::from_utf8_lossy(&out.stderr);
+    let lost = text
+        .lines()
+        .find_map(|l| l.split("Total lost packets ").nth(1))
+        .unwrap_or_else(|| panic!("no loss report in uclient output:\n{text}"));
+    assert!(lost.starts_with("0 (0"), "lost: {lost}\n{text}");
+    assert!(text.contains("tot_recv_msgs=2000"), "{text}");
+    relay.wait_metric(
+        &format!(
+            r#"turnpike_relay_allocation_requests_total{{result="ok",transport="{transport}"}}"#
+        ),
+        10.0,
+    );
+    relay.wait_metric(
+        &format!(
+            r#"turnpike_relay_packets_total{{direction="client_to_peer",framing="indication",transport="{transport}"}}"#
+        ),
+        2000.0,
+    );
+    relay.wait_metric(
+        &format!(
+            r#"turnpike_relay_packets_total{{direction="peer_to_client",framing="indication",transport="{transport}"}}"#
+        ),
+        2000.0,
+    );
+    assert_eq!(
+        relay.metric(r#"turnpike_relay_allocation_requests_total{result="ok",transport="udp"}"#),
+        0.0,
+        "every allocation came over {transport}"
+    );
+}
+
+#[test]
+fn coturn_uclient_over_tcp_relays_with_zero_loss() {
+    let (relay, tcp) = start_stream_relay("uclient-tcp", "tcp://127.0.0.1:0", false);
+    uclient_over_stream(&relay, tcp, "tcp", &["-t"]);
+}
+
+#[test]
+fn coturn_uclient_over_tls_relays_with_zero_loss() {
+    let (relay, tls) = start_stream_relay("uclient-tls", "tls://127.0.0.1:0", true);
+    // -t -S is TLS over TCP; -S alone would be DTLS.
+    uclient_over_stream(&relay, tls, "tls", &["-t", "-S"]);
+}

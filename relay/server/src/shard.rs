@@ -139,7 +139,10 @@ pub(crate) fn run(
 async fn listener_task(shard: ShardRef, index: usize) {
     let (socket, local) = {
         let sh = shard.borrow();
-        (Rc::clone(&sh.listeners[index].socket), sh.listeners[index].local)
+        (
+            Rc::clone(&sh.listeners[index].socket),
+            sh.listeners[index].local,
+        )
     };
     loop {
         if let Err(e) = socket.readable().await {

@@ -222,8 +222,12 @@ where
                 }
             }
             // TLS keeps records in its own buffer until flushed: flush every batch.
-            if wr.write_all(&batch).await.is_err() || wr.flush().await.is_err() {
-                return StreamClose::IoError;
+            let written = match wr.write_all(&batch).await {
+                Ok(()) => wr.flush().await,
+                Err(e) => Err(e),
+            };
+            if let Err(e) = written {
+                return closed_by(&e);
             }
         }
         // The shard dropped our queue: it is shutting down.
@@ -242,6 +246,18 @@ where
     reason
 }
 
+/// A read error that only means the client went away (most TLS clients close without
+/// close_notify, which rustls reports as an unexpected EOF) is a close, not an I/O failure.
+fn closed_by(e: &std::io::Error) -> StreamClose {
+    use std::io::ErrorKind::{BrokenPipe, ConnectionAborted, ConnectionReset, UnexpectedEof};
+    match e.kind() {
+        UnexpectedEof | ConnectionReset | ConnectionAborted | BrokenPipe => {
+            StreamClose::ClientClosed
+        }
+        _ => StreamClose::IoError,
+    }
+}
+
 async fn read_frames<R>(
     rd: &mut R,
     five: FiveTuple,
@@ -255,6 +271,12 @@ where
     let mut buf: Vec<u8> = Vec::with_capacity(READ_CHUNK);
     let mut got_frame = false;
     loop {
+        // A client's first frame is a STUN request: ChannelData needs a channel, bound by an
+        // earlier request. Checking this catches HTTP and other probes (0x40–0x4F covers "GET",
+        // "HEAD", "OPTIONS") at once instead of at a timeout.
+        if !got_frame && buf.first().is_some_and(|b| *b > 0x03) {
+            return StreamClose::FramingError;
+        }
         // Cut every complete frame out of what we have.
         let mut start = 0;
         loop {
@@ -284,7 +306,7 @@ where
         let n = match tokio::time::timeout_at(deadline, rd.read(&mut buf[old..])).await {
             Err(_) if got_frame => return StreamClose::IdleTimeout,
             Err(_) => return StreamClose::HandshakeTimeout,
-            Ok(Err(_)) => return StreamClose::IoError,
+            Ok(Err(e)) => return closed_by(&e),
             Ok(Ok(0)) => return StreamClose::ClientClosed,
             Ok(Ok(n)) => n,
         };
