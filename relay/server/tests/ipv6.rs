@@ -3,131 +3,9 @@
 
 mod common;
 
-use std::net::SocketAddr;
-
 use common::*;
-use relay_proto::stun::{self, attr, method, Class, Encoder, Message};
+use relay_proto::stun::{self, attr, method, Message};
 use tokio::net::UdpSocket;
-
-/// A TURN client over UDP from any local address, built from the codec.
-struct Client {
-    sock: UdpSocket,
-    server: SocketAddr,
-    username: String,
-    key: [u8; 16],
-    nonce: Vec<u8>,
-    tid: u8,
-}
-
-/// A decoded response: error code (None for success) and the raw message.
-struct Response {
-    code: Option<u16>,
-    raw: Vec<u8>,
-    tid: [u8; 12],
-}
-
-impl Response {
-    fn addresses(&self, typ: u16) -> Vec<SocketAddr> {
-        let msg = Message::parse(&self.raw).unwrap();
-        msg.attributes()
-            .filter(|(t, _, _)| *t == typ)
-            .filter_map(|(_, v, _)| stun::decode_xor_address(v, &self.tid))
-            .collect()
-    }
-
-    fn address_error(&self) -> Option<(u8, u16)> {
-        let msg = Message::parse(&self.raw).unwrap();
-        msg.attributes()
-            .find(|(t, _, _)| *t == attr::ADDRESS_ERROR_CODE)
-            .map(|(_, v, _)| (v[0], u16::from(v[2]) * 100 + u16::from(v[3])))
-    }
-}
-
-impl Client {
-    async fn new(bind: &str, server: SocketAddr, user: &str) -> Self {
-        let (username, password) =
-            relay_proto::rest_credentials(SECRET.as_bytes(), user, unix_now() + 600);
-        let key = relay_proto::auth::long_term_key(
-            username.as_bytes(),
-            REALM.as_bytes(),
-            password.as_bytes(),
-        );
-        Self {
-            sock: UdpSocket::bind(bind).await.unwrap(),
-            server,
-            username,
-            key,
-            nonce: Vec::new(),
-            tid: 0,
-        }
-    }
-
-    async fn request(&mut self, m: u16, attrs: &[(u16, Vec<u8>)]) -> Response {
-        loop {
-            self.tid += 1;
-            let tid = [self.tid; 12];
-            let mut buf = Vec::new();
-            let mut e = Encoder::new(&mut buf, m, Class::Request, tid);
-            for (t, v) in attrs {
-                e.attr(*t, v);
-            }
-            if !self.nonce.is_empty() {
-                e.attr(attr::USERNAME, self.username.as_bytes())
-                    .attr(attr::REALM, REALM.as_bytes())
-                    .attr(attr::NONCE, &self.nonce)
-                    .integrity(&self.key);
-            }
-            e.finish();
-            self.sock.send_to(&buf, self.server).await.unwrap();
-            let (raw, _) = recv(&self.sock).await;
-            let msg = Message::parse(&raw).unwrap();
-            assert_eq!(msg.transaction_id(), tid);
-            let code = msg
-                .attributes()
-                .find(|(t, _, _)| *t == attr::ERROR_CODE)
-                .map(|(_, v, _)| u16::from(v[2]) * 100 + u16::from(v[3]));
-            let had_nonce = !self.nonce.is_empty();
-            if let Some((_, v, _)) = msg.attributes().find(|(t, _, _)| *t == attr::NONCE) {
-                self.nonce = v.to_vec();
-            }
-            // The first request of a client only fetches the nonce: send it again signed.
-            if code == Some(401) && !had_nonce {
-                continue;
-            }
-            return Response { code, raw, tid };
-        }
-    }
-
-    async fn send(&mut self, peer: SocketAddr, data: &[u8]) {
-        let mut buf = Vec::new();
-        let mut e = Encoder::new(&mut buf, method::SEND, Class::Indication, [0xEE; 12]);
-        e.xor_address(attr::XOR_PEER_ADDRESS, peer)
-            .attr(attr::DATA, data);
-        e.finish();
-        self.sock.send_to(&buf, self.server).await.unwrap();
-    }
-
-    async fn permit(&mut self, peer: SocketAddr) {
-        let r = self
-            .request_with_peer(method::CREATE_PERMISSION, peer)
-            .await;
-        assert_eq!(r.code, None, "CreatePermission for {peer}");
-    }
-
-    async fn request_with_peer(&mut self, m: u16, peer: SocketAddr) -> Response {
-        // XOR-PEER-ADDRESS for IPv6 is XORed with the transaction id, which `request` picks:
-        // encode it for the next id (the nonce is known by now, so there is no retry).
-        let tid = [self.tid + 1; 12];
-        let mut tmp = Vec::new();
-        let mut e = Encoder::new(&mut tmp, m, Class::Request, tid);
-        e.xor_address(attr::XOR_PEER_ADDRESS, peer);
-        e.finish();
-        let value = tmp[24..].to_vec();
-        self.request(m, &[(attr::XOR_PEER_ADDRESS, value)]).await
-    }
-}
-
-const UDP: [u8; 4] = [17, 0, 0, 0];
 
 #[tokio::test]
 async fn ipv6_relay_on_loopback_allocates_and_relays_to_an_ipv6_peer() {
@@ -150,7 +28,7 @@ grace-period = "1s"
 
     // RFC 8656 §7.2: without REQUESTED-ADDRESS-FAMILY the family is IPv4, which this server
     // does not have.
-    let mut c = Client::new("[::1]:0", relay.addr, "v6only").await;
+    let mut c = RawClient::new_at("[::1]:0", relay.addr, "v6only").await;
     let r = c
         .request(
             method::ALLOCATE,
@@ -211,7 +89,7 @@ grace-period = "1s"
     let peer4 = UdpSocket::bind("127.0.0.1:0").await.unwrap();
     let peer6 = UdpSocket::bind("[::1]:0").await.unwrap();
 
-    let mut c = Client::new("127.0.0.1:0", relay.addr, "dual").await;
+    let mut c = RawClient::new_at("127.0.0.1:0", relay.addr, "dual").await;
     let r = c
         .request(
             method::ALLOCATE,
@@ -270,7 +148,7 @@ grace-period = "1s"
 #[tokio::test]
 async fn dual_allocation_on_an_ipv4_only_server_reports_the_missing_family() {
     let relay = Running::start("").await;
-    let mut c = Client::new("127.0.0.1:0", relay.addr, "half").await;
+    let mut c = RawClient::new_at("127.0.0.1:0", relay.addr, "half").await;
     let r = c
         .request(
             method::ALLOCATE,

@@ -161,19 +161,73 @@ grace-period = "1s"
     }
 }
 
-/// A minimal TURN client over a real socket, built from the codec: enough to allocate and free
-/// quickly, many times.
+/// REQUESTED-TRANSPORT UDP.
+pub const UDP: [u8; 4] = [17, 0, 0, 0];
+
+/// A TURN client over UDP from any local address, built from the codec.
 pub struct RawClient {
-    sock: UdpSocket,
+    pub sock: UdpSocket,
     server: SocketAddr,
     username: String,
     key: [u8; 16],
     nonce: Vec<u8>,
-    next_tid: u8,
+    tid: u8,
+}
+
+/// A decoded response: error code (None for success) and the raw message.
+pub struct Response {
+    pub code: Option<u16>,
+    pub raw: Vec<u8>,
+    pub tid: [u8; 12],
+}
+
+impl Response {
+    pub fn addresses(&self, typ: u16) -> Vec<SocketAddr> {
+        let msg = Message::parse(&self.raw).unwrap();
+        msg.attributes()
+            .filter(|(t, _, _)| *t == typ)
+            .filter_map(|(_, v, _)| stun::decode_xor_address(v, &self.tid))
+            .collect()
+    }
+
+    pub fn address_error(&self) -> Option<(u8, u16)> {
+        let msg = Message::parse(&self.raw).unwrap();
+        msg.attributes()
+            .find(|(t, _, _)| *t == attr::ADDRESS_ERROR_CODE)
+            .map(|(_, v, _)| (v[0], u16::from(v[2]) * 100 + u16::from(v[3])))
+    }
 }
 
 impl RawClient {
+    /// A client on an ephemeral loopback port of the server's family.
     pub async fn new(server: SocketAddr, user: &str) -> Self {
+        let bind = if server.is_ipv6() {
+            "[::1]:0"
+        } else {
+            "127.0.0.1:0"
+        };
+        Self::new_at(bind, server, user).await
+    }
+
+    /// Allocates (UDP); the error code, `None` on success.
+    pub async fn allocate(&mut self) -> Option<u16> {
+        self.request(
+            method::ALLOCATE,
+            &[(attr::REQUESTED_TRANSPORT, UDP.to_vec())],
+        )
+        .await
+        .code
+    }
+
+    /// Refresh with LIFETIME 0; the error code, `None` on success.
+    pub async fn free(&mut self) -> Option<u16> {
+        self.request(method::REFRESH, &[(attr::LIFETIME, vec![0, 0, 0, 0])])
+            .await
+            .code
+    }
+
+    /// A client on a socket bound to `bind` (e.g. "[::1]:0").
+    pub async fn new_at(bind: &str, server: SocketAddr, user: &str) -> Self {
         let (username, password) =
             relay_proto::rest_credentials(SECRET.as_bytes(), user, unix_now() + 600);
         let key = relay_proto::auth::long_term_key(
@@ -182,67 +236,77 @@ impl RawClient {
             password.as_bytes(),
         );
         Self {
-            sock: UdpSocket::bind("127.0.0.1:0").await.unwrap(),
+            sock: UdpSocket::bind(bind).await.unwrap(),
             server,
             username,
             key,
             nonce: Vec::new(),
-            next_tid: 0,
+            tid: 0,
         }
     }
 
-    /// Sends a request (authenticated once a nonce is known) and returns the response's error
-    /// code (`None` for success) and raw bytes.
-    pub async fn request(&mut self, m: u16, attrs: &[(u16, Vec<u8>)]) -> (Option<u16>, Vec<u8>) {
-        self.next_tid = self.next_tid.wrapping_add(1);
-        let tid = [self.next_tid; 12];
+    pub async fn request(&mut self, m: u16, attrs: &[(u16, Vec<u8>)]) -> Response {
+        loop {
+            self.tid += 1;
+            let tid = [self.tid; 12];
+            let mut buf = Vec::new();
+            let mut e = Encoder::new(&mut buf, m, Class::Request, tid);
+            for (t, v) in attrs {
+                e.attr(*t, v);
+            }
+            if !self.nonce.is_empty() {
+                e.attr(attr::USERNAME, self.username.as_bytes())
+                    .attr(attr::REALM, REALM.as_bytes())
+                    .attr(attr::NONCE, &self.nonce)
+                    .integrity(&self.key);
+            }
+            e.finish();
+            self.sock.send_to(&buf, self.server).await.unwrap();
+            let (raw, _) = recv(&self.sock).await;
+            let msg = Message::parse(&raw).unwrap();
+            assert_eq!(msg.transaction_id(), tid);
+            let code = msg
+                .attributes()
+                .find(|(t, _, _)| *t == attr::ERROR_CODE)
+                .map(|(_, v, _)| u16::from(v[2]) * 100 + u16::from(v[3]));
+            let had_nonce = !self.nonce.is_empty();
+            if let Some((_, v, _)) = msg.attributes().find(|(t, _, _)| *t == attr::NONCE) {
+                self.nonce = v.to_vec();
+            }
+            // The first request of a client only fetches the nonce: send it again signed.
+            if code == Some(401) && !had_nonce {
+                continue;
+            }
+            return Response { code, raw, tid };
+        }
+    }
+
+    pub async fn send(&mut self, peer: SocketAddr, data: &[u8]) {
         let mut buf = Vec::new();
-        let mut e = Encoder::new(&mut buf, m, Class::Request, tid);
-        for (t, v) in attrs {
-            e.attr(*t, v);
-        }
-        if !self.nonce.is_empty() {
-            e.attr(attr::USERNAME, self.username.as_bytes())
-                .attr(attr::REALM, REALM.as_bytes())
-                .attr(attr::NONCE, &self.nonce)
-                .integrity(&self.key);
-        }
+        let mut e = Encoder::new(&mut buf, method::SEND, Class::Indication, [0xEE; 12]);
+        e.xor_address(attr::XOR_PEER_ADDRESS, peer)
+            .attr(attr::DATA, data);
         e.finish();
         self.sock.send_to(&buf, self.server).await.unwrap();
-        let (resp, _) = recv(&self.sock).await;
-        let msg = Message::parse(&resp).unwrap();
-        assert_eq!(msg.transaction_id(), tid);
-        let code = msg
-            .attributes()
-            .find(|(t, _, _)| *t == attr::ERROR_CODE)
-            .map(|(_, v, _)| u16::from(v[2]) * 100 + u16::from(v[3]));
-        if let Some((_, v, _)) = msg.attributes().find(|(t, _, _)| *t == attr::NONCE) {
-            self.nonce = v.to_vec();
-        }
-        (code, resp)
     }
 
-    pub async fn allocate(&mut self) -> Option<u16> {
-        let transport = vec![17, 0, 0, 0];
-        let (mut code, _) = self
-            .request(
-                method::ALLOCATE,
-                &[(attr::REQUESTED_TRANSPORT, transport.clone())],
-            )
+    pub async fn permit(&mut self, peer: SocketAddr) {
+        let r = self
+            .request_with_peer(method::CREATE_PERMISSION, peer)
             .await;
-        if code == Some(401) {
-            code = self
-                .request(method::ALLOCATE, &[(attr::REQUESTED_TRANSPORT, transport)])
-                .await
-                .0;
-        }
-        code
+        assert_eq!(r.code, None, "CreatePermission for {peer}");
     }
 
-    pub async fn free(&mut self) -> Option<u16> {
-        self.request(method::REFRESH, &[(attr::LIFETIME, vec![0, 0, 0, 0])])
-            .await
-            .0
+    pub async fn request_with_peer(&mut self, m: u16, peer: SocketAddr) -> Response {
+        // XOR-PEER-ADDRESS for IPv6 is XORed with the transaction id, which `request` picks:
+        // encode it for the next id (the nonce is known by now, so there is no retry).
+        let tid = [self.tid + 1; 12];
+        let mut tmp = Vec::new();
+        let mut e = Encoder::new(&mut tmp, m, Class::Request, tid);
+        e.xor_address(attr::XOR_PEER_ADDRESS, peer);
+        e.finish();
+        let value = tmp[24..].to_vec();
+        self.request(m, &[(attr::XOR_PEER_ADDRESS, value)]).await
     }
 }
 
