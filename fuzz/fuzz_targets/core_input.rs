@@ -4,44 +4,63 @@
 //!
 //! | op | event |
 //! |----|-------|
-//! | 0  | a raw datagram from one of two clients (`handle_client`) |
+//! | 0  | a raw datagram (UDP) or frame (TCP) from one of four clients (`handle_client`) |
 //! | 1  | a raw datagram from a peer on one of the relays seen so far (`handle_peer`) |
 //! | 2  | time passes (`handle_timeout`) |
 //! | 3  | the driver answers a pending `BindRelay` (`handle_relay_bound`, Ok or Err) |
 //! | 4  | a request signed with valid credentials and the client's latest nonce, so the fuzzer gets past authentication |
 //! | 5  | the wall clock steps (`handle_wall_clock`) |
-//! | 6  | `close_all` |
+//! | 6  | `close_all` (empty payload or even first byte), else a TCP client's connection closes (`handle_connection_closed`) |
 //! | 7  | `start_draining` |
 //!
+//! Clients 0 and 1 are UDP, 2 and 3 are TCP connections from the same two addresses (so they
+//! share nonces). The server has an IPv4 and an IPv6 relay IP, so requests may ask for either
+//! family (REQUESTED-ADDRESS-FAMILY) or both (ADDITIONAL-ADDRESS-FAMILY).
+//!
 //! Oracles, besides "no panic": every STUN message sent to a client frames; ChannelData sent to a
-//! client parses; nothing is sent from a relay socket that is not bound; a relay is released only
-//! once and only if bound; after `close_all` and answering every pending bind, no allocation,
-//! no bound relay and no quota is left.
+//! UDP client parses and is not padded; everything sent to a TCP client is exactly one frame for
+//! `stream_frame_len` and ChannelData is padded to four bytes; a BindRelay names the relay IP of
+//! its family; nothing is sent from a relay socket that is not bound, and data to a peer leaves
+//! from the relay of the peer's family; a relay is released only once and only if bound; the
+//! quota count always equals the allocation count, and allocations by transport add up to it;
+//! after `close_all` and answering every pending bind, no allocation, no bound relay and no
+//! quota is left.
 #![no_main]
 
 use std::collections::HashSet;
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::time::{Duration, Instant, UNIX_EPOCH};
 
 use libfuzzer_sys::fuzz_target;
 use relay_proto::stun::{self, attr, method, Class, Encoder, Message};
 use relay_proto::{
-    auth, BindError, Config, Dest, FiveTuple, Output, PeerPolicy, Quotas, RelayId, Server,
-    Transport,
+    auth, BindError, BindRequest, Config, Dest, Family, FiveTuple, Output, PeerPolicy, Quotas,
+    RelayId, Server, Transport,
 };
 
 const REALM: &str = "example.org";
 const SECRETS: [&[u8]; 2] = [b"secret-one-0123456789", b"secret-two-0123456789"];
 const WALL: u64 = 1_700_000_000;
 const RELAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
+const RELAY_IP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
+/// The largest frame on a stream: the largest STUN message.
+const MAX_FRAME: usize = 20 + 0xFFFC;
 const LISTENER: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 3478);
 const ADMIN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(127, 0, 0, 1)), 9641);
 
+/// Client `i % 4`: port 40000 + (i & 1), over UDP for 0 and 1, TCP for 2 and 3.
 fn client(i: usize) -> FiveTuple {
     FiveTuple {
-        client: SocketAddr::new(IpAddr::V4(Ipv4Addr::new(192, 0, 2, 33)), 40000 + i as u16),
+        client: SocketAddr::new(
+            IpAddr::V4(Ipv4Addr::new(192, 0, 2, 33)),
+            40000 + (i & 1) as u16,
+        ),
         server: LISTENER,
-        transport: Transport::Udp,
+        transport: if i & 2 == 0 {
+            Transport::Udp
+        } else {
+            Transport::Tcp
+        },
     }
 }
 
@@ -60,6 +79,8 @@ fn peer(i: u8) -> SocketAddr {
         "[::ffff:8.8.8.8]:5000",
         "169.254.169.254:80",
         "8.8.8.8:0",
+        "[2001:4860:4860::8888]:6000",
+        "[2001:db8::10]:50001",
     ];
     table[usize::from(i) % table.len()].parse().unwrap()
 }
@@ -85,7 +106,7 @@ struct Driver {
     server: Server,
     quotas: std::sync::Arc<Quotas>,
     now: Instant,
-    pending: Vec<RelayId>,
+    pending: Vec<BindRequest>,
     bound: HashSet<RelayId>,
     relays: Vec<RelayId>,
     next_port: u16,
@@ -99,7 +120,7 @@ impl Driver {
             vec![],
             vec![],
             vec![LISTENER, ADMIN],
-            vec![RELAY_IP],
+            vec![RELAY_IP, RELAY_IP6],
             49152..=65535,
         );
         let mut cfg = Config::new(
@@ -109,6 +130,7 @@ impl Driver {
             RELAY_IP,
             policy,
         );
+        cfg.relay_ips.v6 = Some(RELAY_IP6);
         cfg.quotas = Quotas::new(Some(2), Some(3));
         cfg.permission_lifetime = Duration::from_secs(30);
         cfg.channel_lifetime = Duration::from_secs(60);
@@ -151,7 +173,19 @@ impl Driver {
             match out {
                 Output::Transmit(t) => {
                     let bytes = self.server.payload(&t);
-                    assert!(bytes.len() <= 65_507, "oversized datagram");
+                    if let Dest::Client(five) = t.dest {
+                        if five.transport.is_stream() {
+                            assert_eq!(
+                                stun::stream_frame_len(bytes, MAX_FRAME),
+                                Ok(Some(bytes.len())),
+                                "not one stream frame"
+                            );
+                        } else {
+                            assert!(bytes.len() <= 65_507, "oversized datagram");
+                        }
+                    } else {
+                        assert!(bytes.len() <= 65_507, "oversized datagram");
+                    }
                     match t.dest {
                         Dest::Client(five) => match bytes.first() {
                             Some(0x00..=0x03) => {
@@ -163,26 +197,42 @@ impl Driver {
                                     .map(|(_, v, _)| v.to_vec());
                                 if let Some(n) = nonce {
                                     let i = usize::from(five.client.port() - 40000);
+                                    // Nonces are per client address: both transports share it.
                                     self.nonces[i] = n;
                                 }
                             }
                             Some(0x40..=0x4F) => {
-                                stun::parse_channel_data(bytes)
+                                let (_, data) = stun::parse_channel_data(bytes)
                                     .expect("server sent malformed ChannelData");
+                                let unpadded = stun::CHANNEL_HEADER_LEN + data.len();
+                                if five.transport.is_stream() {
+                                    assert_eq!(bytes.len(), unpadded.next_multiple_of(4));
+                                } else {
+                                    assert_eq!(bytes.len(), unpadded, "padded over UDP");
+                                }
                             }
                             other => panic!("server sent a datagram starting with {other:?}"),
                         },
-                        Dest::Peer { relay, .. } => {
+                        Dest::Peer { relay, peer } => {
                             assert!(
                                 self.bound.contains(&relay),
                                 "sent from a relay that is not bound"
+                            );
+                            assert_eq!(
+                                relay.family(),
+                                Family::of(peer.ip()),
+                                "sent to {peer} from a relay of the other family"
                             );
                         }
                     }
                 }
                 Output::BindRelay(req) => {
-                    assert_eq!(req.ip, RELAY_IP);
-                    self.pending.push(req.relay);
+                    let ip = match req.relay.family() {
+                        Family::V4 => RELAY_IP,
+                        Family::V6 => RELAY_IP6,
+                    };
+                    assert_eq!(req.ip, ip);
+                    self.pending.push(req);
                 }
                 Output::ReleaseRelay(id) => {
                     assert!(self.bound.remove(&id), "released a relay that is not bound");
@@ -190,15 +240,23 @@ impl Driver {
                 Output::Event(_) => {}
             }
         }
+        // One quota unit per allocation (binding or active), given back exactly once.
+        let n = self.server.allocations();
+        assert_eq!(self.quotas.total() as usize, n, "quota count drifted");
+        assert_eq!(
+            self.server.allocations_by_transport().iter().sum::<usize>(),
+            n
+        );
     }
 
     fn bind(&mut self, idx: usize, ok: bool) {
         if self.pending.is_empty() {
             return;
         }
-        let relay = self.pending.remove(idx % self.pending.len());
+        let req = self.pending.remove(idx % self.pending.len());
+        let relay = req.relay;
         let result = if ok {
-            let addr = SocketAddr::new(RELAY_IP, self.next_port);
+            let addr = SocketAddr::new(req.ip, self.next_port);
             self.next_port = self.next_port.wrapping_add(1).max(49152);
             self.bound.insert(relay);
             self.relays.push(relay);
@@ -221,7 +279,8 @@ impl Driver {
         ];
         let m = methods[usize::from(get(0)) % methods.len()];
         let flags = get(1);
-        let ci = usize::from(flags & 1);
+        // Bit 4 of the credentials byte moves the request to the client's TCP connection.
+        let ci = usize::from(flags & 1) | usize::from((get(2) >> 3) & 2);
         let who = &self.creds[usize::from(get(2) % 3)];
         let tid = [get(3) & 7; 12];
         let mut buf = Vec::new();
@@ -238,6 +297,19 @@ impl Driver {
         if flags & 16 != 0 {
             e.u32_attr(attr::LIFETIME, u32::from(get(6)) * 10);
         }
+        // Address families: bits 3–4 of the tid byte give the value (0 to 3, 1 and 2 valid).
+        let family = (get(3) >> 3) & 3;
+        if flags & 64 != 0 {
+            e.attr(attr::REQUESTED_ADDRESS_FAMILY, &[family, 0, 0, 0]);
+        }
+        if flags & 128 != 0 {
+            let additional = if flags & 64 != 0 || family & 1 == 0 {
+                2
+            } else {
+                family
+            };
+            e.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[additional, 0, 0, 0]);
+        }
         // The rest: raw TLVs `[type_hi, type_lo, len, value...]`.
         let mut rest = p.get(7..).unwrap_or_default();
         while rest.len() >= 3 {
@@ -248,7 +320,7 @@ impl Driver {
         }
         e.attr(attr::USERNAME, who.username.as_bytes())
             .attr(attr::REALM, REALM.as_bytes())
-            .attr(attr::NONCE, &self.nonces[ci]);
+            .attr(attr::NONCE, &self.nonces[ci & 1]);
         e.integrity(&who.key);
         if flags & 32 != 0 {
             e.fingerprint();
@@ -264,7 +336,7 @@ impl Driver {
         let get = |i: usize| p.get(i).copied().unwrap_or(0);
         match op % 8 {
             0 => {
-                let five = client(usize::from(get(0) & 1));
+                let five = client(usize::from(get(0) & 3));
                 self.server
                     .handle_client(self.now, five, p.get(1..).unwrap_or_default());
             }
@@ -294,7 +366,12 @@ impl Driver {
                 let wall = UNIX_EPOCH + Duration::from_secs((WALL as i64 + step * 10) as u64);
                 self.server.handle_wall_clock(self.now, wall);
             }
-            6 => self.server.close_all(),
+            6 if get(0) & 1 == 0 => self.server.close_all(),
+            6 => {
+                // Only stream connections close; a UDP 5-tuple has no connection.
+                let five = client(2 | usize::from((get(0) >> 1) & 1));
+                self.server.handle_connection_closed(self.now, five);
+            }
             _ => self.server.start_draining(),
         }
         self.drain();

@@ -1,4 +1,6 @@
-//! The sans-IO TURN core of Turnpike: STUN Binding ([RFC 8489]) and TURN over UDP ([RFC 8656]).
+//! The sans-IO TURN core of Turnpike: STUN Binding ([RFC 8489]) and TURN ([RFC 8656]) with
+//! clients over UDP, TCP and TLS, relaying to UDP peers over IPv4 and IPv6 (dual allocations
+//! included).
 //!
 //! [RFC 8489]: https://www.rfc-editor.org/rfc/rfc8489
 //! [RFC 8656]: https://www.rfc-editor.org/rfc/rfc8656
@@ -12,7 +14,9 @@
 //! One `Server` per shard (thread). It owns the allocations whose client 5-tuples the kernel
 //! sends to that shard, and their relay sockets. The contract:
 //!
-//! 1. Feed input with [`Server::handle_client`] (a datagram on a listener socket),
+//! 1. Feed input with [`Server::handle_client`] (a datagram on a UDP listener, or one frame cut
+//!    from a TCP/TLS stream with [`stun::stream_frame_len`]),
+//!    [`Server::handle_connection_closed`] (a TCP/TLS connection ended),
 //!    [`Server::handle_peer`] (a datagram on a relay socket) and [`Server::handle_timeout`]
 //!    (when [`Server::poll_timeout`] is due).
 //! 2. After any `handle_*` call, drain [`Server::poll_output`] until it returns `None`, doing what

@@ -761,6 +761,9 @@ impl Server {
     /// The client's TCP/TLS connection closed: its allocation ends with it (RFC 8656 §3.1).
     pub fn handle_connection_closed(&mut self, now: Instant, five: FiveTuple) {
         self.begin(now);
+        if !five.transport.is_stream() {
+            return; // UDP has no connection; its allocations end by lifetime or Refresh.
+        }
         if let Some(&id) = self.by_five.get(&five) {
             self.delete(id, DeleteReason::ConnectionClosed);
         }

@@ -9,7 +9,8 @@ use std::time::Duration;
 
 use relay_proto::stun::{attr, method, Class};
 use relay_proto::{
-    AllocResult, AuthFailure, BindError, DeleteReason, Dest, Direction, DropReason, Event, Quotas,
+    AllocResult, AuthFailure, BindError, DeleteReason, Dest, Direction, DropReason, Event, Family,
+    Quotas, Transport,
 };
 
 use common::*;
@@ -26,7 +27,8 @@ fn binding_returns_client_address_in_xor_mapped_address() {
         xor_addr(&resp, attr::XOR_MAPPED_ADDRESS),
         Some(SocketAddr::new(CLIENT_IP, 41000))
     );
-    assert_eq!(h.stats().binding_requests, 1);
+    assert_eq!(h.stats().binding_requests[Transport::Udp.index()], 1);
+    assert_eq!(h.stats().binding_requests.iter().sum::<u64>(), 1);
 }
 
 #[test]
@@ -75,7 +77,7 @@ fn allocate_without_credentials_gets_401_with_realm_and_nonce() {
     assert_eq!(attr_value(&resp, attr::MESSAGE_INTEGRITY), None);
     assert_eq!(h.stats().auth_failures[AuthFailure::Missing.index()], 1);
     assert_eq!(
-        h.stats().allocations[AllocResult::Unauthenticated.index()],
+        h.stats().allocations[Transport::Udp.index()][AllocResult::Unauthenticated.index()],
         1
     );
     assert_eq!(h.server.allocations(), 0);
@@ -119,10 +121,13 @@ fn allocate_success_carries_software() {
 fn allocate_success_is_counted() {
     let mut h = Harness::new();
     let _c = h.allocated(41000);
-    assert_eq!(h.stats().allocations[AllocResult::Ok.index()], 1);
+    assert_eq!(
+        h.stats().allocations[Transport::Udp.index()][AllocResult::Ok.index()],
+        1
+    );
     // The 401 round trip before it is counted as well.
     assert_eq!(
-        h.stats().allocations[AllocResult::Unauthenticated.index()],
+        h.stats().allocations[Transport::Udp.index()][AllocResult::Unauthenticated.index()],
         1
     );
     assert_eq!(h.server.allocations(), 1);
@@ -206,11 +211,12 @@ fn allocate_emits_allocation_created_event() {
         c.five,
         &c.req_with(method::ALLOCATE, |r| r.transport(UDP)).encode(),
     );
-    let relay = binds(&outs)[0].relay;
+    assert_eq!(binds(&outs).len(), 1);
+    assert_eq!(binds(&outs)[0].relay.family(), Family::V4);
     assert_eq!(
         events(&outs),
         vec![Event::AllocationCreated {
-            relay,
+            client: c.five.client,
             relayed: SocketAddr::new(RELAY_IP, RELAY_PORT_BASE),
             lifetime: Duration::from_secs(600),
         }]
@@ -220,7 +226,7 @@ fn allocate_emits_allocation_created_event() {
 #[test]
 fn allocate_advertises_external_ip() {
     let ext = IpAddr::V4(Ipv4Addr::new(8, 8, 4, 4));
-    let mut h = Harness::with(|c| c.external_ip = Some(ext));
+    let mut h = Harness::with(|c| c.external_ips.v4 = Some(ext));
     let mut c = Client::new(41000, Creds::alice());
     let resp = h.allocate(h.t0, &mut c);
     assert_eq!(
@@ -325,7 +331,7 @@ fn allocation_expires_after_lifetime() {
     assert_eq!(
         events(&outs),
         vec![Event::AllocationDeleted {
-            relay: c.relay(),
+            client: c.five.client,
             reason: DeleteReason::Expired
         }]
     );
@@ -402,7 +408,7 @@ fn refresh_lifetime_zero_deletes_allocation() {
     assert_eq!(
         events(&outs),
         vec![Event::AllocationDeleted {
-            relay: c.relay(),
+            client: c.five.client,
             reason: DeleteReason::Client
         }]
     );
@@ -488,7 +494,10 @@ fn allocate_retransmission_gets_identical_bytes() {
     assert_eq!(binds(&first).len(), 1);
     assert!(binds(&second).is_empty());
     assert_eq!(h.server.allocations(), 1);
-    assert_eq!(h.stats().allocations[AllocResult::Ok.index()], 1);
+    assert_eq!(
+        h.stats().allocations[Transport::Udp.index()][AllocResult::Ok.index()],
+        1
+    );
 }
 
 #[test]
@@ -549,8 +558,14 @@ fn peer_data_with_permission_is_a_data_indication() {
     assert_eq!(method_of(&ind), method::DATA);
     assert_eq!(xor_addr(&ind, attr::XOR_PEER_ADDRESS), Some(PEER_A));
     assert_eq!(attr_value(&ind, attr::DATA).unwrap(), b"hello peer");
-    assert_eq!(h.stats().packets[Direction::PeerToClient.index()], 1);
-    assert_eq!(h.stats().bytes[Direction::PeerToClient.index()], 10);
+    assert_eq!(
+        h.stats().packets[Transport::Udp.index()][Direction::PeerToClient.index()],
+        1
+    );
+    assert_eq!(
+        h.stats().bytes[Transport::Udp.index()][Direction::PeerToClient.index()],
+        10
+    );
 }
 
 #[test]
@@ -659,8 +674,14 @@ fn send_indication_with_permission_is_relayed() {
             b"to the peer".to_vec()
         )]
     );
-    assert_eq!(h.stats().packets[Direction::ClientToPeer.index()], 1);
-    assert_eq!(h.stats().bytes[Direction::ClientToPeer.index()], 11);
+    assert_eq!(
+        h.stats().packets[Transport::Udp.index()][Direction::ClientToPeer.index()],
+        1
+    );
+    assert_eq!(
+        h.stats().bytes[Transport::Udp.index()][Direction::ClientToPeer.index()],
+        11
+    );
 }
 
 #[test]
@@ -735,8 +756,14 @@ fn channel_data_from_client_goes_to_peer_without_header() {
             b"media".to_vec()
         )]
     );
-    assert_eq!(h.stats().packets[Direction::ClientToPeer.index()], 1);
-    assert_eq!(h.stats().bytes[Direction::ClientToPeer.index()], 5);
+    assert_eq!(
+        h.stats().packets[Transport::Udp.index()][Direction::ClientToPeer.index()],
+        1
+    );
+    assert_eq!(
+        h.stats().bytes[Transport::Udp.index()][Direction::ClientToPeer.index()],
+        5
+    );
 }
 
 #[test]
@@ -1027,7 +1054,7 @@ fn close_all_releases_relays_with_shutdown_reason() {
     assert_eq!(
         events(&outs),
         vec![Event::AllocationDeleted {
-            relay: c.relay(),
+            client: c.five.client,
             reason: DeleteReason::Shutdown
         }]
     );

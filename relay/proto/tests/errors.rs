@@ -8,7 +8,7 @@ use std::net::SocketAddr;
 use std::time::Duration;
 
 use relay_proto::stun::{attr, method, Class, MAGIC_COOKIE};
-use relay_proto::{AllocResult, AuthFailure, BindError, DenyReason, DropReason, Quotas};
+use relay_proto::{AllocResult, AuthFailure, BindError, DenyReason, DropReason, Quotas, Transport};
 
 use common::*;
 
@@ -26,8 +26,11 @@ fn allocate_as(h: &mut Harness, port: u16, creds: Creds) -> Vec<u8> {
     allocate_with(h, &mut c, |r| r.transport(UDP))
 }
 
+/// Allocate outcomes of `r`; every test here is over UDP, so no other transport's row moves.
 fn stats_alloc(h: &Harness, r: AllocResult) -> u64 {
-    h.stats().allocations[r.index()]
+    let udp = h.stats().allocations[Transport::Udp.index()][r.index()];
+    assert_eq!(all_transports(&h.stats().allocations, r.index()), udp);
+    udp
 }
 
 fn auth_failures(h: &Harness, f: AuthFailure) -> u64 {
@@ -570,7 +573,7 @@ fn binding_with_unknown_required_attribute_is_420() {
     assert_eq!(error_code(&resp), Some(420));
     assert_eq!(unknown_attributes(&resp), vec![0x7F00]);
     assert!(!attr_types(&resp).contains(&attr::MESSAGE_INTEGRITY));
-    assert_eq!(h.stats().binding_requests, 0);
+    assert_eq!(h.stats().binding_requests, [0; Transport::COUNT]);
 }
 
 #[test]

@@ -5,7 +5,7 @@
 mod common;
 
 use relay_proto::stun::{attr, method, Class, FrameError, Message};
-use relay_proto::{AllocResult, DropReason};
+use relay_proto::{AllocResult, DropReason, Transport};
 
 use common::*;
 
@@ -436,7 +436,7 @@ fn thousand_tiny_attributes_are_400() {
     assert_eq!(m.len(), 20 + 4000);
     let resp = h.transact(h.t0, five(43000), &m);
     assert_eq!(error_code(&resp), Some(400));
-    assert_eq!(h.stats().binding_requests, 0);
+    assert_eq!(h.stats().binding_requests, [0; Transport::COUNT]);
 }
 
 #[test]
@@ -462,7 +462,10 @@ fn allocate_with_too_many_attributes_is_counted_bad_request() {
     }
     let resp = h.transact(h.t0, five(43000), &r.encode());
     assert_eq!(error_code(&resp), Some(400));
-    assert_eq!(h.stats().allocations[AllocResult::BadRequest.index()], 1);
+    assert_eq!(
+        h.stats().allocations[Transport::Udp.index()][AllocResult::BadRequest.index()],
+        1
+    );
 }
 
 // ---- bad MESSAGE-INTEGRITY ----

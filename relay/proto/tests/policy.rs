@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use relay_proto::policy::{canonical, Allowed};
 use relay_proto::stun::{attr, method, Class};
-use relay_proto::{DenyReason, Dest, DropReason, PeerPolicy};
+use relay_proto::{DenyReason, Dest, DropReason, PeerPolicy, PerFamily};
 
 use common::*;
 
@@ -304,7 +304,7 @@ const EXTERNAL_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(8, 8, 4, 4));
 
 fn nat_harness() -> Harness {
     Harness::with(|c| {
-        c.external_ip = Some(EXTERNAL_IP);
+        c.external_ips.v4 = Some(EXTERNAL_IP);
         c.policy = PeerPolicy::new(
             vec![],
             vec![],
@@ -354,11 +354,10 @@ fn peer_data_from_relay_ip_is_seen_as_external_address() {
 
 // ---- IPv6 relay ----
 
-const RELAY_IP6: IpAddr = IpAddr::V6(std::net::Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
-
+/// An IPv6-only server: its allocations need REQUESTED-ADDRESS-FAMILY IPv6 (IPv4 is the default).
 fn v6_harness() -> Harness {
     Harness::with(|c| {
-        c.relay_ip = RELAY_IP6;
+        c.relay_ips = PerFamily::single(RELAY_IP6);
         c.policy = PeerPolicy::new(
             vec![],
             vec![],
@@ -369,11 +368,18 @@ fn v6_harness() -> Harness {
     })
 }
 
+/// Alice on `port` with an IPv6 allocation, at `t0`.
+fn allocated_v6(h: &mut Harness, port: u16) -> Client {
+    let mut c = Client::new(port, Creds::alice());
+    h.allocate_with(h.t0, &mut c, |r| r.family(FAMILY_V6));
+    c
+}
+
 #[test]
 fn ipv6_relay_advertises_ipv6_relayed_address() {
     let mut h = v6_harness();
     let mut c = Client::new(44000, Creds::alice());
-    let resp = h.allocate(h.t0, &mut c);
+    let resp = h.allocate_with(h.t0, &mut c, |r| r.family(FAMILY_V6));
     assert_eq!(
         xor_addr(&resp, attr::XOR_RELAYED_ADDRESS),
         Some(SocketAddr::new(RELAY_IP6, RELAY_PORT_BASE))
@@ -388,7 +394,7 @@ fn ipv6_relay_advertises_ipv6_relayed_address() {
 #[test]
 fn ipv6_relay_allows_ipv6_peer() {
     let mut h = v6_harness();
-    let c = h.allocated(44000);
+    let c = allocated_v6(&mut h, 44000);
     let peer = sa("[2606:4700::1111]:5000");
     assert_eq!(
         class_of(&h.create_permission(h.at(1), &c, &[peer])),
@@ -402,7 +408,7 @@ fn ipv6_relay_allows_ipv6_peer() {
 #[test]
 fn ipv6_relay_refuses_ipv4_peer_with_443() {
     let mut h = v6_harness();
-    let c = h.allocated(44000);
+    let c = allocated_v6(&mut h, 44000);
     assert_eq!(
         error_code(&h.create_permission(h.at(1), &c, &[PEER_A])),
         Some(443)
@@ -414,7 +420,7 @@ fn ipv6_relay_refuses_mapped_ipv4_peer_with_443() {
     // Peer data is matched on the canonical (IPv4) address, so a permission for
     // ::ffff:8.8.8.8 on an IPv6 relay could never let anything in: refuse it.
     let mut h = v6_harness();
-    let c = h.allocated(44000);
+    let c = allocated_v6(&mut h, 44000);
     let resp = h.create_permission(h.at(1), &c, &[sa("[::ffff:8.8.8.8]:5000")]);
     assert_eq!(error_code(&resp), Some(443));
     assert!(verifies(&resp, &c.creds.key));
@@ -423,7 +429,7 @@ fn ipv6_relay_refuses_mapped_ipv4_peer_with_443() {
 #[test]
 fn ipv6_relay_refuses_mapped_ipv4_channel_peer_with_443() {
     let mut h = v6_harness();
-    let c = h.allocated(44000);
+    let c = allocated_v6(&mut h, 44000);
     let resp = h.channel_bind(h.at(1), &c, 0x4000, sa("[::ffff:8.8.8.8]:5000"));
     assert_eq!(error_code(&resp), Some(443));
 }
@@ -461,7 +467,7 @@ fn ipv6_relay_grants_ipv6_family() {
 #[test]
 fn ipv6_relay_denies_ipv6_link_local_peer() {
     let mut h = v6_harness();
-    let c = h.allocated(44000);
+    let c = allocated_v6(&mut h, 44000);
     let resp = h.create_permission(h.at(1), &c, &[sa("[fe80::1]:5000")]);
     assert_eq!(error_code(&resp), Some(403));
     assert_eq!(h.stats().peers_denied[DenyReason::LinkLocal.index()], 1);
@@ -472,7 +478,7 @@ fn ipv6_relay_denies_mapped_private_peer_as_private() {
     // Policy runs before the family check: an IPv4 address hidden in IPv6 is refused as what it
     // is, even on an IPv6 relay where the family would match.
     let mut h = v6_harness();
-    let c = h.allocated(44000);
+    let c = allocated_v6(&mut h, 44000);
     let resp = h.create_permission(h.at(1), &c, &[sa("[::ffff:10.0.0.1]:5000")]);
     assert_eq!(error_code(&resp), Some(403));
     assert_eq!(h.stats().peers_denied[DenyReason::Private.index()], 1);

@@ -47,6 +47,7 @@ fn attr_type() -> impl Strategy<Value = u16> {
             attr::XOR_MAPPED_ADDRESS,
             attr::RESERVATION_TOKEN,
             attr::ADDITIONAL_ADDRESS_FAMILY,
+            attr::ADDRESS_ERROR_CODE,
             attr::SOFTWARE,
             attr::FINGERPRINT,
         ]),

@@ -13,8 +13,8 @@ mod common;
 use std::net::SocketAddr;
 
 use hmac::{Hmac, Mac};
-use relay_proto::auth;
 use relay_proto::stun::{attr, method, Attrs, Class, Encoder, FrameError, Message};
+use relay_proto::{auth, Transport};
 use sha1::Sha1;
 
 use common::{error_code, five, unknown_attributes, Harness};
@@ -395,6 +395,7 @@ fn long_term_vector_to_server_is_a_plain_binding() {
     let resp = h.transact(h.t0, five(40001), LONG_TERM_REQUEST);
     assert_eq!(common::class_of(&resp), Class::Success);
     assert_eq!(xor_mapped(&resp), five(40001).client);
-    assert_eq!(h.stats().binding_requests, 1);
+    assert_eq!(h.stats().binding_requests[Transport::Udp.index()], 1);
+    assert_eq!(h.stats().binding_requests.iter().sum::<u64>(), 1);
     assert_eq!(h.stats().auth_failures.iter().sum::<u64>(), 0);
 }

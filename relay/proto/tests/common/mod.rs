@@ -3,11 +3,12 @@
 //! A [`Harness`] owns a [`Server`] built from a fixed test [`Config`], a virtual clock origin
 //! (`t0`) and the fixed wall clock [`WALL_SECS`]. Every `handle_*` call is followed by a full drain
 //! of [`Server::poll_output`], copied into owned [`Out`] values; `Output::BindRelay` is answered
-//! at once according to [`BindMode`]. Requests are built with [`Request`] (which encodes with
+//! at once according to [`BindMode`] with an address of the request's IP (so of its family: a
+//! dual allocation gets an IPv4 and an IPv6 relay). Requests are built with [`Request`] (which encodes with
 //! `stun::Encoder`) and responses read with the free functions at the end of this file.
 #![allow(dead_code, clippy::unwrap_used)]
 
-use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::sync::atomic::{AtomicU32, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
@@ -15,8 +16,8 @@ use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 use relay_proto::auth;
 use relay_proto::stun::{self, attr, method, Attrs, Class, Encoder, Message};
 use relay_proto::{
-    BindError, BindRequest, Config, Dest, Event, FiveTuple, Output, PeerPolicy, Quotas, RelayId,
-    Server, Stats, Transport,
+    BindError, BindRequest, Config, Dest, Event, Family, FiveTuple, Output, PeerPolicy, Quotas,
+    RelayId, Server, Stats, Transport,
 };
 
 pub(crate) const REALM: &str = "example.org";
@@ -26,6 +27,8 @@ pub(crate) const SECRET_TWO: &[u8] = b"secret-two-0123456789";
 pub(crate) const WALL_SECS: u64 = 1_700_000_000;
 /// Documentation space: denied as a peer by default, fine as the relay IP.
 pub(crate) const RELAY_IP: IpAddr = IpAddr::V4(Ipv4Addr::new(203, 0, 113, 10));
+/// The IPv6 relay IP of dual-stack and IPv6-only configs (documentation space).
+pub(crate) const RELAY_IP6: IpAddr = IpAddr::V6(Ipv6Addr::new(0x2001, 0xdb8, 0, 0, 0, 0, 0, 0x10));
 /// Our listener (the `server` side of every client 5-tuple).
 pub(crate) const LISTENER: SocketAddr =
     SocketAddr::new(IpAddr::V4(Ipv4Addr::new(198, 51, 100, 1)), 3478);
@@ -41,6 +44,9 @@ pub(crate) const PEER_C: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::new(9
 pub(crate) const RELAY_PORT_BASE: u16 = 50000;
 /// The REQUESTED-TRANSPORT value of UDP.
 pub(crate) const UDP: u8 = 17;
+/// REQUESTED-/ADDITIONAL-ADDRESS-FAMILY values.
+pub(crate) const FAMILY_V4: u8 = 0x01;
+pub(crate) const FAMILY_V6: u8 = 0x02;
 
 pub(crate) fn wall() -> SystemTime {
     UNIX_EPOCH + Duration::from_secs(WALL_SECS)
@@ -67,11 +73,21 @@ pub(crate) fn config() -> Config {
 }
 
 pub(crate) fn five(port: u16) -> FiveTuple {
+    five_on(port, Transport::Udp)
+}
+
+/// A client 5-tuple over `transport` (a TCP/TLS connection for stream transports).
+pub(crate) fn five_on(port: u16, transport: Transport) -> FiveTuple {
     FiveTuple {
         client: SocketAddr::new(CLIENT_IP, port),
         server: LISTENER,
-        transport: Transport::Udp,
+        transport,
     }
+}
+
+/// The sum of a per-transport counter row over every transport.
+pub(crate) fn all_transports<const N: usize>(rows: &[[u64; N]; Transport::COUNT], i: usize) -> u64 {
+    rows.iter().map(|r| r[i]).sum()
 }
 
 /// A unique transaction id per call.
@@ -171,6 +187,16 @@ impl Request {
 
     pub(crate) fn u32(self, typ: u16, v: u32) -> Self {
         self.attr(typ, &v.to_be_bytes())
+    }
+
+    /// REQUESTED-ADDRESS-FAMILY.
+    pub(crate) fn family(self, family: u8) -> Self {
+        self.attr(attr::REQUESTED_ADDRESS_FAMILY, &[family, 0, 0, 0])
+    }
+
+    /// ADDITIONAL-ADDRESS-FAMILY (a dual allocation).
+    pub(crate) fn additional_family(self, family: u8) -> Self {
+        self.attr(attr::ADDITIONAL_ADDRESS_FAMILY, &[family, 0, 0, 0])
     }
 
     pub(crate) fn transport(self, proto: u8) -> Self {
@@ -279,10 +305,12 @@ pub(crate) enum Out {
 /// How the harness answers `Output::BindRelay`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum BindMode {
-    /// At once, with `RELAY_IP:(RELAY_PORT_BASE + n)`.
+    /// At once, with `<request ip>:(RELAY_PORT_BASE + n)`.
     Ok,
     /// At once, with this error.
     Fail(BindError),
+    /// At once: this error for requests of this family, like `Ok` for the other.
+    FailFamily(Family, BindError),
     /// Not at all: the test calls [`Harness::relay_bound`].
     Manual,
 }
@@ -293,19 +321,38 @@ pub(crate) struct Client {
     pub(crate) five: FiveTuple,
     pub(crate) creds: Creds,
     pub(crate) nonce: Vec<u8>,
+    /// The first relay (the primary family's: IPv4 of a dual allocation).
     pub(crate) relay: Option<RelayId>,
+    /// Every relay asked for, in BindRelay order.
+    pub(crate) relays: Vec<RelayId>,
+    /// The first XOR-RELAYED-ADDRESS.
     pub(crate) relayed: Option<SocketAddr>,
 }
 
 impl Client {
     pub(crate) fn new(port: u16, creds: Creds) -> Self {
+        Self::on(five(port), creds)
+    }
+
+    /// A client on any 5-tuple (another transport, an IPv6 client).
+    pub(crate) fn on(five: FiveTuple, creds: Creds) -> Self {
         Self {
-            five: five(port),
+            five,
             creds,
             nonce: Vec::new(),
             relay: None,
+            relays: Vec::new(),
             relayed: None,
         }
+    }
+
+    /// The relay of `family`; panics if the allocation asked for none.
+    pub(crate) fn relay_of(&self, family: Family) -> RelayId {
+        *self
+            .relays
+            .iter()
+            .find(|r| r.family() == family)
+            .expect("client has no relay of that family")
     }
 
     pub(crate) fn relay(&self) -> RelayId {
@@ -329,7 +376,7 @@ pub(crate) struct Harness {
     pub(crate) server: Server,
     pub(crate) t0: Instant,
     pub(crate) bind_mode: BindMode,
-    /// The IP of relay sockets bound in `BindMode::Ok` (the config's relay IP).
+    /// The IP `next_relay_addr` names: the config's IPv4 relay IP, else its IPv6 one.
     relay_ip: IpAddr,
     binds: u16,
 }
@@ -351,7 +398,7 @@ impl Harness {
         f(&mut cfg);
         let t0 = Instant::now();
         Self {
-            relay_ip: cfg.relay_ip,
+            relay_ip: cfg.relay_ips.v4.or(cfg.relay_ips.v6).unwrap(),
             server: Server::new(cfg, t0, wall()),
             t0,
             bind_mode: BindMode::Ok,
@@ -377,9 +424,15 @@ impl Harness {
         Arc::clone(&self.server.config().quotas)
     }
 
-    /// The address the harness gives the next relay socket.
+    /// The address the harness gives the next relay socket (of the default family).
     pub(crate) fn next_relay_addr(&self) -> SocketAddr {
         SocketAddr::new(self.relay_ip, RELAY_PORT_BASE + self.binds)
+    }
+
+    /// The client's TCP/TLS connection closed.
+    pub(crate) fn connection_closed(&mut self, now: Instant, five: FiveTuple) -> Vec<Out> {
+        self.server.handle_connection_closed(now, five);
+        self.drain(now)
     }
 
     pub(crate) fn client_sends(&mut self, now: Instant, five: FiveTuple, bytes: &[u8]) -> Vec<Out> {
@@ -424,15 +477,23 @@ impl Harness {
                 }),
                 Output::BindRelay(req) => {
                     outs.push(Out::Bind(req));
-                    match self.bind_mode {
-                        BindMode::Ok => {
-                            let addr = self.next_relay_addr();
+                    // A BindRelay names the IP, hence the family, of the socket it wants.
+                    assert_eq!(Family::of(req.ip), req.relay.family(), "{req:?}");
+                    let fail = match self.bind_mode {
+                        BindMode::Manual => continue,
+                        BindMode::Ok => None,
+                        BindMode::Fail(e) => Some(e),
+                        BindMode::FailFamily(f, e) => (f == req.relay.family()).then_some(e),
+                    };
+                    let result = match fail {
+                        Some(e) => Err(e),
+                        None => {
+                            let addr = SocketAddr::new(req.ip, RELAY_PORT_BASE + self.binds);
                             self.binds += 1;
-                            self.server.handle_relay_bound(now, req.relay, Ok(addr));
+                            Ok(addr)
                         }
-                        BindMode::Fail(e) => self.server.handle_relay_bound(now, req.relay, Err(e)),
-                        BindMode::Manual => {}
-                    }
+                    };
+                    self.server.handle_relay_bound(now, req.relay, result);
                 }
                 Output::ReleaseRelay(id) => outs.push(Out::Release(id)),
                 Output::Event(e) => outs.push(Out::Event(e)),
@@ -461,10 +522,20 @@ impl Harness {
     /// The full allocate flow: 401, then the Allocate with credentials. Asserts success and
     /// returns the success response.
     pub(crate) fn allocate(&mut self, now: Instant, client: &mut Client) -> Vec<u8> {
+        self.allocate_with(now, client, |r| r)
+    }
+
+    /// The same, with extra Allocate attributes (after REQUESTED-TRANSPORT) added by `f`.
+    pub(crate) fn allocate_with(
+        &mut self,
+        now: Instant,
+        client: &mut Client,
+        f: impl FnOnce(Request) -> Request,
+    ) -> Vec<u8> {
         self.fetch_nonce(now, client);
-        let req = client.req_with(method::ALLOCATE, |r| r.transport(UDP));
+        let req = client.req_with(method::ALLOCATE, |r| f(r.transport(UDP)));
         let outs = self.client_sends(now, client.five, &req.encode());
-        let relay = binds(&outs).first().expect("no BindRelay").relay;
+        let relays: Vec<RelayId> = binds(&outs).iter().map(|b| b.relay).collect();
         let resp = response_to(&outs, client.five);
         assert_eq!(
             class_of(&resp),
@@ -472,7 +543,8 @@ impl Harness {
             "error {:?}",
             error_code(&resp)
         );
-        client.relay = Some(relay);
+        client.relay = Some(*relays.first().expect("no BindRelay"));
+        client.relays = relays;
         client.relayed = xor_addr(&resp, attr::XOR_RELAYED_ADDRESS);
         resp
     }
@@ -627,6 +699,34 @@ pub(crate) fn xor_addr(bytes: &[u8], typ: u16) -> Option<SocketAddr> {
     let msg = parse(bytes);
     let v = attr_value(bytes, typ)?;
     stun::decode_xor_address(&v, &msg.transaction_id())
+}
+
+/// Every value of attribute `typ`, in order.
+pub(crate) fn attr_values(bytes: &[u8], typ: u16) -> Vec<Vec<u8>> {
+    parse(bytes)
+        .attributes()
+        .filter(|(t, _, _)| *t == typ)
+        .map(|(_, v, _)| v.to_vec())
+        .collect()
+}
+
+/// Every XOR address of type `typ`, in order; panics on one that does not decode.
+pub(crate) fn xor_addrs(bytes: &[u8], typ: u16) -> Vec<SocketAddr> {
+    let tid = parse(bytes).transaction_id();
+    attr_values(bytes, typ)
+        .iter()
+        .map(|v| stun::decode_xor_address(v, &tid).expect("bad XOR address"))
+        .collect()
+}
+
+/// ADDRESS-ERROR-CODE (RFC 8656 §18.12) as (family, class*100 + number), checking its layout:
+/// family, reserved zero, class, number, a UTF-8 reason phrase.
+pub(crate) fn address_error_code(bytes: &[u8]) -> Option<(u8, u16)> {
+    let v = attr_value(bytes, attr::ADDRESS_ERROR_CODE)?;
+    assert!(v.len() >= 4, "short ADDRESS-ERROR-CODE");
+    assert_eq!(v[1], 0, "reserved byte of ADDRESS-ERROR-CODE");
+    assert!(std::str::from_utf8(&v[4..]).is_ok(), "reason is not UTF-8");
+    Some((v[0], u16::from(v[2] & 0x07) * 100 + u16::from(v[3])))
 }
 
 pub(crate) fn lifetime_of(bytes: &[u8]) -> Option<u32> {

@@ -171,7 +171,8 @@ pub struct RawClient {
     username: String,
     key: [u8; 16],
     nonce: Vec<u8>,
-    tid: u8,
+    /// Requests sent so far: the transaction id of the next one is derived from it.
+    sent: u64,
 }
 
 /// A decoded response: error code (None for success) and the raw message.
@@ -241,14 +242,14 @@ impl RawClient {
             username,
             key,
             nonce: Vec::new(),
-            tid: 0,
+            sent: 0,
         }
     }
 
     pub async fn request(&mut self, m: u16, attrs: &[(u16, Vec<u8>)]) -> Response {
         loop {
-            self.tid += 1;
-            let tid = [self.tid; 12];
+            self.sent += 1;
+            let tid = tid_of(self.sent);
             let mut buf = Vec::new();
             let mut e = Encoder::new(&mut buf, m, Class::Request, tid);
             for (t, v) in attrs {
@@ -300,7 +301,7 @@ impl RawClient {
     pub async fn request_with_peer(&mut self, m: u16, peer: SocketAddr) -> Response {
         // XOR-PEER-ADDRESS for IPv6 is XORed with the transaction id, which `request` picks:
         // encode it for the next id (the nonce is known by now, so there is no retry).
-        let tid = [self.tid + 1; 12];
+        let tid = tid_of(self.sent + 1);
         let mut tmp = Vec::new();
         let mut e = Encoder::new(&mut tmp, m, Class::Request, tid);
         e.xor_address(attr::XOR_PEER_ADDRESS, peer);
@@ -308,6 +309,13 @@ impl RawClient {
         let value = tmp[24..].to_vec();
         self.request(m, &[(attr::XOR_PEER_ADDRESS, value)]).await
     }
+}
+
+/// A transaction id that never repeats within a client (retransmission detection keys on it).
+fn tid_of(n: u64) -> [u8; 12] {
+    let mut t = [0x7Au8; 12];
+    t[4..].copy_from_slice(&n.to_be_bytes());
+    t
 }
 
 pub fn binding_request(tid: [u8; 12]) -> Vec<u8> {
