@@ -553,3 +553,98 @@ fn coturn_uclient_over_tls_relays_with_zero_loss() {
     // -t -S is TLS over TCP; -S alone would be DTLS.
     uclient_over_stream(&relay, tls, "tls", &["-t", "-S"]);
 }
+
+/// A TLS client that trusts exactly `cert_pem`, over a blocking socket.
+fn tls_connect(
+    addr: SocketAddr,
+    cert_pem: &str,
+) -> Result<rustls::StreamOwned<rustls::ClientConnection, std::net::TcpStream>, String> {
+    use rustls::pki_types::pem::PemObject as _;
+    let cert = rustls::pki_types::CertificateDer::from_pem_slice(cert_pem.as_bytes()).unwrap();
+    let mut roots = rustls::RootCertStore::empty();
+    roots.add(cert).unwrap();
+    let provider = std::sync::Arc::new(rustls::crypto::ring::default_provider());
+    let mut cfg = rustls::ClientConfig::builder_with_provider(provider)
+        .with_safe_default_protocol_versions()
+        .unwrap()
+        .with_root_certificates(roots)
+        .with_no_client_auth();
+    cfg.alpn_protocols = vec![b"stun.turn".to_vec()];
+    let name = rustls::pki_types::ServerName::try_from("localhost").unwrap();
+    let conn = rustls::ClientConnection::new(std::sync::Arc::new(cfg), name).unwrap();
+    let sock = std::net::TcpStream::connect(addr).unwrap();
+    sock.set_read_timeout(Some(WAIT)).unwrap();
+    let mut tls = rustls::StreamOwned::new(conn, sock);
+    // Drive the handshake to completion (or failure) now.
+    while tls.conn.is_handshaking() {
+        tls.conn
+            .complete_io(&mut tls.sock)
+            .map_err(|e| e.to_string())?;
+    }
+    Ok(tls)
+}
+
+/// Sends a Binding request on a stream and reads its answer.
+fn binding_over<S: std::io::Read + std::io::Write>(stream: &mut S, tid: [u8; 12]) {
+    use relay_proto::stun::{method, stream_frame_len, Class, Encoder, Message};
+    let mut req = Vec::new();
+    Encoder::new(&mut req, method::BINDING, Class::Request, tid).finish();
+    stream.write_all(&req).unwrap();
+    stream.flush().unwrap();
+    let mut buf = Vec::new();
+    let mut chunk = [0u8; 512];
+    let len = loop {
+        if let Ok(Some(n)) = stream_frame_len(&buf, 65_552) {
+            break n;
+        }
+        let n = stream.read(&mut chunk).unwrap();
+        assert!(n > 0, "connection closed before the Binding answer");
+        buf.extend_from_slice(&chunk[..n]);
+    };
+    let msg = Message::parse(&buf[..len]).unwrap();
+    assert_eq!(msg.class(), Class::Success);
+    assert_eq!(msg.transaction_id(), tid);
+}
+
+#[test]
+fn sighup_reloads_the_tls_certificate_without_dropping_connections() {
+    let (relay, addr) = start_stream_relay("reload", "tls://127.0.0.1:0", true);
+    let dir = std::env::temp_dir().join(format!("turnpike-cli-{}-reload", std::process::id()));
+    let first = std::fs::read_to_string(dir.join("cert.pem")).unwrap();
+    let mut old = tls_connect(addr, &first).expect("the first certificate is served");
+    binding_over(&mut old, [1; 12]);
+
+    // Replace the files, then SIGHUP.
+    let ck = rcgen::generate_simple_self_signed(vec!["localhost".to_owned()]).unwrap();
+    let second = ck.cert.pem();
+    std::fs::write(dir.join("cert.pem"), &second).unwrap();
+    std::fs::write(dir.join("key.pem"), ck.signing_key.serialize_pem()).unwrap();
+    let pid = relay.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-HUP", &pid])
+        .status()
+        .unwrap()
+        .success());
+
+    // New handshakes get the new certificate (the signal is handled asynchronously).
+    let deadline = Instant::now() + WAIT;
+    let mut new = loop {
+        match tls_connect(addr, &second) {
+            Ok(c) => break c,
+            Err(e) => {
+                assert!(
+                    Instant::now() < deadline,
+                    "new certificate never served: {e}"
+                );
+                std::thread::sleep(Duration::from_millis(50));
+            }
+        }
+    };
+    binding_over(&mut new, [2; 12]);
+    assert!(
+        tls_connect(addr, &first).is_err(),
+        "the old certificate is no longer presented"
+    );
+    // The connection made before the reload is still up.
+    binding_over(&mut old, [3; 12]);
+}
