@@ -850,3 +850,39 @@ async fn per_source_cap_refuses_the_flood_but_not_other_sources_or_admitted_conn
     drop(flood);
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_thousand_tcp_allocations_dropped_with_their_connections_leave_no_port_or_quota_behind() {
+    let relay = start(&["tcp://127.0.0.1:0"], "", None).await;
+    let addr = stream_addr(&relay, conf::Transport::Tcp);
+    let ports = r#"turnpike_relay_ports_available{family="ipv4"}"#;
+    wait_metric_eq(&relay, ports, 5000.0).await;
+    for i in 0..1000 {
+        // One user for all: its quota (16) only holds if every close gives its share back.
+        let mut c = TurnConn::new(tcp(addr).await, "cycler");
+        let relayed = c.allocate().await;
+        assert!(
+            (40000..=44999).contains(&relayed.port()),
+            "cycle {i}: {relayed}"
+        );
+        drop(c);
+    }
+    expect_metric(
+        &relay,
+        r#"turnpike_relay_allocations_ended_total{reason="connection_closed"}"#,
+        1000.0,
+    )
+    .await;
+    wait_metric_eq(
+        &relay,
+        r#"turnpike_relay_allocations_active{transport="tcp"}"#,
+        0.0,
+    )
+    .await;
+    wait_metric_eq(&relay, ports, 5000.0).await;
+    assert_eq!(
+        relay.metric(r#"turnpike_relay_allocation_requests_total{result="quota",transport="tcp"}"#),
+        0.0
+    );
+    relay.shutdown().await;
+}
