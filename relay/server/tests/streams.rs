@@ -340,7 +340,12 @@ async fn tls(addr: SocketAddr, root: &CertificateDer<'static>) -> TlsStream<TcpS
 /// session id, one cipher suite (TLS_RSA_WITH_AES_128_CBC_SHA), null compression, no
 /// extensions. rustls implements neither TLS 1.0 nor 1.1, so the handshake must fail.
 fn tls11_client_hello() -> Vec<u8> {
-    let mut body = vec![0x03, 0x02];
+    old_client_hello(0x02)
+}
+
+/// The same ClientHello with client_version 3.`minor` (1: TLS 1.0, 2: TLS 1.1).
+fn old_client_hello(minor: u8) -> Vec<u8> {
+    let mut body = vec![0x03, minor];
     body.extend_from_slice(&[0x5a; 32]);
     body.push(0); // session id length
     body.extend_from_slice(&[0x00, 0x02, 0x00, 0x2f]); // cipher suites
@@ -653,13 +658,16 @@ async fn tls_listener_negotiates_stun_turn_and_refuses_old_tls_and_other_alpn() 
 
     // A hand-built TLS 1.1 ClientHello: answered with nothing but a fatal alert record
     // (content type 21, 2 bytes, level 2), then closed. (rustls 0.23 says handshake_failure.)
-    let mut old = Conn::new(tcp(addr).await);
-    old.send(&tls11_client_hello()).await;
-    let answer = old.expect_closed().await;
-    if !answer.is_empty() {
-        assert_eq!(answer.len(), 7, "one alert record: {answer:02x?}");
-        assert_eq!(answer[0], 0x15, "an alert record: {answer:02x?}");
-        assert_eq!(&answer[3..6], &[0, 2, 2], "a fatal alert: {answer:02x?}");
+    // TLS 1.0 likewise.
+    for hello in [tls11_client_hello(), old_client_hello(0x01)] {
+        let mut old = Conn::new(tcp(addr).await);
+        old.send(&hello).await;
+        let answer = old.expect_closed().await;
+        if !answer.is_empty() {
+            assert_eq!(answer.len(), 7, "one alert record: {answer:02x?}");
+            assert_eq!(answer[0], 0x15, "an alert record: {answer:02x?}");
+            assert_eq!(&answer[3..6], &[0, 2, 2], "a fatal alert: {answer:02x?}");
+        }
     }
 
     // A client that insists on another protocol ("h2") does not get one.
@@ -686,7 +694,7 @@ async fn tls_listener_negotiates_stun_turn_and_refuses_old_tls_and_other_alpn() 
 
     expect_metric(&relay, &bindings("tls"), 3.0).await;
     expect_metric(&relay, &bindings("tcp"), 1.0).await;
-    expect_metric(&relay, &closed("tls_handshake_failed"), 2.0).await;
+    expect_metric(&relay, &closed("tls_handshake_failed"), 3.0).await;
     expect_metric(&relay, &closed("client_closed"), 3.0).await;
     assert_eq!(relay.metric(&closed("io_error")), 0.0);
     assert_eq!(relay.metric(&closed("tls_unavailable")), 0.0);
