@@ -384,6 +384,9 @@ pub struct Stats {
     pub binding_requests: [u64; Transport::COUNT],
     /// Allocations deleted by [`DeleteReason`].
     pub deleted: [u64; DeleteReason::COUNT],
+    /// Of the client-to-peer packets, those handed straight to another allocation of this shard
+    /// (same-server short-circuit) instead of through the kernel.
+    pub short_circuit: u64,
 }
 
 /// Configuration of the core. Built by the driver from the file schema; the core never sees
@@ -507,6 +510,9 @@ pub struct Server {
     timers: BinaryHeap<Reverse<(Instant, AllocId)>>,
     /// Allocations by client [`Transport`].
     active: [usize; Transport::COUNT],
+    /// Bound relay sockets of this shard by their address (relay IP, not the external one): a
+    /// peer address found here is another allocation of this shard, reached without the kernel.
+    by_relayed: HashMap<SocketAddr, RelayId, ahash::RandomState>,
     /// Transaction ids of Data indications.
     indications: u64,
     recent_deletes: VecDeque<(FiveTuple, Cached)>,
@@ -548,6 +554,7 @@ impl Server {
             by_five: HashMap::default(),
             timers: BinaryHeap::new(),
             active: [0; Transport::COUNT],
+            by_relayed: HashMap::default(),
             indications: 0,
             recent_deletes: VecDeque::with_capacity(RECENT_DELETES),
             outputs: VecDeque::new(),
@@ -729,14 +736,16 @@ impl Server {
     fn delete(&mut self, id: AllocId, reason: DeleteReason) {
         let Some(a) = self.remove(id) else { return };
         self.stats.deleted[reason.index()] += 1;
-        for family in Family::ALL.iter().copied() {
-            // Sockets still binding are released when the driver reports them bound.
-            if a.has(family) {
-                self.outputs
-                    .push_back(OutputItem::Other(Output::ReleaseRelay(RelayId {
+        // Sockets still binding are released when the driver reports them bound.
+        for (family, r) in Family::ALL.iter().zip(a.relays) {
+            if let Relay::Bound(advertised) = r {
+                self.release(
+                    RelayId {
                         alloc: id,
-                        family,
-                    })));
+                        family: *family,
+                    },
+                    advertised,
+                );
             }
         }
         self.outputs
@@ -744,6 +753,20 @@ impl Server {
                 client: a.five.client,
                 reason,
             })));
+    }
+
+    /// The relay socket's own address (relay IP) for an advertised relayed address.
+    fn wire_relayed(&self, family: Family, advertised: SocketAddr) -> SocketAddr {
+        let ip = self.config.relay_ips.get(family).unwrap_or(advertised.ip());
+        SocketAddr::new(ip, advertised.port())
+    }
+
+    /// Forgets a bound relay socket and tells the driver to close it.
+    fn release(&mut self, relay: RelayId, advertised: SocketAddr) {
+        let wire = self.wire_relayed(relay.family, advertised);
+        self.by_relayed.remove(&wire);
+        self.outputs
+            .push_back(OutputItem::Other(Output::ReleaseRelay(relay)));
     }
 
     /// A datagram from a client arrived on a UDP listener, or a complete frame (see
@@ -801,15 +824,24 @@ impl Server {
         peer: SocketAddr,
         data: &[u8],
     ) {
-        let start = self.buf.len();
-        self.buf.extend_from_slice(data);
         self.stats.packets[transport.index()][Direction::ClientToPeer.index()] += 1;
         self.stats.bytes[transport.index()][Direction::ClientToPeer.index()] += data.len() as u64;
         let peer = self.client_view_to_wire(peer);
-        let relay = RelayId {
-            alloc: id,
-            family: Family::of(peer.ip()),
-        };
+        let family = Family::of(peer.ip());
+        let relay = RelayId { alloc: id, family };
+        if let Some(&target) = self.by_relayed.get(&peer) {
+            // Same-server short-circuit: the peer is another allocation of this shard. Deliver
+            // the datagram as its relay socket would have received it from ours — same source
+            // address, same permission check — without two system calls and a kernel hop.
+            let from = match self.get(id).map(|a| a.relays[family.index()]) {
+                Some(Relay::Bound(advertised)) => self.wire_relayed(family, advertised),
+                _ => return self.drop(DropReason::NoAllocation),
+            };
+            self.stats.short_circuit += 1;
+            return self.deliver_from_peer(self.now, target, from, data);
+        }
+        let start = self.buf.len();
+        self.buf.extend_from_slice(data);
         self.outputs.push_back(OutputItem::Transmit(Transmit {
             dest: Dest::Peer { relay, peer },
             range: start..self.buf.len(),
@@ -853,6 +885,33 @@ impl Server {
     /// A datagram from `from` arrived on the relay socket `relay`.
     pub fn handle_peer(&mut self, now: Instant, relay: RelayId, from: SocketAddr, datagram: &[u8]) {
         self.begin(now);
+        self.deliver_from_peer(now, relay, from, datagram);
+    }
+
+    /// A datagram for the relay socket bound at `to` (a relay IP and port of this shard), from
+    /// `from`: what another shard hands over for the same-server short-circuit. Dropped (as
+    /// `no_allocation`) when no such socket is bound here any more.
+    pub fn handle_peer_at(
+        &mut self,
+        now: Instant,
+        to: SocketAddr,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) {
+        self.begin(now);
+        match self.by_relayed.get(&to) {
+            Some(&relay) => self.deliver_from_peer(now, relay, from, datagram),
+            None => self.drop(DropReason::NoAllocation),
+        }
+    }
+
+    fn deliver_from_peer(
+        &mut self,
+        now: Instant,
+        relay: RelayId,
+        from: SocketAddr,
+        datagram: &[u8],
+    ) {
         let from = self.wire_to_client_view(SocketAddr::new(
             crate::policy::canonical(from.ip()),
             from.port(),
@@ -944,6 +1003,12 @@ impl Server {
             )),
             Err(_) => Relay::Failed(code::INSUFFICIENT_CAPACITY),
         };
+        if let Ok(bound) = result {
+            self.by_relayed.insert(bound, relay);
+        }
+        let Some(a) = self.get_mut(relay.alloc) else {
+            return;
+        };
         if a.relays.contains(&Relay::Binding) {
             return; // the other family of a dual allocation is still binding
         }
@@ -953,13 +1018,17 @@ impl Server {
         if !a.has(a.primary) {
             // Without its requested family there is no allocation: release the other, 508.
             let id = relay.alloc;
-            let bound: Vec<Family> = Family::ALL.iter().copied().filter(|f| a.has(*f)).collect();
-            for family in bound {
-                self.outputs
-                    .push_back(OutputItem::Other(Output::ReleaseRelay(RelayId {
-                        alloc: id,
-                        family,
-                    })));
+            let relays = a.relays;
+            for (family, r) in Family::ALL.iter().zip(relays) {
+                if let Relay::Bound(advertised) = r {
+                    self.release(
+                        RelayId {
+                            alloc: id,
+                            family: *family,
+                        },
+                        advertised,
+                    );
+                }
             }
             // Never active: no deletion to report.
             drop(self.remove(id));
@@ -1420,16 +1489,20 @@ impl Server {
         });
         if lifetime.is_zero() && other_family_stays {
             if let (Some(f), Some(a)) = (only, self.get_mut(id)) {
-                a.relays[f.index()] = Relay::None;
+                let released = std::mem::replace(&mut a.relays[f.index()], Relay::None);
                 // Permissions and channels of that family went through the released socket:
                 // keeping them would send from it.
                 a.permissions.retain(|p| Family::of(p.ip) != f);
                 a.channels.retain(|c| Family::of(c.peer.ip()) != f);
-                self.outputs
-                    .push_back(OutputItem::Other(Output::ReleaseRelay(RelayId {
-                        alloc: id,
-                        family: f,
-                    })));
+                if let Relay::Bound(advertised) = released {
+                    self.release(
+                        RelayId {
+                            alloc: id,
+                            family: f,
+                        },
+                        advertised,
+                    );
+                }
             }
         } else if lifetime.is_zero() {
             self.delete(id, DeleteReason::Client);

@@ -8,7 +8,7 @@ use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 
 use relay_proto::policy::{canonical, Allowed};
 use relay_proto::stun::{attr, method, Class};
-use relay_proto::{DenyReason, Dest, DropReason, PeerPolicy, PerFamily};
+use relay_proto::{DenyReason, Direction, DropReason, PeerPolicy, PerFamily};
 
 use common::*;
 
@@ -231,22 +231,42 @@ fn two_allocations_relay_to_each_other() {
         class_of(&h.create_permission(h.at(1), &b, &[ra])),
         Class::Success
     );
+    // Same shard: the datagram goes straight to B's client, as if B's relay socket had received
+    // it from A's relayed address — no transmit to a peer, no kernel hop.
     let outs = h.client_sends(h.at(2), a.five, &channel_data(0x4000, b"hairpin"));
-    assert_eq!(
-        transmits(&outs),
-        vec![(
-            Dest::Peer {
-                relay: a.relay(),
-                peer: rb
-            },
-            b"hairpin".to_vec()
-        )]
-    );
-    // The driver delivers it on B's relay socket, from A's relayed address.
-    let outs = h.peer_sends(h.at(2), b.relay(), ra, b"hairpin");
     let ind = response_to(&outs, b.five);
     assert_eq!(xor_addr(&ind, attr::XOR_PEER_ADDRESS), Some(ra));
     assert_eq!(attr_value(&ind, attr::DATA).unwrap(), b"hairpin");
+    assert_eq!(h.stats().short_circuit, 1);
+    assert_eq!(h.stats().packets[0][Direction::ClientToPeer.index()], 1);
+    assert_eq!(h.stats().packets[0][Direction::PeerToClient.index()], 1);
+    // From another shard (the driver hands it over by address), the same delivery.
+    let outs = {
+        h.server.handle_peer_at(h.at(3), rb, ra, b"across");
+        h.drain(h.at(3))
+    };
+    let ind = response_to(&outs, b.five);
+    assert_eq!(attr_value(&ind, attr::DATA).unwrap(), b"across");
+    // The receiving allocation's permissions still rule: C has none, so nothing reaches it.
+    let c = h.allocated(44002);
+    let outs = h.send_indication(h.at(4), &b, c.relayed.unwrap(), b"knock");
+    assert!(transmits(&outs).is_empty(), "C has no permission");
+    assert_eq!(h.stats().dropped[DropReason::NoPermission.index()], 1);
+    assert_eq!(h.stats().short_circuit, 2);
+}
+
+#[test]
+fn handing_over_to_an_unknown_relayed_address_is_dropped() {
+    let mut h = Harness::new();
+    let a = h.allocated(44000);
+    h.server.handle_peer_at(
+        h.at(1),
+        SocketAddr::new(RELAY_IP, 60999),
+        a.relayed.unwrap(),
+        b"x",
+    );
+    assert!(h.drain(h.at(1)).is_empty());
+    assert_eq!(h.stats().dropped[DropReason::NoAllocation.index()], 1);
 }
 
 #[test]
@@ -326,14 +346,15 @@ fn channel_to_external_relayed_address_is_sent_to_relay_ip() {
         class_of(&h.channel_bind(h.at(1), &a, 0x4000, rb)),
         Class::Success
     );
+    // B lets A in by A's external (advertised) address.
+    let ra = a.relayed.unwrap();
+    assert_eq!(ra.ip(), EXTERNAL_IP);
+    h.create_permission(h.at(1), &b, &[ra]);
+    // Handed over inside the server (no NAT hairpin needed), and B sees A's external address.
     let outs = h.client_sends(h.at(2), a.five, &channel_data(0x4000, b"x"));
-    assert_eq!(
-        transmits(&outs)[0].0,
-        Dest::Peer {
-            relay: a.relay(),
-            peer: SocketAddr::new(RELAY_IP, rb.port())
-        }
-    );
+    let ind = response_to(&outs, b.five);
+    assert_eq!(xor_addr(&ind, attr::XOR_PEER_ADDRESS), Some(ra));
+    assert_eq!(h.stats().short_circuit, 1);
 }
 
 #[test]

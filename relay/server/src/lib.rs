@@ -67,6 +67,10 @@ pub const LISTENER_SOCKET_BUFFER: usize = 4 << 20;
 /// moved earlier. Allocation, permission and channel lifetimes are whole seconds, so a second
 /// of resolution loses nothing.
 pub const TICK: Duration = Duration::from_secs(1);
+/// Datagrams queued from one shard to another for the same-server short-circuit: a few ticks'
+/// worth at the rates a shard sustains; beyond that the target shard is overloaded and dropping
+/// (counted) is better than queueing without bound.
+const HANDOFF_QUEUE: usize = 4096;
 /// Backlog of stream listeners: connections the kernel completes before a shard accepts them.
 const STREAM_BACKLOG: i32 = 1024;
 /// First byte of a TLS handshake record: neither STUN (0x00–0x03) nor ChannelData (0x40–0x4F),
@@ -84,6 +88,8 @@ label_enum! {
         RecvError => "recv_error",
         /// A stream client's egress queue was full (it does not read fast enough).
         StreamQueueFull => "stream_queue_full",
+        /// Another shard's short-circuit queue was full (that shard is overloaded).
+        HandoffQueueFull => "handoff_queue_full",
     }
 }
 
@@ -258,6 +264,10 @@ impl RelayServer {
         );
         let now = Instant::now();
         let wall = SystemTime::now();
+        let (handoff_tx, mut handoff_rx): (Vec<_>, Vec<_>) = (0..threads)
+            .map(|_| tokio::sync::mpsc::channel(HANDOFF_QUEUE))
+            .unzip();
+        let handoff_tx = Arc::new(handoff_tx);
         let mut shards = Vec::with_capacity(threads);
         for s in 0..threads {
             let pool = |f: Family| {
@@ -272,6 +282,13 @@ impl RelayServer {
                 ports: [pool(Family::V4), pool(Family::V6)],
                 metrics: metrics.clone(),
                 streams: Arc::clone(&streams),
+                siblings: shard::Siblings {
+                    index: s,
+                    queues: Arc::clone(&handoff_tx),
+                    relay_ips,
+                    relay_ports: range.clone(),
+                },
+                handoffs: handoff_rx.remove(0),
             });
         }
         Ok(Self {

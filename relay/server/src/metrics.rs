@@ -30,6 +30,7 @@ pub struct RelayMetrics {
     relay_ports_available: IntGaugeVec,
     stream_connections: IntGaugeVec,
     stream_closed: IntCounterVec,
+    short_circuit: IntCounterVec,
 }
 
 fn counter(
@@ -125,6 +126,12 @@ impl RelayMetrics {
                 "TCP/TLS client connections closed, by reason (limits that trip have their own reason).",
                 &["reason"],
             )?,
+            short_circuit: counter(
+                r,
+                "turnpike_relay_short_circuit_packets_total",
+                "Client-to-peer packets handed straight to another allocation on this server instead of through the kernel, by path (same_shard, cross_shard).",
+                &["path"],
+            )?,
         };
         // Touch every label value so each series exists (at 0) from the first scrape: rate()
         // and alerts then work without waiting for the first event.
@@ -147,6 +154,9 @@ impl RelayMetrics {
         }
         for v in StreamClose::ALL {
             m.stream_closed.with_label_values(&[v.as_str()]);
+        }
+        for path in ["same_shard", "cross_shard"] {
+            m.short_circuit.with_label_values(&[path]);
         }
         for v in DeleteReason::ALL {
             m.allocations_ended.with_label_values(&[v.as_str()]);
@@ -179,6 +189,8 @@ pub(crate) struct DriverStats {
     pub(crate) streams: [i64; Transport::COUNT],
     /// Free relay ports by family (IPv4, IPv6).
     pub(crate) ports: [i64; 2],
+    /// Datagrams handed to another shard's allocation (cross-shard short-circuit).
+    pub(crate) handoffs: u64,
 }
 
 /// What one shard has published so far, to turn running totals into increments.
@@ -261,6 +273,12 @@ impl Publisher {
                 );
             }
         }
+        bump(
+            &m.short_circuit,
+            &["same_shard"],
+            s.short_circuit,
+            &mut l.short_circuit,
+        );
         for r in DeleteReason::ALL {
             bump(
                 &m.allocations_ended,
@@ -302,6 +320,12 @@ impl Publisher {
                 &mut ld.drops[r.index()],
             );
         }
+        bump(
+            &m.short_circuit,
+            &["cross_shard"],
+            d.handoffs,
+            &mut ld.handoffs,
+        );
         for r in StreamClose::ALL {
             bump(
                 &m.stream_closed,

@@ -7,6 +7,11 @@ use std::ops::RangeInclusive;
 
 use rand::seq::SliceRandom as _;
 
+/// The shard that owns relay port `port` among `shards`: ports go to shards in (even, odd) pairs.
+pub(crate) fn owner(port: u16, shards: usize) -> usize {
+    usize::from(port / 2) % shards.max(1)
+}
+
 /// Free relay ports of one shard, in random order (RFC 8656 §7.2 asks for unpredictable relayed
 /// ports). Freed ports go to the back, so a port is reused as late as possible and a peer that
 /// still sends to an old allocation's address rarely reaches a new one.
@@ -18,9 +23,7 @@ pub(crate) struct PortPool {
 impl PortPool {
     /// The ports of `range` that belong to shard `shard` of `shards`: every `shards`-th pair.
     pub(crate) fn new(range: RangeInclusive<u16>, shard: usize, shards: usize) -> Self {
-        let mut ports: Vec<u16> = range
-            .filter(|p| usize::from(p / 2) % shards == shard)
-            .collect();
+        let mut ports: Vec<u16> = range.filter(|p| owner(*p, shards) == shard).collect();
         ports.shuffle(&mut rand::rng());
         Self { free: ports.into() }
     }

@@ -14,7 +14,9 @@ use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
-use relay_proto::{BindError, Dest, Family, FiveTuple, Output, RelayId, Server, Transport};
+use relay_proto::{
+    BindError, Dest, Family, FiveTuple, Output, PerFamily, RelayId, Server, Transport,
+};
 use tokio::net::UdpSocket;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
@@ -38,8 +40,38 @@ struct Listener {
     socket: Rc<UdpSocket>,
 }
 
+/// A datagram one shard hands to another for the same-server short-circuit: for the relay
+/// socket bound at `to`, from the relay socket at `from`.
+#[derive(Debug)]
+pub(crate) struct Handoff {
+    to: SocketAddr,
+    from: SocketAddr,
+    data: Vec<u8>,
+}
+
+/// Where this shard sits among its siblings, to route datagrams between allocations on
+/// different shards without the kernel.
+pub(crate) struct Siblings {
+    pub(crate) index: usize,
+    /// One queue per shard (this one's included, unused).
+    pub(crate) queues: Arc<Vec<mpsc::Sender<Handoff>>>,
+    pub(crate) relay_ips: PerFamily<IpAddr>,
+    pub(crate) relay_ports: std::ops::RangeInclusive<u16>,
+}
+
+impl Siblings {
+    /// The shard owning the relay socket at `addr`, if `addr` is one of this server's relay
+    /// addresses: ports are dealt to shards in pairs (see `PortPool::new`).
+    fn owner(&self, addr: SocketAddr) -> Option<usize> {
+        let ours = self.relay_ips.iter().any(|ip| ip == addr.ip())
+            && self.relay_ports.contains(&addr.port());
+        ours.then(|| crate::ports::owner(addr.port(), self.queues.len()))
+    }
+}
+
 pub(crate) struct Shard {
     core: Server,
+    siblings: Siblings,
     listeners: Vec<Listener>,
     /// Indexed by `RelayId::index()`, which the core keeps dense.
     relays: Vec<Option<Relay>>,
@@ -62,6 +94,8 @@ pub(crate) struct ShardSetup {
     pub(crate) ports: [Option<PortPool>; 2],
     pub(crate) metrics: RelayMetrics,
     pub(crate) streams: Arc<StreamShared>,
+    pub(crate) siblings: Siblings,
+    pub(crate) handoffs: mpsc::Receiver<Handoff>,
 }
 
 /// Runs a shard to completion on the current thread.
@@ -85,6 +119,7 @@ pub(crate) fn run(
         }
         let shard = Rc::new(RefCell::new(Shard {
             core: setup.core,
+            siblings: setup.siblings,
             listeners,
             relays: Vec::new(),
             ports: setup.ports,
@@ -119,6 +154,10 @@ pub(crate) fn run(
             )));
         }
         drop(ingress_tx);
+        tasks.push(tokio::task::spawn_local(handoff_task(
+            Rc::clone(&shard),
+            setup.handoffs,
+        )));
         debug!(shard = index, "shard running");
         timer_task(Rc::clone(&shard), phase).await;
         for t in tasks {
@@ -208,6 +247,30 @@ async fn ingress_task(shard: ShardRef, mut rx: mpsc::Receiver<Ingress>) {
                         sh.core.handle_connection_closed(now, five);
                     }
                 }
+                n += 1;
+                if n < IO_LOOP_BOUND {
+                    next = rx.try_recv().ok();
+                }
+            }
+            sh.flush(&shard, now);
+            n
+        };
+        if n == IO_LOOP_BOUND {
+            tokio::task::yield_now().await;
+        }
+    }
+}
+
+/// Feeds datagrams other shards hand over (same-server short-circuit across shards).
+async fn handoff_task(shard: ShardRef, mut rx: mpsc::Receiver<Handoff>) {
+    while let Some(first) = rx.recv().await {
+        let n = {
+            let mut sh = shard.borrow_mut();
+            let now = Instant::now();
+            let mut next = Some(first);
+            let mut n = 0;
+            while let Some(h) = next.take() {
+                sh.core.handle_peer_at(now, h.to, h.from, &h.data);
                 n += 1;
                 if n < IO_LOOP_BOUND {
                     next = rx.try_recv().ok();
@@ -320,12 +383,40 @@ impl Shard {
                             .iter()
                             .find(|l| l.local == five.server)
                             .map(|l| l.socket.try_send_to(payload, five.client)),
-                        Dest::Peer { relay, peer } => self
-                            .relays
-                            .get(relay.index())
-                            .and_then(Option::as_ref)
-                            .filter(|r| r.id == relay)
-                            .map(|r| r.socket.try_send_to(payload, peer)),
+                        Dest::Peer { relay, peer } => {
+                            let Some(r) = self
+                                .relays
+                                .get(relay.index())
+                                .and_then(Option::as_ref)
+                                .filter(|r| r.id == relay)
+                            else {
+                                self.stats.drops[DriverDrop::SendError.index()] += 1;
+                                continue;
+                            };
+                            match self.siblings.owner(peer) {
+                                // Another shard's allocation: hand it over, no kernel hop.
+                                Some(o) if o != self.siblings.index => {
+                                    let from = SocketAddr::new(
+                                        self.siblings.relay_ips.get(r.family).unwrap_or(peer.ip()),
+                                        r.port,
+                                    );
+                                    let h = Handoff {
+                                        to: peer,
+                                        from,
+                                        data: payload.to_vec(),
+                                    };
+                                    match self.siblings.queues[o].try_send(h) {
+                                        Ok(()) => self.stats.handoffs += 1,
+                                        Err(_) => {
+                                            self.stats.drops
+                                                [DriverDrop::HandoffQueueFull.index()] += 1;
+                                        }
+                                    }
+                                    continue;
+                                }
+                                _ => Some(r.socket.try_send_to(payload, peer)),
+                            }
+                        }
                     };
                     match sent {
                         Some(Ok(_)) => {}

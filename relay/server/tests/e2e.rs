@@ -7,6 +7,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use relay_proto::stun::{self, attr, method, Message};
 use tokio::net::UdpSocket;
 use webrtc_util::Conn as _;
 
@@ -279,5 +280,91 @@ grace-period = "1s"
             1.0,
         )
         .await;
+    relay.shutdown().await;
+}
+
+#[tokio::test]
+async fn allocations_on_this_server_reach_each_other_without_the_kernel_on_any_shard() {
+    // Two shards: the kernel spreads clients over both, so pairs meet on the same shard or
+    // across shards. Either way the datagram must be handed over inside the process.
+    let relay = Running::start_with(&format!(
+        r#"
+[relay]
+realm = "{REALM}"
+listen = ["udp://127.0.0.1:0"]
+relay-ip = "127.0.0.1"
+relay-ports = "45000-45999"
+secrets = ["{SECRET}"]
+threads = 2
+grace-period = "1s"
+"#
+    ))
+    .await;
+    let mut clients = Vec::new();
+    let mut relayed = Vec::new();
+    for i in 0..8 {
+        let mut c = RawClient::new(relay.addr, &format!("pair{i}")).await;
+        let r = c
+            .request(
+                method::ALLOCATE,
+                &[(attr::REQUESTED_TRANSPORT, UDP.to_vec())],
+            )
+            .await;
+        assert_eq!(r.code, None);
+        relayed.push(r.addresses(attr::XOR_RELAYED_ADDRESS)[0]);
+        clients.push(c);
+    }
+    // Pairs (0,1), (2,3), …: each permits the other (no allow-peers: relayed addresses of this
+    // server are always allowed, even on loopback).
+    for i in 0..8 {
+        let other = relayed[i ^ 1];
+        clients[i].permit(other).await;
+    }
+    for i in 0..8 {
+        let other = relayed[i ^ 1];
+        clients[i]
+            .send(other, format!("to {}", i ^ 1).as_bytes())
+            .await;
+    }
+    for i in 0..8 {
+        let (raw, _) = recv(&clients[i].sock).await;
+        let msg = Message::parse(&raw).unwrap();
+        assert_eq!(msg.method(), method::DATA);
+        let tid = msg.transaction_id();
+        let from = msg
+            .attributes()
+            .find(|(t, _, _)| *t == attr::XOR_PEER_ADDRESS)
+            .and_then(|(_, v, _)| stun::decode_xor_address(v, &tid));
+        assert_eq!(
+            from,
+            Some(relayed[i ^ 1]),
+            "the peer is the other relayed address"
+        );
+        let data = msg
+            .attributes()
+            .find(|(t, _, _)| *t == attr::DATA)
+            .map(|(_, v, _)| v.to_vec());
+        assert_eq!(data, Some(format!("to {i}").into_bytes()));
+    }
+    let same = r#"turnpike_relay_short_circuit_packets_total{path="same_shard"}"#;
+    let cross = r#"turnpike_relay_short_circuit_packets_total{path="cross_shard"}"#;
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let total = relay.metric(same) + relay.metric(cross);
+        if total >= 8.0 {
+            assert_eq!(total, 8.0, "every datagram was handed over exactly once");
+            eprintln!(
+                "same shard {}, cross shard {}",
+                relay.metric(same),
+                relay.metric(cross)
+            );
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "short-circuits: {total}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     relay.shutdown().await;
 }
