@@ -56,9 +56,13 @@ pub use tls::{TlsError, TlsHandle, ALPN_STUN_TURN};
 /// (about 1 µs) over many packets, small enough that one busy socket delays the others on the
 /// shard by well under a millisecond.
 pub const IO_LOOP_BOUND: usize = 64;
-/// Receive buffer: the largest UDP payload fits, so the kernel never truncates silently; the core
-/// decides what is too large. One per shard, not per socket.
+/// Receive buffer slot: the largest UDP payload fits, so the kernel never truncates silently; the
+/// core decides what is too large. [`RECV_BATCH`] slots per shard, not per socket.
 pub const RECV_BUFFER: usize = 65_536;
+/// Datagrams one `recvmmsg` may return: enough to empty a listener's queue under load in one
+/// call (the system call, not the copy, dominates), few enough that the buffers (2 MiB per shard)
+/// stay modest. A short batch also proves the queue empty, which saves the `EAGAIN` call.
+pub const RECV_BATCH: usize = 32;
 /// Kernel buffer asked for on listener sockets (capped by `net.core.rmem_max`/`wmem_max`): absorbs
 /// bursts from thousands of clients while a shard is busy. Relay sockets keep the default to keep
 /// per-allocation memory small.

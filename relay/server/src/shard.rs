@@ -17,7 +17,7 @@ use std::time::{Instant, SystemTime};
 use relay_proto::{
     BindError, Dest, Family, FiveTuple, Output, PerFamily, RelayId, Server, Transport,
 };
-use tokio::net::UdpSocket;
+use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tracing::{debug, warn};
@@ -25,19 +25,19 @@ use tracing::{debug, warn};
 use crate::metrics::{DriverStats, Publisher, RelayMetrics};
 use crate::ports::PortPool;
 use crate::stream::{self, Ingress, StreamShared};
-use crate::{DriverDrop, Phase, IO_LOOP_BOUND, RECV_BUFFER, TICK};
+use crate::{DriverDrop, Phase, IO_LOOP_BOUND, RECV_BATCH, RECV_BUFFER, TICK};
 
 struct Relay {
     id: RelayId,
     family: Family,
     port: u16,
-    socket: Rc<UdpSocket>,
+    socket: Rc<UdpSock>,
     task: JoinHandle<()>,
 }
 
 struct Listener {
     local: SocketAddr,
-    socket: Rc<UdpSocket>,
+    socket: Rc<UdpSock>,
 }
 
 /// A datagram one shard hands to another for the same-server short-circuit: for the relay
@@ -77,7 +77,12 @@ pub(crate) struct Shard {
     relays: Vec<Option<Relay>>,
     /// Relay port pools by family (IPv4, IPv6).
     ports: [Option<PortPool>; 2],
+    /// [`RECV_BATCH`] receive slots of [`RECV_BUFFER`] bytes each, for one `recvmmsg`.
     recv_buf: Box<[u8]>,
+    /// `recvmmsg` headers, one set per address family: the kernel shrinks each header's address
+    /// length to what it wrote, and the headers are reused, so an IPv6 socket must never get
+    /// headers an IPv4 socket shrank.
+    recv_headers: [nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>; 2],
     /// Frames for stream clients, by 5-tuple: each connection's bounded egress queue.
     pub(crate) streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
     pub(crate) stats: DriverStats,
@@ -114,7 +119,7 @@ pub(crate) fn run(
             let local = s.local_addr()?;
             listeners.push(Listener {
                 local,
-                socket: Rc::new(UdpSocket::from_std(s)?),
+                socket: Rc::new(register(s)?),
             });
         }
         let shard = Rc::new(RefCell::new(Shard {
@@ -123,7 +128,11 @@ pub(crate) fn run(
             listeners,
             relays: Vec::new(),
             ports: setup.ports,
-            recv_buf: vec![0u8; RECV_BUFFER].into_boxed_slice(),
+            recv_buf: vec![0u8; RECV_BUFFER * RECV_BATCH].into_boxed_slice(),
+            recv_headers: [
+                nix::sys::socket::MultiHeaders::preallocate(RECV_BATCH, None),
+                nix::sys::socket::MultiHeaders::preallocate(RECV_BATCH, None),
+            ],
             streams: HashMap::new(),
             stats: DriverStats::default(),
             publisher: Publisher::default(),
@@ -183,12 +192,16 @@ async fn listener_task(shard: ShardRef, index: usize) {
             sh.listeners[index].local,
         )
     };
+    let family = Family::of(local.ip());
     loop {
-        if let Err(e) = socket.readable().await {
-            warn!(error = %e, "listener socket failed");
-            return;
-        }
-        let more = recv_batch(&shard, &socket, |core, now, from, data| {
+        let mut ready = match socket.readable().await {
+            Ok(r) => r,
+            Err(e) => {
+                warn!(error = %e, "listener socket failed");
+                return;
+            }
+        };
+        let more = recv_batch(&shard, socket.get_ref(), family, |core, now, from, data| {
             let five = FiveTuple {
                 client: from,
                 server: local,
@@ -196,39 +209,96 @@ async fn listener_task(shard: ShardRef, index: usize) {
             };
             core.handle_client(now, five, data);
         });
-        if more {
+        if !more {
+            // A short batch emptied the queue: no need to ask the kernel again to learn that.
+            ready.clear_ready();
+        } else {
             // Let relay sockets and the timer have a turn before the next batch.
             tokio::task::yield_now().await;
         }
     }
 }
 
-/// Reads up to [`IO_LOOP_BOUND`] datagrams from `socket` into the core with `handle`, then
-/// flushes the core's outputs. Returns whether the bound was reached (more may be waiting).
+/// A UDP socket registered with the shard's reactor.
+type UdpSock = AsyncFd<StdUdpSocket>;
+
+/// Registers a socket with the reactor. `AsyncFd::new` is deprecated because an arbitrary
+/// `AsRawFd` type need not keep its descriptor open; a `std::net::UdpSocket` owns its descriptor
+/// until the `AsyncFd` drops it, which is exactly the contract of the (unsafe) replacement, so
+/// the deprecated safe form is sound here and keeps this crate free of `unsafe`.
+#[allow(deprecated)]
+fn register(socket: StdUdpSocket) -> io::Result<UdpSock> {
+    AsyncFd::new(socket)
+}
+
+/// Reads up to [`IO_LOOP_BOUND`] datagrams from `socket` with `recvmmsg` (batches of
+/// [`RECV_BATCH`]) into the core with `handle`, then flushes the core's outputs. Returns whether
+/// the socket may hold more: false when a batch came back short, which means the queue is empty
+/// and the caller can clear its readiness without another system call.
 fn recv_batch(
     shard: &ShardRef,
-    socket: &UdpSocket,
+    socket: &StdUdpSocket,
+    family: Family,
     handle: impl Fn(&mut Server, Instant, SocketAddr, &[u8]),
 ) -> bool {
+    use std::os::fd::AsRawFd as _;
     let mut sh = shard.borrow_mut();
     let sh = &mut *sh;
     let now = Instant::now();
-    let mut more = false;
-    for i in 0..IO_LOOP_BOUND {
-        match socket.try_recv_from(&mut sh.recv_buf) {
-            Ok((n, from)) => {
-                handle(&mut sh.core, now, from, &sh.recv_buf[..n]);
-                more = i + 1 == IO_LOOP_BOUND;
+    let mut read = 0;
+    let more = loop {
+        let mut got = [(0usize, None::<SocketAddr>); RECV_BATCH];
+        let n = {
+            let mut slices: Vec<[io::IoSliceMut<'_>; 1]> = sh
+                .recv_buf
+                .chunks_exact_mut(RECV_BUFFER)
+                .map(|c| [io::IoSliceMut::new(c)])
+                .collect();
+            match nix::sys::socket::recvmmsg(
+                socket.as_raw_fd(),
+                &mut sh.recv_headers[family.index()],
+                slices.iter_mut(),
+                nix::sys::socket::MsgFlags::MSG_DONTWAIT,
+                None,
+            ) {
+                Ok(results) => {
+                    let mut n = 0;
+                    for (slot, r) in got.iter_mut().zip(results) {
+                        *slot = (r.bytes, r.address.and_then(|a| std_addr(&a)));
+                        n += 1;
+                    }
+                    n
+                }
+                Err(nix::errno::Errno::EAGAIN) => 0,
+                Err(_) => {
+                    sh.stats.drops[DriverDrop::RecvError.index()] += 1;
+                    0
+                }
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-            Err(_) => {
-                sh.stats.drops[DriverDrop::RecvError.index()] += 1;
-                break;
-            }
+        };
+        for (i, (len, from)) in got.iter().take(n).enumerate() {
+            let Some(from) = from else { continue };
+            let start = i * RECV_BUFFER;
+            handle(&mut sh.core, now, *from, &sh.recv_buf[start..start + len]);
         }
-    }
+        read += n;
+        if n < RECV_BATCH {
+            break false;
+        }
+        if read >= IO_LOOP_BOUND {
+            break true;
+        }
+    };
     sh.flush(shard, now);
     more
+}
+
+fn std_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
+    if let Some(v4) = a.as_sockaddr_in() {
+        return Some(SocketAddr::V4(std::net::SocketAddrV4::from(*v4)));
+    }
+    a.as_sockaddr_in6()
+        .map(|v6| SocketAddr::V6(std::net::SocketAddrV6::from(*v6)))
 }
 
 /// Feeds frames from this shard's stream connections to the core, in arrival order.
@@ -285,15 +355,22 @@ async fn handoff_task(shard: ShardRef, mut rx: mpsc::Receiver<Handoff>) {
     }
 }
 
-async fn relay_task(shard: ShardRef, id: RelayId, socket: Rc<UdpSocket>) {
+async fn relay_task(shard: ShardRef, id: RelayId, socket: Rc<UdpSock>) {
     loop {
-        if socket.readable().await.is_err() {
+        let Ok(mut ready) = socket.readable().await else {
             return;
-        }
-        let more = recv_batch(&shard, &socket, |core, now, from, data| {
-            core.handle_peer(now, id, from, data);
-        });
-        if more {
+        };
+        let more = recv_batch(
+            &shard,
+            socket.get_ref(),
+            id.family(),
+            |core, now, from, data| {
+                core.handle_peer(now, id, from, data);
+            },
+        );
+        if !more {
+            ready.clear_ready();
+        } else {
             tokio::task::yield_now().await;
         }
     }
@@ -382,7 +459,7 @@ impl Shard {
                             .listeners
                             .iter()
                             .find(|l| l.local == five.server)
-                            .map(|l| l.socket.try_send_to(payload, five.client)),
+                            .map(|l| l.socket.get_ref().send_to(payload, five.client)),
                         Dest::Peer { relay, peer } => {
                             let Some(r) = self
                                 .relays
@@ -414,7 +491,7 @@ impl Shard {
                                     }
                                     continue;
                                 }
-                                _ => Some(r.socket.try_send_to(payload, peer)),
+                                _ => Some(r.socket.get_ref().send_to(payload, peer)),
                             }
                         }
                     };
@@ -460,7 +537,7 @@ impl Shard {
             let bound = StdUdpSocket::bind(SocketAddr::new(ip, port)).and_then(|s| {
                 s.set_nonblocking(true)?;
                 let addr = s.local_addr()?;
-                Ok((UdpSocket::from_std(s)?, addr))
+                Ok((register(s)?, addr))
             });
             match bound {
                 Ok((socket, addr)) => {
