@@ -272,6 +272,7 @@ impl RelayServer {
             .map(|_| tokio::sync::mpsc::channel(HANDOFF_QUEUE))
             .unzip();
         let handoff_tx = Arc::new(handoff_tx);
+        let bound = shard::BoundPorts::new();
         let mut shards = Vec::with_capacity(threads);
         for s in 0..threads {
             let pool = |f: Family| {
@@ -291,6 +292,7 @@ impl RelayServer {
                     queues: Arc::clone(&handoff_tx),
                     relay_ips,
                     relay_ports: range.clone(),
+                    bound: Arc::clone(&bound),
                 },
                 handoffs: handoff_rx.remove(0),
             });

@@ -57,15 +57,56 @@ pub(crate) struct Siblings {
     pub(crate) queues: Arc<Vec<mpsc::Sender<Handoff>>>,
     pub(crate) relay_ips: PerFamily<IpAddr>,
     pub(crate) relay_ports: std::ops::RangeInclusive<u16>,
+    /// Which relay ports are bound right now, shared by all shards.
+    pub(crate) bound: Arc<BoundPorts>,
 }
 
 impl Siblings {
-    /// The shard owning the relay socket at `addr`, if `addr` is one of this server's relay
-    /// addresses: ports are dealt to shards in pairs (see `PortPool::new`).
+    /// The shard owning a bound relay socket at `addr`, if there is one: ports are dealt to
+    /// shards in pairs (see `PortPool::new`). An address in the relay range with no relay socket
+    /// (another program's socket on the relay IP) is not ours and goes through the kernel.
     fn owner(&self, addr: SocketAddr) -> Option<usize> {
-        let ours = self.relay_ips.iter().any(|ip| ip == addr.ip())
-            && self.relay_ports.contains(&addr.port());
+        let family = Family::of(addr.ip());
+        let ours = self.relay_ips.get(family) == Some(addr.ip())
+            && self.relay_ports.contains(&addr.port())
+            && self.bound.get(family, addr.port());
         ours.then(|| crate::ports::owner(addr.port(), self.queues.len()))
+    }
+}
+
+/// One bit per port and family: set while a relay socket is bound there. Written at bind and
+/// release only; read per cross-shard packet with a relaxed load (a stale bit only sends a
+/// datagram to a socket that just closed, exactly as the kernel would have).
+#[derive(Debug)]
+pub(crate) struct BoundPorts {
+    bits: [Vec<std::sync::atomic::AtomicU64>; 2],
+}
+
+impl BoundPorts {
+    pub(crate) fn new() -> Arc<Self> {
+        let words = || {
+            (0..1024)
+                .map(|_| std::sync::atomic::AtomicU64::new(0))
+                .collect()
+        };
+        Arc::new(Self {
+            bits: [words(), words()],
+        })
+    }
+
+    fn set(&self, family: Family, port: u16, on: bool) {
+        use std::sync::atomic::Ordering::Relaxed;
+        let (w, b) = (usize::from(port / 64), 1u64 << (port % 64));
+        if on {
+            self.bits[family.index()][w].fetch_or(b, Relaxed);
+        } else {
+            self.bits[family.index()][w].fetch_and(!b, Relaxed);
+        }
+    }
+
+    fn get(&self, family: Family, port: u16) -> bool {
+        let (w, b) = (usize::from(port / 64), 1u64 << (port % 64));
+        self.bits[family.index()][w].load(std::sync::atomic::Ordering::Relaxed) & b != 0
     }
 }
 
@@ -547,6 +588,7 @@ impl Shard {
                         id,
                         Rc::clone(&socket),
                     ));
+                    self.siblings.bound.set(family, port, true);
                     let slot = id.index();
                     if self.relays.len() <= slot {
                         self.relays.resize_with(slot + 1, || None);
@@ -583,6 +625,7 @@ impl Shard {
         }
         if let Some(r) = slot.take() {
             r.task.abort();
+            self.siblings.bound.set(r.family, r.port, false);
             if let Some(pool) = self.ports[r.family.index()].as_mut() {
                 pool.put(r.port);
             }

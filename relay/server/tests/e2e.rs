@@ -368,3 +368,40 @@ grace-period = "1s"
     }
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_peer_inside_the_relay_port_range_that_is_no_relay_socket_still_gets_its_data() {
+    // A local program listening on the relay IP, on a port inside `relay-ports`: datagrams to it
+    // must go through the kernel from every shard, not be handed to a relay socket that does
+    // not exist. (The default range overlaps Linux's ephemeral ports.)
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let (lo, hi) = (
+        peer_addr.port().saturating_sub(300).max(1024),
+        peer_addr.port().saturating_add(300),
+    );
+    let relay = Running::start_with(&format!(
+        r#"
+[relay]
+realm = "{REALM}"
+listen = ["udp://127.0.0.1:0"]
+relay-ip = "127.0.0.1"
+relay-ports = "{lo}-{hi}"
+secrets = ["{SECRET}"]
+allow-peers = ["127.0.0.0/8"]
+threads = 2
+grace-period = "1s"
+"#
+    ))
+    .await;
+    // Ten clients: the kernel spreads them over both shards.
+    for i in 0..10 {
+        let mut c = RawClient::new(relay.addr, &format!("near{i}")).await;
+        assert_eq!(c.allocate().await, None);
+        c.permit(peer_addr).await;
+        let msg = format!("from {i}");
+        c.send(peer_addr, msg.as_bytes()).await;
+        assert_eq!(recv(&peer).await.0, msg.as_bytes(), "client {i}");
+    }
+    relay.shutdown().await;
+}
