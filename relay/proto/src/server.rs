@@ -737,17 +737,7 @@ impl Server {
         let Some(a) = self.remove(id) else { return };
         self.stats.deleted[reason.index()] += 1;
         // Sockets still binding are released when the driver reports them bound.
-        for (family, r) in Family::ALL.iter().zip(a.relays) {
-            if let Relay::Bound(advertised) = r {
-                self.release(
-                    RelayId {
-                        alloc: id,
-                        family: *family,
-                    },
-                    advertised,
-                );
-            }
-        }
+        self.release_bound(id, a.relays);
         self.outputs
             .push_back(OutputItem::Other(Output::Event(Event::AllocationDeleted {
                 client: a.five.client,
@@ -759,6 +749,16 @@ impl Server {
     fn wire_relayed(&self, family: Family, advertised: SocketAddr) -> SocketAddr {
         let ip = self.config.relay_ips.get(family).unwrap_or(advertised.ip());
         SocketAddr::new(ip, advertised.port())
+    }
+
+    /// Releases every bound relay socket of an allocation.
+    fn release_bound(&mut self, alloc: AllocId, relays: [Relay; 2]) {
+        for (family, r) in Family::ALL.iter().zip(relays) {
+            if let Relay::Bound(advertised) = r {
+                let family = *family;
+                self.release(RelayId { alloc, family }, advertised);
+            }
+        }
     }
 
     /// Forgets a bound relay socket and tells the driver to close it.
@@ -1019,17 +1019,7 @@ impl Server {
             // Without its requested family there is no allocation: release the other, 508.
             let id = relay.alloc;
             let relays = a.relays;
-            for (family, r) in Family::ALL.iter().zip(relays) {
-                if let Relay::Bound(advertised) = r {
-                    self.release(
-                        RelayId {
-                            alloc: id,
-                            family: *family,
-                        },
-                        advertised,
-                    );
-                }
-            }
+            self.release_bound(id, relays);
             // Never active: no deletion to report.
             drop(self.remove(id));
             self.stats.allocations[transport][AllocResult::Capacity.index()] += 1;

@@ -343,7 +343,32 @@ fn std_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
 }
 
 /// Feeds frames from this shard's stream connections to the core, in arrival order.
-async fn ingress_task(shard: ShardRef, mut rx: mpsc::Receiver<Ingress>) {
+async fn ingress_task(shard: ShardRef, rx: mpsc::Receiver<Ingress>) {
+    drain_queue(shard, rx, |sh, now, item| match item {
+        Ingress::Frame { five, frame } => sh.core.handle_client(now, five, &frame),
+        Ingress::Closed { five } => {
+            sh.streams.remove(&five);
+            sh.core.handle_connection_closed(now, five);
+        }
+    })
+    .await;
+}
+
+/// Feeds datagrams other shards hand over (same-server short-circuit across shards).
+async fn handoff_task(shard: ShardRef, rx: mpsc::Receiver<Handoff>) {
+    drain_queue(shard, rx, |sh, now, h| {
+        sh.core.handle_peer_at(now, h.to, h.from, &h.data);
+    })
+    .await;
+}
+
+/// Takes items from a queue into the shard with `handle`, at most [`IO_LOOP_BOUND`] per turn,
+/// flushing the core's outputs after each turn.
+async fn drain_queue<T>(
+    shard: ShardRef,
+    mut rx: mpsc::Receiver<T>,
+    handle: impl Fn(&mut Shard, Instant, T),
+) {
     while let Some(first) = rx.recv().await {
         let n = {
             let mut sh = shard.borrow_mut();
@@ -351,37 +376,7 @@ async fn ingress_task(shard: ShardRef, mut rx: mpsc::Receiver<Ingress>) {
             let mut next = Some(first);
             let mut n = 0;
             while let Some(item) = next.take() {
-                match item {
-                    Ingress::Frame { five, frame } => sh.core.handle_client(now, five, &frame),
-                    Ingress::Closed { five } => {
-                        sh.streams.remove(&five);
-                        sh.core.handle_connection_closed(now, five);
-                    }
-                }
-                n += 1;
-                if n < IO_LOOP_BOUND {
-                    next = rx.try_recv().ok();
-                }
-            }
-            sh.flush(&shard, now);
-            n
-        };
-        if n == IO_LOOP_BOUND {
-            tokio::task::yield_now().await;
-        }
-    }
-}
-
-/// Feeds datagrams other shards hand over (same-server short-circuit across shards).
-async fn handoff_task(shard: ShardRef, mut rx: mpsc::Receiver<Handoff>) {
-    while let Some(first) = rx.recv().await {
-        let n = {
-            let mut sh = shard.borrow_mut();
-            let now = Instant::now();
-            let mut next = Some(first);
-            let mut n = 0;
-            while let Some(h) = next.take() {
-                sh.core.handle_peer_at(now, h.to, h.from, &h.data);
+                handle(&mut sh, now, item);
                 n += 1;
                 if n < IO_LOOP_BOUND {
                     next = rx.try_recv().ok();
