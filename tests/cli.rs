@@ -47,6 +47,8 @@ struct Relay {
     child: Child,
     udp: SocketAddr,
     admin: SocketAddr,
+    /// Every "relay listening on SCHEME://ADDR" line, as (scheme, address).
+    listens: Vec<(String, SocketAddr)>,
     lines: mpsc::Receiver<String>,
 }
 
@@ -69,25 +71,39 @@ impl Relay {
                 }
             }
         });
-        // Readiness: the binary prints its bound addresses once its sockets are open.
-        let (mut udp, mut admin) = (None, None);
-        while udp.is_none() || admin.is_none() {
+        // Readiness: the binary prints its bound relay addresses once its sockets are open,
+        // then the admin address.
+        let mut listens = Vec::new();
+        let admin = loop {
             let line = lines
                 .recv_timeout(WAIT)
                 .expect("relay prints its addresses");
-            if let Some(a) = line.strip_prefix("turnpike: relay listening on udp://") {
-                udp = Some(a.parse().unwrap());
+            if let Some(l) = line.strip_prefix("turnpike: relay listening on ") {
+                let (scheme, addr) = l.split_once("://").unwrap();
+                listens.push((scheme.to_owned(), addr.parse().unwrap()));
             }
             if let Some(a) = line.strip_prefix("turnpike: admin listening on http://") {
-                admin = Some(a.parse().unwrap());
+                break a.parse().unwrap();
             }
-        }
-        Self {
+        };
+        let mut relay = Self {
             child,
-            udp: udp.unwrap(),
-            admin: admin.unwrap(),
+            udp: "0.0.0.0:0".parse().unwrap(),
+            admin,
+            listens,
             lines,
-        }
+        };
+        relay.udp = relay.listen("udp");
+        relay
+    }
+
+    /// The first listener of `scheme` ("udp", "tcp", "tls").
+    fn listen(&self, scheme: &str) -> SocketAddr {
+        self.listens
+            .iter()
+            .find(|(s, _)| s == scheme)
+            .map(|(_, a)| *a)
+            .unwrap_or_else(|| panic!("no {scheme} listener in {:?}", self.listens))
     }
 
     /// GET a path on the admin listener with plain std (no HTTP client dependency).
@@ -459,47 +475,9 @@ listen = "127.0.0.1:0"
 "#
         ),
     );
-    let scheme = listen.split("://").next().unwrap();
-    let prefix = format!("turnpike: relay listening on {scheme}://");
-    let mut child = Command::new(BIN)
-        .args(["relay", "--config"])
-        .arg(&config)
-        .env("RUST_LOG", "info")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
-    let (tx, lines) = mpsc::channel();
-    let out = BufReader::new(child.stdout.take().unwrap());
-    std::thread::spawn(move || {
-        for l in out.lines().map_while(Result::ok) {
-            if tx.send(l).is_err() {
-                break;
-            }
-        }
-    });
-    let (mut udp, mut admin, mut stream) = (None, None, None);
-    while udp.is_none() || admin.is_none() || stream.is_none() {
-        let line = lines
-            .recv_timeout(WAIT)
-            .expect("relay prints its addresses");
-        if let Some(a) = line.strip_prefix("turnpike: relay listening on udp://") {
-            udp = Some(a.parse().unwrap());
-        }
-        if let Some(a) = line.strip_prefix(prefix.as_str()) {
-            stream = Some(a.parse().unwrap());
-        }
-        if let Some(a) = line.strip_prefix("turnpike: admin listening on http://") {
-            admin = Some(a.parse().unwrap());
-        }
-    }
-    let relay = Relay {
-        child,
-        udp: udp.unwrap(),
-        admin: admin.unwrap(),
-        lines,
-    };
-    (relay, stream.unwrap())
+    let relay = Relay::start(&config);
+    let stream = relay.listen(listen.split("://").next().unwrap());
+    (relay, stream)
 }
 
 /// Runs coturn's client against a stream listener and checks: no loss, all 2000 messages
