@@ -1,25 +1,30 @@
 #!/usr/bin/env bash
 # Side-by-side benchmark: Turnpike against coturn, same machine, loopback, same loads.
 #
-#   bench/compare.sh [--rounds N] [--quick] [--no-memory]
+#   bench/compare.sh [--rounds N] [--quick] [--no-memory] [--only-forwarder]
 #
 # Installs coturn (Debian package) when turnserver/turnutils_uclient are missing, builds
 # turnpike and turnpike-load in release mode, then for every round and every load starts each
 # server fresh (Turnpike first, then coturn: A B A B ...), reads the server's CPU time
 # (utime + stime, /proc/PID/stat fields 14 and 15) just before and just after the load, and stops
-# it. Writes a markdown table to stdout and to bench/results-<date>.md. Documented in
-# docs/benchmarks.md. Run from the repository root.
+# it. The client-to-peer load also runs against turnpike-forward, the bare one-recv-one-send UDP
+# forwarder (turnpike-load --mode raw-to-peer), as the baseline. --only-forwarder runs just the
+# client-to-peer load against Turnpike and the forwarder (no coturn, no memory). Writes a
+# markdown table to stdout and to bench/results-<date>.md. Documented in docs/benchmarks.md.
+# Run from the repository root.
 set -euo pipefail
 
 ROUNDS=3
 QUICK=0
 MEMORY=1
+ONLY_FWD=0
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --quick) QUICK=1; ROUNDS=1; shift ;;
     --no-memory) MEMORY=0; shift ;;
-    -h|--help) sed -n '2,11p' "$0"; exit 0 ;;
+    --only-forwarder) ONLY_FWD=1; MEMORY=0; shift ;;
+    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -28,7 +33,7 @@ cd "$(dirname "$0")/.."
 [ -f Cargo.toml ] || { echo "compare.sh: run from the turnpike repository" >&2; exit 1; }
 
 # ---------------------------------------------------------------- setup
-if ! command -v turnserver >/dev/null || ! command -v turnutils_uclient >/dev/null; then
+if [ "$ONLY_FWD" = 0 ] && { ! command -v turnserver >/dev/null || ! command -v turnutils_uclient >/dev/null; }; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
   $SUDO apt-get update
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y coturn
@@ -37,6 +42,7 @@ cargo build --release -p turnpike -p turnpike-load
 
 TP=./target/release/turnpike
 LOAD=./target/release/turnpike-load
+FWD=./target/release/turnpike-forward
 HZ=$(getconf CLK_TCK)
 DATE=$(date -u +%Y-%m-%d)
 OUT="bench/results-$DATE.md"
@@ -107,6 +113,20 @@ start_server() {
       done
       sleep 0.2   # every relay thread has its listener
       ;;
+    forward)
+      # The echo peer is turnpike-load's (--echo): the forwarder has to know its port first.
+      ECHO_PORT=$(free_port)
+      "$FWD" --listen 127.0.0.1:0 --upstream "127.0.0.1:$ECHO_PORT" > "$log" 2>&1 &
+      SERVER_PID=$!
+      PORT=""
+      for _ in $(seq 100); do
+        PORT=$(sed -n 's|^forward listening on 127.0.0.1:||p' "$log" | head -1)
+        [ -n "$PORT" ] && break
+        kill -0 "$SERVER_PID" 2>/dev/null || { cat "$log" >&2; exit 1; }
+        sleep 0.05
+      done
+      [ -n "$PORT" ] || { echo "turnpike-forward did not start" >&2; cat "$log" >&2; exit 1; }
+      ;;
   esac
 }
 stop_server() {
@@ -129,7 +149,9 @@ run_load() {
       ;;
     c2c|c2p)
       local mode=client-to-client; [ "$load" = c2p ] && mode=client-to-peer
-      "$LOAD" --server "127.0.0.1:$PORT" --secret "$SECRET" --mode "$mode" --allocations 100 \
+      local who=(--secret "$SECRET")
+      [ "$server" = forward ] && { mode=raw-to-peer; who=(--echo "127.0.0.1:$ECHO_PORT"); }
+      "$LOAD" --server "127.0.0.1:$PORT" "${who[@]}" --mode "$mode" --allocations 100 \
         --size 200 --rate 20000 --duration "$DUR" --drain "$DRAIN" --json-only > "$out" 2>/dev/null || true
       ;;
     max)
@@ -197,10 +219,14 @@ measure_memory() {
 
 # ---------------------------------------------------------------- run
 LOADS="uclient c2c c2p max"
+[ "$ONLY_FWD" = 1 ] && LOADS="c2p"
 START=$(date +%s)
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
-    for server in turnpike coturn; do
+    servers="turnpike coturn"
+    [ "$load" = c2p ] && servers="turnpike coturn forward"
+    [ "$ONLY_FWD" = 1 ] && servers="turnpike forward"
+    for server in $servers; do
       run_load "$server" "$load" "$round"
     done
   done
@@ -233,7 +259,7 @@ meds = {}
 print("| Load | Server | CPU µs/msg (median) | CPU µs/msg (rounds) | Loss % (rounds) | p99 µs (median; rounds) | Max msg/s < 0.1 % loss (rounds; limit) |")
 print("|---|---|---|---|---|---|---|")
 for load in ["uclient", "c2c", "c2p", "max"]:
-    for server in ["turnpike", "coturn"]:
+    for server in ["turnpike", "coturn", "forward"]:
         rs = [r for r in rows if r[0] == server and r[1] == load]
         if not rs: continue
         cpu = [num(r[3]) / num(r[4]) if num(r[4]) else None for r in rs]
@@ -245,7 +271,8 @@ for load in ["uclient", "c2c", "c2p", "max"]:
         lossc = "—" if load == "max" else allr(loss, 3)
         p99c = "—" if load == "uclient" else f"{f(med(p99),0)}; {allr(p99,0)}"
         maxc = f"{f(med(mx),0)} ({allr(mx,0)}; {limits})" if load == "max" else "—"
-        print(f"| {names[load]} | {server} | {f(med(cpu),2)} | {allr(cpu,2)} | {lossc} | {p99c} | {maxc} |")
+        label = "turnpike-forward (raw-to-peer baseline)" if server == "forward" else server
+        print(f"| {names[load]} | {label} | {f(med(cpu),2)} | {allr(cpu,2)} | {lossc} | {p99c} | {maxc} |")
 print()
 print("Ratio Turnpike / coturn (medians; lower is better except max msg/s):")
 print()
@@ -258,6 +285,14 @@ for load in ["uclient", "c2c", "c2p", "max"]:
     print(f"| {names[load]} | {ratio(t['cpu'], c['cpu'])} | {ratio(t['p99'], c['p99']) if load != 'uclient' else '—'} | "
           f"{ratio(t['max'], c['max']) if load == 'max' else '—'} | "
           f"{f(t['loss'],3) if load != 'max' else '—'} / {f(c['loss'],3) if load != 'max' else '—'} |")
+t, w = meds.get(("c2p", "turnpike")), meds.get(("c2p", "forward"))
+if t and w:
+    print()
+    print("Ratio Turnpike / turnpike-forward, the bare one-recv-one-send forwarder (medians; the issue asks for ≤ 1.2× on CPU):")
+    print()
+    print("| Load | CPU µs/msg | p99 | worst loss % Turnpike / forwarder |")
+    print("|---|---|---|---|")
+    print(f"| {names['c2p']} | {ratio(t['cpu'], w['cpu'])} | {ratio(t['p99'], w['p99'])} | {f(t['loss'],3)} / {f(w['loss'],3)} |")
 print()
 print("Find-max steps per round (rate:loss% , g = generator could not send the target rate):")
 print()
@@ -278,7 +313,7 @@ PY
   echo "$(turnserver --version 2>/dev/null | head -1 | sed 's/^/coturn /') ; turnpike $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+dirty');"
   echo "rounds: $ROUNDS (A B alternating per load, each on a freshly started server); quick: $QUICK; wall time ${ELAPSED}s; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
-  echo "Command: \`bench/compare.sh --rounds $ROUNDS$([ "$QUICK" = 1 ] && echo ' --quick')$([ "$MEMORY" = 0 ] && echo ' --no-memory')\`"
+  echo "Command: \`bench/compare.sh --rounds $ROUNDS$([ "$QUICK" = 1 ] && echo ' --quick')$([ "$ONLY_FWD" = 1 ] && echo ' --only-forwarder')$([ "$MEMORY" = 0 ] && [ "$ONLY_FWD" = 0 ] && echo ' --no-memory')\`"
   echo
   report
   if [ -n "$MEM" ]; then
@@ -296,6 +331,7 @@ PY
   echo "turnutils_uclient -c -y -s -m 100 -n $UC_N -l 200 -z 1 -W \$SECRET -u benchuser -p \$PORT 127.0.0.1"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-client --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
+  echo "turnpike-load --server 127.0.0.1:\$FWD_PORT --echo 127.0.0.1:\$ECHO_PORT --mode raw-to-peer --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only   # against the forwarder"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --find-max --mode client-to-client --allocations 100 --size 200 --rate 10000 --step-duration $STEP --max-steps $MAXSTEPS --drain $DRAIN --json-only"
   echo '```'
   echo
@@ -303,6 +339,7 @@ PY
   echo
   echo '```sh'
   echo "TURNPIKE_RELAY_LISTEN=udp://127.0.0.1:0 TURNPIKE_ADMIN_LISTEN=127.0.0.1:0 TURNPIKE_RELAY_SECRETS=\$SECRET TURNPIKE_RELAY_USER_QUOTA=100000 TURNPIKE_RELAY_GRACE_PERIOD=0s TURNPIKE_RELAY_RELAY_PORTS=$RELAY_MIN-$RELAY_MAX TURNPIKE_LOG_LEVEL=warn target/release/turnpike serve"
+  echo "target/release/turnpike-forward --listen 127.0.0.1:0 --upstream 127.0.0.1:\$ECHO_PORT"
   echo "turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port=\$PORT --use-auth-secret --static-auth-secret=\$SECRET --realm=turnpike.local --allow-loopback-peers --no-tls --no-dtls --no-cli --no-multicast-peers --min-port=$RELAY_MIN --max-port=$RELAY_MAX --total-quota=0 --user-quota=0 --log-file=stdout --simple-log"
   echo '```'
   echo

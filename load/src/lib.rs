@@ -109,6 +109,10 @@ pub enum Mode {
     ClientToClient,
     /// Every allocation relays to an echo peer run by this process, which sends it back.
     ClientToPeer,
+    /// No TURN at all: each "allocation" socket sends bare test packets to the server, a plain
+    /// UDP forwarder (`turnpike-forward`) that passes them to the echo peer this process runs at
+    /// [`Config::echo`] and passes the answers back: the baseline of client-to-peer.
+    RawToPeer,
 }
 
 impl Mode {
@@ -117,6 +121,7 @@ impl Mode {
         match self {
             Mode::ClientToClient => "client-to-client",
             Mode::ClientToPeer => "client-to-peer",
+            Mode::RawToPeer => "raw-to-peer",
         }
     }
 }
@@ -215,6 +220,9 @@ pub struct Config {
     pub rto: Duration,
     /// Tries per setup request.
     pub tries: u32,
+    /// Raw-to-peer only (and required there): the address the echo peer binds, which the
+    /// forwarder under test sends to.
+    pub echo: Option<SocketAddr>,
 }
 
 impl Config {
@@ -239,6 +247,7 @@ impl Config {
             setup_concurrency: 64,
             rto: Duration::from_millis(250),
             tries: 5,
+            echo: None,
         }
     }
 
@@ -252,6 +261,11 @@ impl Config {
                 "client-to-client pairs allocations: --allocations must be even, not {}",
                 self.allocations
             ));
+        }
+        if (self.mode == Mode::RawToPeer) != self.echo.is_some() {
+            return bad(
+                "an echo address (--echo) is required in raw-to-peer mode and only there".into(),
+            );
         }
         if self.allocations > u32::MAX as usize / 2 {
             return bad("too many allocations".into());
@@ -606,7 +620,10 @@ pub fn run(cfg: &Config, observe: &mut dyn FnMut(Event<'_>)) -> Result<Summary, 
 
     // Echo peers: one socket per worker, owned by that worker's event loop.
     let mut echo = Vec::new();
-    if cfg.mode == Mode::ClientToPeer {
+    if let (Mode::RawToPeer, Some(at)) = (cfg.mode, cfg.echo) {
+        // One echo peer at a fixed address, owned by the first worker.
+        echo.push(udp_socket(at, ECHO_BUFFER, None)?);
+    } else if cfg.mode == Mode::ClientToPeer {
         for _ in 0..workers {
             echo.push(udp_socket(SocketAddr::new(local_ip, 0), ECHO_BUFFER, None)?);
         }
@@ -619,8 +636,12 @@ pub fn run(cfg: &Config, observe: &mut dyn FnMut(Event<'_>)) -> Result<Summary, 
 
     // Setup.
     let started = Instant::now();
-    let (established, allocate_time) =
-        rt.block_on(establish(cfg, local_ip, &echo_addrs, workers))?;
+    let raw = cfg.mode == Mode::RawToPeer;
+    let (established, allocate_time) = if raw {
+        (establish_raw(cfg, local_ip, &echo_addrs)?, Duration::ZERO)
+    } else {
+        rt.block_on(establish(cfg, local_ip, &echo_addrs, workers))?
+    };
     let setup_time = started.elapsed();
     let report = SetupReport {
         allocations: cfg.allocations,
@@ -643,11 +664,12 @@ pub fn run(cfg: &Config, observe: &mut dyn FnMut(Event<'_>)) -> Result<Summary, 
             flow: i as u32,
             rx_flow: match cfg.mode {
                 Mode::ClientToClient => (i ^ 1) as u32,
-                Mode::ClientToPeer => i as u32,
+                Mode::ClientToPeer | Mode::RawToPeer => i as u32,
             },
             template,
             payload_at,
-            patch_tid: cfg.framing == Framing::SendIndications && e.peer.is_ipv4(),
+            patch_tid: !raw && cfg.framing == Framing::SendIndications && e.peer.is_ipv4(),
+            raw,
         });
         sessions.push((e.session, e.relayed));
     }
@@ -692,7 +714,7 @@ pub fn run(cfg: &Config, observe: &mut dyn FnMut(Event<'_>)) -> Result<Summary, 
     }
     let released = rt.block_on(async {
         let mut conns = Vec::new();
-        for (session, relayed) in sessions {
+        for (session, relayed) in sessions.into_iter().filter(|_| !raw) {
             let Some(std) = socks.get_mut(session.index).and_then(Option::take) else {
                 continue;
             };
@@ -761,7 +783,7 @@ async fn establish(
         .collect();
     let peer_of = |i: usize| match cfg.mode {
         Mode::ClientToClient => relayed[i ^ 1],
-        Mode::ClientToPeer => echo_addrs[(i % workers) % echo_addrs.len().max(1)],
+        Mode::ClientToPeer | Mode::RawToPeer => echo_addrs[(i % workers) % echo_addrs.len().max(1)],
     };
     let framing = cfg.framing;
     let conns = match setup::for_all(conns, cfg.setup_concurrency, |mut c| {
@@ -797,8 +819,41 @@ async fn establish(
     Ok((out, allocate_time))
 }
 
+/// Raw-to-peer: sockets connected to the forwarder, nothing to set up.
+fn establish_raw(
+    cfg: &Config,
+    local_ip: IpAddr,
+    echo_addrs: &[SocketAddr],
+) -> Result<Vec<Established>, LoadError> {
+    let peer = echo_addrs
+        .first()
+        .copied()
+        .ok_or_else(|| LoadError::Internal("raw-to-peer without an echo peer".into()))?;
+    (0..cfg.allocations)
+        .map(|i| {
+            let sock = udp_socket(
+                SocketAddr::new(local_ip, 0),
+                CLIENT_BUFFER,
+                Some(cfg.server),
+            )?;
+            let relayed = sock
+                .local_addr()
+                .map_err(LoadError::io("client socket address"))?;
+            Ok(Established {
+                sock,
+                session: Session::new(cfg, i),
+                relayed,
+                peer,
+            })
+        })
+        .collect()
+}
+
 /// One frame with a zeroed payload, and where the payload starts.
 fn frame_template(cfg: &Config, peer: SocketAddr) -> (Vec<u8>, usize) {
+    if cfg.mode == Mode::RawToPeer {
+        return (vec![0; cfg.size], 0);
+    }
     match cfg.framing {
         Framing::Channels => {
             let mut f = Vec::with_capacity(stun::CHANNEL_HEADER_LEN + cfg.size);
@@ -1150,7 +1205,12 @@ fn summarize(
         pps_received: round(received as f64 / secs, 1),
         latency_us: Latency::of(&total),
         setup_s: round(setup.setup.as_secs_f64(), 3),
-        allocations_per_s: round(setup.allocations as f64 / alloc_secs, 1),
+        // Raw-to-peer allocates nothing: 0.
+        allocations_per_s: if setup.allocate.is_zero() {
+            0.0
+        } else {
+            round(setup.allocations as f64 / alloc_secs, 1)
+        },
         threads,
         duplicates: counters.duplicates,
         too_late: counters.too_late,

@@ -15,12 +15,14 @@ use turnpike_load::{
 /// UDP (Turnpike, coturn). Progress and a human summary go to stderr, one line of JSON to stdout.
 #[derive(Debug, Parser)]
 #[command(name = "turnpike-load", version)]
-#[command(group(ArgGroup::new("credentials").required(true).args(["secret", "user"])))]
+#[command(group(ArgGroup::new("credentials").args(["secret", "user"])))]
 struct Args {
-    /// TURN server, host:port (UDP); a leading udp:// is accepted.
+    /// TURN server, host:port (UDP); a leading udp:// is accepted. In raw-to-peer mode: the
+    /// plain UDP forwarder (turnpike-forward) under test.
     #[arg(long, value_name = "HOST:PORT")]
     server: String,
     /// REST shared secret (coturn --static-auth-secret): usernames are expiry:PREFIX-i.
+    /// This or --user is required, except in raw-to-peer mode.
     #[arg(long, env = "TURNPIKE_LOAD_SECRET", hide_env_values = true)]
     secret: Option<String>,
     /// Static long-term username (with --password), the same for every allocation.
@@ -36,7 +38,8 @@ struct Args {
     #[arg(long, default_value_t = 100)]
     allocations: usize,
     /// client-to-client: pairs of allocations relay to each other. client-to-peer: every
-    /// allocation relays to an echo peer run by this process.
+    /// allocation relays to an echo peer run by this process. raw-to-peer: no TURN; bare test
+    /// packets go to --server (a plain forwarder), which passes them to the echo peer at --echo.
     #[arg(long, value_enum, default_value_t = CliMode::ClientToClient)]
     mode: CliMode,
     /// Application bytes per packet (at least 28: the test header).
@@ -94,6 +97,9 @@ struct Args {
     /// Setup requests in flight at once.
     #[arg(long, default_value_t = 64)]
     setup_concurrency: usize,
+    /// raw-to-peer: the address the echo peer binds (the forwarder's --upstream).
+    #[arg(long, value_name = "HOST:PORT")]
+    echo: Option<String>,
 }
 
 #[derive(Debug, Clone, Copy, ValueEnum)]
@@ -102,23 +108,31 @@ enum CliMode {
     ClientToClient,
     #[value(alias = "c2p")]
     ClientToPeer,
+    #[value(alias = "raw")]
+    RawToPeer,
 }
 
-fn resolve(server: &str) -> Result<SocketAddr, String> {
+fn resolve(option: &str, server: &str) -> Result<SocketAddr, String> {
     let s = server.strip_prefix("udp://").unwrap_or(server);
     s.to_socket_addrs()
-        .map_err(|e| format!("--server {server}: {e}"))?
+        .map_err(|e| format!("{option} {server}: {e}"))?
         .next()
-        .ok_or_else(|| format!("--server {server}: no address"))
+        .ok_or_else(|| format!("{option} {server}: no address"))
 }
 
 fn config(a: &Args) -> Result<Config, String> {
-    let server = resolve(&a.server)?;
+    let server = resolve("--server", &a.server)?;
+    let raw = matches!(a.mode, CliMode::RawToPeer);
     let auth = match (&a.secret, &a.user, &a.password) {
         (Some(s), _, _) => Auth::Secret(s.clone()),
         (None, Some(u), Some(p)) => Auth::Static {
             user: u.clone(),
             password: p.clone(),
+        },
+        // Raw-to-peer makes no allocations: nothing to sign.
+        _ if raw => Auth::Static {
+            user: String::new(),
+            password: String::new(),
         },
         _ => return Err("give --secret, or --user and --password".into()),
     };
@@ -128,7 +142,13 @@ fn config(a: &Args) -> Result<Config, String> {
     c.mode = match a.mode {
         CliMode::ClientToClient => Mode::ClientToClient,
         CliMode::ClientToPeer => Mode::ClientToPeer,
+        CliMode::RawToPeer => Mode::RawToPeer,
     };
+    c.echo = a
+        .echo
+        .as_deref()
+        .map(|e| resolve("--echo", e))
+        .transpose()?;
     c.framing = if a.send_indications {
         Framing::SendIndications
     } else {

@@ -89,6 +89,8 @@ pub(crate) struct SockPlan {
     /// Whether frames are STUN Send indications that get a transaction id each (IPv4 peers: an
     /// IPv6 XOR-PEER-ADDRESS is XORed with the id, so those keep the template's).
     pub(crate) patch_tid: bool,
+    /// Raw-to-peer: datagrams are the bare test packet, no TURN framing.
+    pub(crate) raw: bool,
 }
 
 /// What a worker hands back when it stops.
@@ -144,6 +146,7 @@ struct ClientSock {
     template: Vec<u8>,
     payload_at: usize,
     patch_tid: bool,
+    raw: bool,
     rx: FlowRx,
 }
 
@@ -195,6 +198,7 @@ impl Worker {
                 template: p.template,
                 payload_at: p.payload_at,
                 patch_tid: p.patch_tid,
+                raw: p.raw,
                 rx: FlowRx::default(),
             })
             .collect();
@@ -407,7 +411,8 @@ impl Worker {
 
     fn on_datagram(&mut self, i: usize, dgram: &[u8], now: u64) {
         let s = &mut self.socks[i];
-        let Some(h) = app_data(dgram).and_then(Header::decode) else {
+        let data = if s.raw { Some(dgram) } else { app_data(dgram) };
+        let Some(h) = data.and_then(Header::decode) else {
             self.counters.foreign += 1;
             return;
         };
