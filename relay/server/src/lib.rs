@@ -63,6 +63,10 @@ pub const RECV_BUFFER: usize = 65_536;
 /// call (the system call, not the copy, dominates), few enough that the buffers (2 MiB per shard)
 /// stay modest. A short batch also proves the queue empty, which saves the `EAGAIN` call.
 pub const RECV_BATCH: usize = 32;
+/// Datagrams one `sendmmsg` may carry: a receive batch's answers mostly leave one socket (the
+/// listener, towards many clients), so the same size as [`RECV_BATCH`] sends a whole batch in one
+/// call; far below the kernel's limit (`UIO_MAXIOV`, 1024).
+pub const SEND_BATCH: usize = RECV_BATCH;
 /// Kernel buffer asked for on listener sockets (capped by `net.core.rmem_max`/`wmem_max`): absorbs
 /// bursts from thousands of clients while a shard is busy. Relay sockets keep the default to keep
 /// per-allocation memory small.

@@ -10,12 +10,13 @@ use std::cell::RefCell;
 use std::collections::HashMap;
 use std::io;
 use std::net::{IpAddr, SocketAddr, TcpListener as StdTcpListener, UdpSocket as StdUdpSocket};
+use std::os::fd::{AsRawFd as _, RawFd};
 use std::rc::Rc;
 use std::sync::Arc;
 use std::time::{Instant, SystemTime};
 
 use relay_proto::{
-    BindError, Dest, Family, FiveTuple, Output, PerFamily, RelayId, Server, Transport,
+    BindError, Dest, Family, FiveTuple, Output, PerFamily, RelayId, Server, Transmit, Transport,
 };
 use tokio::io::unix::AsyncFd;
 use tokio::sync::{mpsc, watch};
@@ -25,7 +26,7 @@ use tracing::{debug, warn};
 use crate::metrics::{DriverStats, Publisher, RelayMetrics};
 use crate::ports::PortPool;
 use crate::stream::{self, Ingress, StreamShared};
-use crate::{DriverDrop, Phase, IO_LOOP_BOUND, RECV_BATCH, RECV_BUFFER, TICK};
+use crate::{DriverDrop, Phase, IO_LOOP_BOUND, RECV_BATCH, RECV_BUFFER, SEND_BATCH, TICK};
 
 struct Relay {
     id: RelayId,
@@ -124,6 +125,11 @@ pub(crate) struct Shard {
     /// length to what it wrote, and the headers are reused, so an IPv6 socket must never get
     /// headers an IPv4 socket shrank.
     recv_headers: [nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>; 2],
+    /// `sendmmsg` headers ([`SEND_BATCH`]); the address length is set per datagram on every send.
+    send_headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
+    /// Transmits taken from the core and not yet sent (see [`Shard::flush`]); empty between
+    /// flushes, kept for its capacity.
+    pending: Vec<Transmit>,
     /// Frames for stream clients, by 5-tuple: each connection's bounded egress queue.
     pub(crate) streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
     pub(crate) stats: DriverStats,
@@ -132,6 +138,24 @@ pub(crate) struct Shard {
 }
 
 pub(crate) type ShardRef = Rc<RefCell<Shard>>;
+
+/// Consecutive datagrams leaving one UDP socket, sent together by [`Shard::send_run`]: the
+/// destination and the index of the transmit in [`Shard::pending`].
+struct SendRun {
+    fd: Option<RawFd>,
+    items: [(SocketAddr, usize); SEND_BATCH],
+    len: usize,
+}
+
+impl SendRun {
+    fn new() -> Self {
+        Self {
+            fd: None,
+            items: [(SocketAddr::from(([0, 0, 0, 0], 0)), 0); SEND_BATCH],
+            len: 0,
+        }
+    }
+}
 
 pub(crate) struct ShardSetup {
     pub(crate) core: Server,
@@ -174,6 +198,8 @@ pub(crate) fn run(
                 nix::sys::socket::MultiHeaders::preallocate(RECV_BATCH, None),
                 nix::sys::socket::MultiHeaders::preallocate(RECV_BATCH, None),
             ],
+            send_headers: nix::sys::socket::MultiHeaders::preallocate(SEND_BATCH, None),
+            pending: Vec::with_capacity(IO_LOOP_BOUND),
             streams: HashMap::new(),
             stats: DriverStats::default(),
             publisher: Publisher::default(),
@@ -282,7 +308,6 @@ fn recv_batch(
     family: Family,
     handle: impl Fn(&mut Server, Instant, SocketAddr, &[u8]),
 ) -> bool {
-    use std::os::fd::AsRawFd as _;
     let mut sh = shard.borrow_mut();
     let sh = &mut *sh;
     let now = Instant::now();
@@ -468,85 +493,168 @@ impl Shard {
             .publish(&self.metrics, self.core.stats(), active, &self.stats);
     }
 
-    /// Drains the core's outputs. Binding a relay socket answers the core at once, which may
-    /// queue more outputs; the loop takes those too.
+    /// Drains the core's outputs. Transmits are collected and sent in order, consecutive
+    /// datagrams leaving the same UDP socket in one `sendmmsg` ([`SEND_BATCH`] at most); any
+    /// other output first sends what is collected, because binding a relay socket answers the
+    /// core at once (which may reuse the buffer the collected payloads live in) and releasing one
+    /// closes a socket collected datagrams may still leave from.
     pub(crate) fn flush(&mut self, shard: &ShardRef, now: Instant) {
         while let Some(out) = self.core.poll_output() {
             match out {
-                Output::Transmit(t) => {
-                    let payload = self.core.payload(&t);
-                    let sent = match t.dest {
-                        Dest::Client(five) if five.transport.is_stream() => {
-                            match self.streams.get(&five) {
-                                // A copy per frame: the stream path is not the hot one, and the
-                                // connection's writer owns what it writes.
-                                Some(tx) => match tx.try_send(payload.to_vec()) {
-                                    Ok(()) => Some(Ok(0)),
-                                    Err(mpsc::error::TrySendError::Full(_)) => {
-                                        self.stats.drops[DriverDrop::StreamQueueFull.index()] += 1;
-                                        continue;
-                                    }
-                                    Err(mpsc::error::TrySendError::Closed(_)) => None,
-                                },
-                                None => None,
-                            }
-                        }
-                        Dest::Client(five) => self
-                            .listeners
-                            .iter()
-                            .find(|l| l.local == five.server)
-                            .map(|l| l.socket.get_ref().send_to(payload, five.client)),
-                        Dest::Peer { relay, peer } => {
-                            let Some(r) = self
-                                .relays
-                                .get(relay.index())
-                                .and_then(Option::as_ref)
-                                .filter(|r| r.id == relay)
-                            else {
-                                self.stats.drops[DriverDrop::SendError.index()] += 1;
-                                continue;
-                            };
-                            match self.siblings.owner(peer) {
-                                // Another shard's allocation: hand it over, no kernel hop.
-                                Some(o) if o != self.siblings.index => {
-                                    let from = SocketAddr::new(
-                                        self.siblings.relay_ips.get(r.family).unwrap_or(peer.ip()),
-                                        r.port,
-                                    );
-                                    let h = Handoff {
-                                        to: peer,
-                                        from,
-                                        data: payload.to_vec(),
-                                    };
-                                    match self.siblings.queues[o].try_send(h) {
-                                        Ok(()) => self.stats.handoffs += 1,
-                                        Err(_) => {
-                                            self.stats.drops
-                                                [DriverDrop::HandoffQueueFull.index()] += 1;
-                                        }
-                                    }
-                                    continue;
-                                }
-                                _ => Some(r.socket.get_ref().send_to(payload, peer)),
-                            }
-                        }
-                    };
-                    match sent {
-                        Some(Ok(_)) => {}
-                        Some(Err(e)) if e.kind() == io::ErrorKind::WouldBlock => {
-                            self.stats.drops[DriverDrop::SendWouldBlock.index()] += 1;
-                        }
-                        Some(Err(_)) | None => {
-                            self.stats.drops[DriverDrop::SendError.index()] += 1;
-                        }
-                    }
-                }
+                Output::Transmit(t) => self.pending.push(t),
                 Output::BindRelay(req) => {
+                    self.send_pending();
                     let result = self.bind_relay(shard, req.relay, req.ip, req.even_port);
                     self.core.handle_relay_bound(now, req.relay, result);
                 }
-                Output::ReleaseRelay(id) => self.release(id),
+                Output::ReleaseRelay(id) => {
+                    self.send_pending();
+                    self.release(id);
+                }
                 Output::Event(e) => debug!(event = ?e, "relay event"),
+            }
+        }
+        self.send_pending();
+    }
+
+    /// Sends the collected transmits: UDP datagrams in runs per socket (see [`Shard::flush`]);
+    /// stream frames to their connection's queue; datagrams for another shard's allocation over
+    /// that shard's queue.
+    fn send_pending(&mut self) {
+        if self.pending.is_empty() {
+            return;
+        }
+        let pending = std::mem::take(&mut self.pending);
+        let mut run = SendRun::new();
+        for (i, t) in pending.iter().enumerate() {
+            let Some((fd, to)) = self.route(t) else {
+                continue;
+            };
+            if run.len == SEND_BATCH || run.fd.is_some_and(|f| f != fd) {
+                self.send_run(&mut run, &pending);
+            }
+            run.fd = Some(fd);
+            run.items[run.len] = (to, i);
+            run.len += 1;
+        }
+        self.send_run(&mut run, &pending);
+        // Hand the vector back emptied: its capacity is reused, no allocation per flush.
+        self.pending = pending;
+        self.pending.clear();
+    }
+
+    /// Where a transmit leaves: the UDP socket and address for the batched send, or `None` when
+    /// it went another way (stream, other shard) or was dropped (and counted).
+    fn route(&mut self, t: &Transmit) -> Option<(RawFd, SocketAddr)> {
+        match t.dest {
+            Dest::Client(five) if five.transport.is_stream() => {
+                let payload = self.core.payload(t);
+                let drop = match self.streams.get(&five) {
+                    // A copy per frame: the stream path is not the hot one, and the
+                    // connection's writer owns what it writes.
+                    Some(tx) => match tx.try_send(payload.to_vec()) {
+                        Ok(()) => return None,
+                        Err(mpsc::error::TrySendError::Full(_)) => DriverDrop::StreamQueueFull,
+                        Err(mpsc::error::TrySendError::Closed(_)) => DriverDrop::SendError,
+                    },
+                    None => DriverDrop::SendError,
+                };
+                self.stats.drops[drop.index()] += 1;
+                None
+            }
+            Dest::Client(five) => {
+                let found = self.listeners.iter().find(|l| l.local == five.server);
+                if found.is_none() {
+                    self.stats.drops[DriverDrop::SendError.index()] += 1;
+                }
+                found.map(|l| (l.socket.as_raw_fd(), five.client))
+            }
+            Dest::Peer { relay, peer } => {
+                let Some(r) = self
+                    .relays
+                    .get(relay.index())
+                    .and_then(Option::as_ref)
+                    .filter(|r| r.id == relay)
+                else {
+                    self.stats.drops[DriverDrop::SendError.index()] += 1;
+                    return None;
+                };
+                match self.siblings.owner(peer) {
+                    // Another shard's allocation: hand it over, no kernel hop.
+                    Some(o) if o != self.siblings.index => {
+                        let from = SocketAddr::new(
+                            self.siblings.relay_ips.get(r.family).unwrap_or(peer.ip()),
+                            r.port,
+                        );
+                        let h = Handoff {
+                            to: peer,
+                            from,
+                            data: self.core.payload(t).to_vec(),
+                        };
+                        match self.siblings.queues[o].try_send(h) {
+                            Ok(()) => self.stats.handoffs += 1,
+                            Err(_) => {
+                                self.stats.drops[DriverDrop::HandoffQueueFull.index()] += 1;
+                            }
+                        }
+                        None
+                    }
+                    _ => Some((r.socket.as_raw_fd(), peer)),
+                }
+            }
+        }
+    }
+
+    /// Sends a run of datagrams from one socket: one `sendto` for a single datagram, else
+    /// `sendmmsg`, resumed after a datagram the kernel refused (that one is counted and dropped,
+    /// as a failed `sendto` would be). Empties the run.
+    fn send_run(&mut self, run: &mut SendRun, pending: &[Transmit]) {
+        use nix::sys::socket::{MsgFlags, SockaddrStorage};
+        let Some(fd) = run.fd.take() else {
+            return;
+        };
+        let items = &run.items[..run.len];
+        run.len = 0;
+        let mut next = 0;
+        while next < items.len() {
+            let rest = &items[next..];
+            let result = if let [(to, i)] = rest {
+                nix::sys::socket::sendto(
+                    fd,
+                    self.core.payload(&pending[*i]),
+                    &SockaddrStorage::from(*to),
+                    MsgFlags::empty(),
+                )
+                .map(|_| 1)
+            } else {
+                let mut slices = [[io::IoSlice::new(&[])]; SEND_BATCH];
+                let mut addrs = [None::<SockaddrStorage>; SEND_BATCH];
+                for (k, (to, i)) in rest.iter().enumerate() {
+                    slices[k] = [io::IoSlice::new(self.core.payload(&pending[*i]))];
+                    addrs[k] = Some(SockaddrStorage::from(*to));
+                }
+                nix::sys::socket::sendmmsg(
+                    fd,
+                    &mut self.send_headers,
+                    &slices[..rest.len()],
+                    &addrs[..rest.len()],
+                    [],
+                    MsgFlags::empty(),
+                )
+                .map(Iterator::count)
+            };
+            match result {
+                // sendmmsg never returns 0 for a non-empty batch; guard against a loop anyway.
+                Ok(n) => next += n.max(1),
+                Err(e) => {
+                    let drop = if e == nix::errno::Errno::EAGAIN {
+                        DriverDrop::SendWouldBlock
+                    } else {
+                        DriverDrop::SendError
+                    };
+                    self.stats.drops[drop.index()] += 1;
+                    next += 1;
+                }
             }
         }
     }

@@ -405,3 +405,56 @@ grace-period = "1s"
     }
     relay.shutdown().await;
 }
+
+/// The DATA of a Data indication.
+fn data_of(raw: &[u8]) -> Vec<u8> {
+    let msg = Message::parse(raw).unwrap();
+    msg.attributes()
+        .find(|(t, _, _)| *t == attr::DATA)
+        .map(|(_, v, _)| v.to_vec())
+        .expect("a Data indication")
+}
+
+#[tokio::test]
+async fn bursts_both_ways_arrive_complete_and_in_order() {
+    // Back-to-back datagrams are read in batches and their answers leave in batched sends
+    // (runs of up to SEND_BATCH per socket): every datagram must still arrive, once, in order,
+    // at its own destination.
+    const BURST: usize = 100;
+    let relay = Running::start("").await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut c = RawClient::new(relay.addr, "burst").await;
+    let r = c
+        .request(
+            method::ALLOCATE,
+            &[(attr::REQUESTED_TRANSPORT, UDP.to_vec())],
+        )
+        .await;
+    assert_eq!(r.code, None);
+    let relayed = r.addresses(attr::XOR_RELAYED_ADDRESS)[0];
+    c.permit(peer_addr).await;
+
+    for i in 0..BURST {
+        c.send(peer_addr, format!("up {i}").as_bytes()).await;
+    }
+    for i in 0..BURST {
+        let (got, from) = recv(&peer).await;
+        assert_eq!(from, relayed);
+        assert_eq!(String::from_utf8_lossy(&got), format!("up {i}"));
+    }
+
+    for i in 0..BURST {
+        peer.send_to(format!("down {i}").as_bytes(), relayed)
+            .await
+            .unwrap();
+    }
+    for i in 0..BURST {
+        let (raw, from) = recv(&c.sock).await;
+        assert_eq!(from, relay.addr);
+        assert_eq!(String::from_utf8_lossy(&data_of(&raw)), format!("down {i}"));
+    }
+    let sent = r#"turnpike_relay_packets_total{direction="peer_to_client",framing="indication",transport="udp"}"#;
+    assert_eq!(relay.wait_metric(sent, BURST as f64).await, BURST as f64);
+    relay.shutdown().await;
+}
