@@ -30,7 +30,8 @@
 //! 2. **Traffic.** A few worker threads (one per core by default) each own a share of the sockets
 //!    and drive them with a `mio` event loop. A token bucket per worker, refilled about every
 //!    millisecond, paces the rate (`--burst N` makes each allocation send N packets back to back,
-//!    like a video frame); each socket's share of a turn goes out in one `sendmmsg`, and
+//!    like a video frame; `--tick T` sends only every T, everything due at once, like coturn's
+//!    test client, which sends one message per client per timer tick); each socket's share of a turn goes out in one `sendmmsg`, and
 //!    readable sockets are drained with `recvmmsg`, so the generator spends one system call per
 //!    batch, not per packet ([`Config::threads`] sets the number of workers). Every packet's
 //!    data starts with a [`packet::Header`]: flow, sequence number, send time from a monotonic
@@ -206,6 +207,8 @@ pub struct Config {
     /// Packets each allocation sends back to back when its turn comes (1: evenly spaced).
     /// Larger bursts look like video frames and let the generator batch more per system call.
     pub burst: usize,
+    /// When packets go out: as evenly as the loop allows, or everything due once per tick.
+    pub pacing: Pacing,
     /// REST usernames are `expiry:PREFIX-i`.
     pub user_prefix: String,
     /// Worker threads; 0 picks one per core (at most one per allocation).
@@ -225,6 +228,22 @@ pub struct Config {
     pub echo: Option<SocketAddr>,
 }
 
+/// When a worker sends what its token bucket holds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pacing {
+    /// On every loop turn: about every millisecond, sooner when packets arrive. The most even
+    /// spacing the generator can give.
+    Smooth,
+    /// Once per tick, everything due at once (back to back over the allocations): the shape of
+    /// coturn's `turnutils_uclient`, and of many senders whose timers fire together.
+    Tick(Duration),
+}
+
+/// Shortest `--tick`: the loop's own turn.
+pub const MIN_TICK: Duration = Duration::from_millis(1);
+/// Longest `--tick`: beyond it a "rate" is mostly a burst size.
+pub const MAX_TICK: Duration = Duration::from_millis(100);
+
 impl Config {
     /// The command line's defaults: 100 allocations client-to-client, 200 bytes, 10 000 packets
     /// per second for 10 s, ChannelData.
@@ -240,6 +259,7 @@ impl Config {
             rate: Rate::Fixed(10_000),
             duration: Duration::from_secs(10),
             burst: 1,
+            pacing: Pacing::Smooth,
             user_prefix: "load".into(),
             threads: 0,
             progress_interval: Some(Duration::from_secs(1)),
@@ -307,6 +327,15 @@ impl Config {
         }
         if self.burst == 0 || self.burst > batch::BATCH {
             return bad(format!("--burst must be 1..={}", batch::BATCH));
+        }
+        if let Pacing::Tick(t) = self.pacing {
+            if t < MIN_TICK || t > MAX_TICK {
+                return bad(format!(
+                    "--tick must be {}..={}",
+                    humantime::format_duration(MIN_TICK),
+                    humantime::format_duration(MAX_TICK)
+                ));
+            }
         }
         if self.tries == 0 {
             return bad("tries must be at least 1".into());
@@ -503,6 +532,9 @@ pub struct Summary {
     pub size: usize,
     /// Packets an allocation sends back to back.
     pub burst: usize,
+    /// With `--tick`: milliseconds between sending turns (everything due goes out at once);
+    /// `null` when pacing is smooth.
+    pub tick_ms: Option<f64>,
     /// Target packets per second; `null` in find-max.
     pub rate_target: Option<u64>,
     /// Sending time (all steps).
@@ -677,7 +709,14 @@ pub fn run(cfg: &Config, observe: &mut dyn FnMut(Event<'_>)) -> Result<Summary, 
     let mut echo = echo.into_iter();
     for (w, plan) in plans.into_iter().enumerate() {
         let share = plan.len() as f64 / cfg.allocations as f64;
-        let worker = Worker::new(plan, echo.next(), shared.clone(), share, cfg.burst);
+        let worker = Worker::new(
+            plan,
+            echo.next(),
+            shared.clone(),
+            share,
+            cfg.burst,
+            cfg.pacing,
+        );
         let h = std::thread::Builder::new()
             .name(format!("load-worker-{w}"))
             .spawn(move || worker.run())
@@ -1192,6 +1231,10 @@ fn summarize(
         allocations: cfg.allocations,
         size: cfg.size,
         burst: cfg.burst,
+        tick_ms: match cfg.pacing {
+            Pacing::Smooth => None,
+            Pacing::Tick(t) => Some(t.as_secs_f64() * 1e3),
+        },
         rate_target: match cfg.rate {
             Rate::Fixed(r) => Some(r),
             Rate::FindMax(_) => None,

@@ -7,7 +7,7 @@ use std::time::Duration;
 
 use clap::{ArgGroup, Parser, ValueEnum};
 use turnpike_load::{
-    Auth, Config, Event, FindMax, Framing, Latency, LoadError, Mode, Rate, Summary,
+    Auth, Config, Event, FindMax, Framing, Latency, LoadError, Mode, Pacing, Rate, Summary,
 };
 
 /// TURN load generator: N allocations relaying client-to-client or through an echo peer, at a
@@ -61,6 +61,10 @@ struct Args {
     /// looks like video frames and costs the generator fewer system calls).
     #[arg(long, default_value_t = 1)]
     burst: usize,
+    /// Send only once per tick (1ms..100ms), everything due at once over all allocations, like
+    /// coturn's test client (default: as evenly as possible).
+    #[arg(long, value_parser = humantime::parse_duration)]
+    tick: Option<Duration>,
     /// Use ChannelData (the default).
     #[arg(long, conflicts_with = "send_indications")]
     channels: bool,
@@ -169,6 +173,7 @@ fn config(a: &Args) -> Result<Config, String> {
         c.duration = a.duration.unwrap_or(Duration::from_secs(10));
     }
     c.burst = a.burst;
+    c.pacing = a.tick.map_or(Pacing::Smooth, Pacing::Tick);
     c.user_prefix = a.user_prefix.clone();
     c.threads = a.threads;
     c.progress_interval =

@@ -20,6 +20,7 @@ use relay_proto::stun::{self, attr, method, Class, Message};
 
 use crate::batch::{RecvBatch, SendBatch, BATCH};
 use crate::packet::{now_ns, Arrival, FlowRx, Header};
+use crate::Pacing;
 
 /// At most this many steps (rates) in one run.
 pub(crate) const MAX_STEPS: usize = 64;
@@ -170,6 +171,7 @@ pub(crate) struct Worker {
     share: f64,
     /// Packets a socket sends back to back each time its turn comes.
     burst: usize,
+    pacing: Pacing,
     latency: Vec<Histogram<u64>>,
     counters: Counters,
     pending: Pending,
@@ -186,6 +188,7 @@ impl Worker {
         shared: Arc<Shared>,
         share: f64,
         burst: usize,
+        pacing: Pacing,
     ) -> Self {
         let frame_len = plans.first().map_or(0, |p| p.template.len());
         let socks = plans
@@ -208,6 +211,7 @@ impl Worker {
             shared,
             share,
             burst: burst.max(1),
+            pacing,
             latency: Vec::new(),
             counters: Counters::default(),
             pending: Pending {
@@ -235,9 +239,16 @@ impl Worker {
         let mut tx = SendBatch::new();
         let mut arena = vec![0u8; self.frame_len.max(1) * BATCH];
 
-        let tick = Duration::from_millis(1);
+        let tick = match self.pacing {
+            Pacing::Smooth => Duration::from_millis(1),
+            Pacing::Tick(t) => t,
+        };
+        // A late turn may catch up at most this much sending: more would be one burst that
+        // measures the generator, not the relay.
+        let catch_up = (2 * tick).max(Duration::from_millis(20)).as_secs_f64();
         let mut tokens = 0.0f64;
         let mut last_refill = Instant::now();
+        let mut next_turn = last_refill;
         let mut was: u64 = 0;
         let mut cursor = 0usize;
         loop {
@@ -247,19 +258,26 @@ impl Worker {
             }
             let sending = control & SENDING != 0;
             let now = Instant::now();
-            if sending && !self.socks.is_empty() {
-                if control != was {
-                    // A new step (or the first): start from an empty bucket.
-                    tokens = 0.0;
-                    last_refill = now;
+            if control != was {
+                // A new step (or the first): start from an empty bucket, sending at once.
+                tokens = 0.0;
+                last_refill = now;
+                next_turn = now;
+            }
+            let turn = match self.pacing {
+                Pacing::Smooth => true,
+                Pacing::Tick(_) => now >= next_turn,
+            };
+            if sending && turn && !self.socks.is_empty() {
+                if let Pacing::Tick(t) = self.pacing {
+                    // The next turn one tick later; after a stall, a tick from now.
+                    next_turn = (next_turn + t).max(now);
                 }
                 let rate = self.shared.rate.load(Ordering::Relaxed) as f64 * self.share;
                 tokens += rate * now.duration_since(last_refill).as_secs_f64();
                 last_refill = now;
-                // A late turn may catch up at most 20 ms of sending: more would be one burst
-                // that measures the generator, not the relay.
                 let burst = self.burst as f64;
-                tokens = tokens.min((rate * 0.020).max(burst));
+                tokens = tokens.min((rate * catch_up).max(burst));
                 // Whole bursts only; the rest waits for the next turn.
                 let bursts = (tokens / burst) as u64;
                 tokens -= bursts as f64 * burst;
@@ -268,7 +286,10 @@ impl Worker {
             }
             was = control;
             let timeout = if sending {
-                tick
+                match self.pacing {
+                    Pacing::Smooth => tick,
+                    Pacing::Tick(_) => next_turn.saturating_duration_since(Instant::now()),
+                }
             } else {
                 Duration::from_millis(5)
             };

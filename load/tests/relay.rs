@@ -10,7 +10,9 @@ use std::sync::Mutex;
 use std::thread::JoinHandle;
 use std::time::Duration;
 
-use turnpike_load::{Auth, Config, Event, FindMax, Framing, LoadError, Mode, Rate, Summary};
+use turnpike_load::{
+    Auth, Config, Event, FindMax, Framing, LoadError, Mode, Pacing, Rate, Summary,
+};
 
 const SECRET: &str = "load-test-secret-0123456789";
 
@@ -281,6 +283,23 @@ fn nothing_listening_fails_setup_clearly() {
 }
 
 #[test]
+fn ticked_pacing_sends_in_turns_and_loses_nothing() {
+    let _serial = SERIAL.lock().unwrap_or_else(|e| e.into_inner());
+    let relay = Relay::start("11000-11999");
+    let mut cfg = config(relay.addr, Mode::ClientToPeer);
+    cfg.pacing = Pacing::Tick(Duration::from_millis(20));
+    let (r, _, _) = run(&cfg);
+    let s = r.unwrap();
+    assert_clean(&s, 8);
+    let v = json_of(&s);
+    assert_eq!(v["tick_ms"], 20.0);
+    // Smooth pacing reports no tick.
+    let cfg = config(relay.addr, Mode::ClientToPeer);
+    let s = run(&cfg).0.unwrap();
+    assert!(json_of(&s)["tick_ms"].is_null());
+}
+
+#[test]
 fn bad_configurations_are_refused_before_any_socket() {
     let server = SocketAddr::from(([127, 0, 0, 1], 9));
     let mut odd = config(server, Mode::ClientToClient);
@@ -289,7 +308,11 @@ fn bad_configurations_are_refused_before_any_socket() {
     small.size = 10;
     let mut long = config(server, Mode::ClientToPeer);
     long.duration = Duration::from_secs(3600);
-    for cfg in [odd, small, long] {
+    let mut no_tick = config(server, Mode::ClientToPeer);
+    no_tick.pacing = Pacing::Tick(Duration::ZERO);
+    let mut slow_tick = config(server, Mode::ClientToPeer);
+    slow_tick.pacing = Pacing::Tick(Duration::from_secs(1));
+    for cfg in [odd, small, long, no_tick, slow_tick] {
         let e = run(&cfg).0.unwrap_err();
         assert!(matches!(e, LoadError::Config(_)), "{e}");
     }
