@@ -7,9 +7,12 @@
 # turnpike and turnpike-load in release mode, then for every round and every load starts each
 # server fresh (Turnpike first, then coturn: A B A B ...), reads the server's CPU time
 # (utime + stime, /proc/PID/stat fields 14 and 15) just before and just after the load, and stops
-# it. The client-to-peer load also runs against turnpike-forward, the bare one-recv-one-send UDP
-# forwarder (turnpike-load --mode raw-to-peer), as the baseline. --only-forwarder runs just the
-# client-to-peer load against Turnpike and the forwarder (no coturn, no memory). Writes a
+# it. Loads: coturn's own client, client-to-client (-y) and client-to-peer (through coturn's
+# turnutils_peer echo peer); turnpike-load client-to-client and client-to-peer at an even
+# 20 000 msg/s and client-to-peer in 10 ms ticks; find-max. The turnpike-load client-to-peer loads
+# also run against turnpike-forward, the bare one-recv-one-send UDP forwarder (turnpike-load
+# --mode raw-to-peer), as the baseline. --only-forwarder runs just those against Turnpike and
+# the forwarder (no coturn, no memory). Writes a
 # markdown table to stdout and to bench/results-<date>.md. Documented in docs/benchmarks.md.
 # Run from the repository root.
 set -euo pipefail
@@ -147,12 +150,28 @@ run_load() {
       turnutils_uclient -c -y -s -m 100 -n "$UC_N" -l 200 -z 1 -W "$SECRET" -u benchuser \
         -p "$PORT" 127.0.0.1 > "$out" 2>&1 || true
       ;;
-    c2c|c2p)
-      local mode=client-to-client; [ "$load" = c2p ] && mode=client-to-peer
+    uclient_peer)
+      # coturn's echo peer, outside the server: every message goes client -> relay -> peer ->
+      # relay -> client.
+      local peer_port peer_pid
+      peer_port=$(free_port)
+      turnutils_peer -p "$peer_port" -L 127.0.0.1 > /dev/null 2>&1 &
+      peer_pid=$!
+      for _ in $(seq 100); do ss -Hlun "sport = :$peer_port" | grep -q . && break; sleep 0.05; done
+      turnutils_uclient -c -s -m 100 -n "$UC_N" -l 200 -z 1 -e 127.0.0.1 -r "$peer_port" \
+        -W "$SECRET" -u benchuser -p "$PORT" 127.0.0.1 > "$out" 2>&1 || true
+      kill "$peer_pid" 2>/dev/null || true
+      wait "$peer_pid" 2>/dev/null || true
+      ;;
+    c2c|c2p|c2p_tick)
+      local mode=client-to-client pacing=()
+      [ "$load" != c2c ] && mode=client-to-peer
+      [ "$load" = c2p_tick ] && pacing=(--tick 10ms)
       local who=(--secret "$SECRET")
       [ "$server" = forward ] && { mode=raw-to-peer; who=(--echo "127.0.0.1:$ECHO_PORT"); }
       "$LOAD" --server "127.0.0.1:$PORT" "${who[@]}" --mode "$mode" --allocations 100 \
-        --size 200 --rate 20000 --duration "$DUR" --drain "$DRAIN" --json-only > "$out" 2>/dev/null || true
+        --size 200 --rate 20000 "${pacing[@]}" --duration "$DUR" --drain "$DRAIN" --json-only \
+        > "$out" 2>/dev/null || true
       ;;
     max)
       timeout 120 "$LOAD" --server "127.0.0.1:$PORT" --secret "$SECRET" --find-max \
@@ -165,7 +184,7 @@ run_load() {
   cpu_us=$(( (after - before) * 1000000 / HZ ))
   local msgs lost loss p99="" maxr="" limit="" extra=""
   case "$load" in
-    uclient)
+    uclient|uclient_peer)
       lost=$(sed -n 's/.*Total lost packets \([0-9]*\).*/\1/p' "$out" | tail -1)
       msgs=$(sed -n 's/.*tot_recv_msgs=\([0-9]*\).*/\1/p' "$out" | tail -1)
       extra=$(sed -n 's/.*Average round trip delay \([0-9.]*\) ms.*/\1/p' "$out" | tail -1)
@@ -174,7 +193,7 @@ run_load() {
       if [ "$lost" = NA ]; then loss=NA
       else loss=$(awk -v l="$lost" -v m="$UC_MSGS" 'BEGIN{printf "%.4f", 100*l/m}'); fi
       ;;
-    c2c|c2p)
+    c2c|c2p|c2p_tick)
       if [ -s "$out" ]; then
         msgs=$(json 'd["received"]' < "$out"); lost=$(json 'd["lost"]' < "$out")
         loss=$(json 'd["loss_pct"]' < "$out"); p99=$(json 'd["latency_us"]["p99"]' < "$out")
@@ -218,13 +237,13 @@ measure_memory() {
 }
 
 # ---------------------------------------------------------------- run
-LOADS="uclient c2c c2p max"
-[ "$ONLY_FWD" = 1 ] && LOADS="c2p"
+LOADS="uclient uclient_peer c2c c2p c2p_tick max"
+[ "$ONLY_FWD" = 1 ] && LOADS="c2p c2p_tick"
 START=$(date +%s)
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     servers="turnpike coturn"
-    [ "$load" = c2p ] && servers="turnpike coturn forward"
+    case "$load" in c2p|c2p_tick) servers="turnpike coturn forward" ;; esac
     [ "$ONLY_FWD" = 1 ] && servers="turnpike forward"
     for server in $servers; do
       run_load "$server" "$load" "$round"
@@ -243,8 +262,14 @@ report() {
 python3 - "$RAW" "$UC_MSGS" <<'PY'
 import sys, statistics as st
 rows = [l.rstrip("\n").split("\t") for l in open(sys.argv[1]) if l.strip()]
-names = {"uclient": "turnutils_uclient -y -s (anchor)", "c2c": "turnpike-load client-to-client 20k/s",
-         "c2p": "turnpike-load client-to-peer 20k/s", "max": "turnpike-load find-max client-to-client"}
+names = {"uclient": "turnutils_uclient -y -s, client-to-client (anchor)",
+         "uclient_peer": "turnutils_uclient -s, client-to-peer via turnutils_peer",
+         "c2c": "turnpike-load client-to-client 20k/s even",
+         "c2p": "turnpike-load client-to-peer 20k/s even",
+         "c2p_tick": "turnpike-load client-to-peer 20k/s, 10 ms ticks",
+         "max": "turnpike-load find-max client-to-client"}
+LOADS = ["uclient", "uclient_peer", "c2c", "c2p", "c2p_tick", "max"]
+UC = ("uclient", "uclient_peer")
 def num(x):
     try: return float(x)
     except ValueError: return None
@@ -258,7 +283,7 @@ def allr(xs, d=1):
 meds = {}
 print("| Load | Server | CPU µs/msg (median) | CPU µs/msg (rounds) | Loss % (rounds) | p99 µs (median; rounds) | Max msg/s < 0.1 % loss (rounds; limit) |")
 print("|---|---|---|---|---|---|---|")
-for load in ["uclient", "c2c", "c2p", "max"]:
+for load in LOADS:
     for server in ["turnpike", "coturn", "forward"]:
         rs = [r for r in rows if r[0] == server and r[1] == load]
         if not rs: continue
@@ -269,7 +294,7 @@ for load in ["uclient", "c2c", "c2p", "max"]:
         meds[(load, server)] = dict(cpu=med(cpu), loss=max([l for l in loss if l is not None], default=None), p99=med(p99), max=med(mx))
         limits = ",".join(sorted(set(r[9] for r in rs if r[9])))
         lossc = "—" if load == "max" else allr(loss, 3)
-        p99c = "—" if load == "uclient" else f"{f(med(p99),0)}; {allr(p99,0)}"
+        p99c = "—" if load in UC else f"{f(med(p99),0)}; {allr(p99,0)}"
         maxc = f"{f(med(mx),0)} ({allr(mx,0)}; {limits})" if load == "max" else "—"
         label = "turnpike-forward (raw-to-peer baseline)" if server == "forward" else server
         print(f"| {names[load]} | {label} | {f(med(cpu),2)} | {allr(cpu,2)} | {lossc} | {p99c} | {maxc} |")
@@ -279,30 +304,33 @@ print()
 print("| Load | CPU µs/msg | p99 | max msg/s | worst loss % Turnpike / coturn |")
 print("|---|---|---|---|---|")
 def ratio(a, b): return "—" if a is None or b is None or b == 0 else f"{a/b:.2f}×"
-for load in ["uclient", "c2c", "c2p", "max"]:
+for load in LOADS:
     t, c = meds.get((load, "turnpike")), meds.get((load, "coturn"))
     if not t or not c: continue
-    print(f"| {names[load]} | {ratio(t['cpu'], c['cpu'])} | {ratio(t['p99'], c['p99']) if load != 'uclient' else '—'} | "
+    print(f"| {names[load]} | {ratio(t['cpu'], c['cpu'])} | {ratio(t['p99'], c['p99']) if load not in UC else '—'} | "
           f"{ratio(t['max'], c['max']) if load == 'max' else '—'} | "
           f"{f(t['loss'],3) if load != 'max' else '—'} / {f(c['loss'],3) if load != 'max' else '—'} |")
-t, w = meds.get(("c2p", "turnpike")), meds.get(("c2p", "forward"))
-if t and w:
+fw = [(l, meds.get((l, "turnpike")), meds.get((l, "forward"))) for l in ("c2p", "c2p_tick")]
+fw = [x for x in fw if x[1] and x[2]]
+if fw:
     print()
     print("Ratio Turnpike / turnpike-forward, the bare one-recv-one-send forwarder (medians; the issue asks for ≤ 1.2× on CPU):")
     print()
     print("| Load | CPU µs/msg | p99 | worst loss % Turnpike / forwarder |")
     print("|---|---|---|---|")
-    print(f"| {names['c2p']} | {ratio(t['cpu'], w['cpu'])} | {ratio(t['p99'], w['p99'])} | {f(t['loss'],3)} / {f(w['loss'],3)} |")
+    for l, t, w in fw:
+        print(f"| {names[l]} | {ratio(t['cpu'], w['cpu'])} | {ratio(t['p99'], w['p99'])} | {f(t['loss'],3)} / {f(w['loss'],3)} |")
 print()
 print("Find-max steps per round (rate:loss% , g = generator could not send the target rate):")
 print()
 for r in rows:
     if r[1] == "max":
         print(f"- {r[0]} round {r[2]}: {r[10]}")
-uc = [r for r in rows if r[1] == "uclient" and r[10]]
-if uc:
-    print()
-    print("turnutils_uclient average round trip (ms): " + "; ".join(f"{r[0]} r{r[2]} {r[10]}" for r in uc))
+for load in UC:
+    uc = [r for r in rows if r[1] == load and r[10]]
+    if uc:
+        print()
+        print(f"{names[load]}, average round trip (ms): " + "; ".join(f"{r[0]} r{r[2]} {r[10]}" for r in uc))
 PY
 }
 
@@ -329,9 +357,12 @@ PY
   echo
   echo '```sh'
   echo "turnutils_uclient -c -y -s -m 100 -n $UC_N -l 200 -z 1 -W \$SECRET -u benchuser -p \$PORT 127.0.0.1"
+  echo "turnutils_peer -p \$PEER_PORT -L 127.0.0.1 &   # then:"
+  echo "turnutils_uclient -c -s -m 100 -n $UC_N -l 200 -z 1 -e 127.0.0.1 -r \$PEER_PORT -W \$SECRET -u benchuser -p \$PORT 127.0.0.1"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-client --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
-  echo "turnpike-load --server 127.0.0.1:\$FWD_PORT --echo 127.0.0.1:\$ECHO_PORT --mode raw-to-peer --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only   # against the forwarder"
+  echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --tick 10ms --duration $DUR --drain $DRAIN --json-only"
+  echo "turnpike-load --server 127.0.0.1:\$FWD_PORT --echo 127.0.0.1:\$ECHO_PORT --mode raw-to-peer --allocations 100 --size 200 --rate 20000 [--tick 10ms] --duration $DUR --drain $DRAIN --json-only   # against the forwarder"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --find-max --mode client-to-client --allocations 100 --size 200 --rate 10000 --step-duration $STEP --max-steps $MAXSTEPS --drain $DRAIN --json-only"
   echo '```'
   echo

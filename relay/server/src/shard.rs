@@ -47,7 +47,8 @@ struct Listener {
 pub(crate) struct Handoff {
     to: SocketAddr,
     from: SocketAddr,
-    data: Vec<u8>,
+    /// A slice of the sending shard's handoff block (see [`Shard::handoff_buf`]).
+    data: bytes::Bytes,
 }
 
 /// Where this shard sits among its siblings, to route datagrams between allocations on
@@ -127,6 +128,9 @@ pub(crate) struct Shard {
     recv_headers: [nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>; 2],
     /// `sendmmsg` headers ([`SEND_BATCH`]); the address length is set per datagram on every send.
     send_headers: nix::sys::socket::MultiHeaders<nix::sys::socket::SockaddrStorage>,
+    /// Datagrams for other shards are cut from this block: one allocation per block, not per
+    /// datagram; the block is freed (or reclaimed) once the other shards consumed its datagrams.
+    handoff_buf: bytes::BytesMut,
     /// Transmits taken from the core and not yet sent (see [`Shard::flush`]); empty between
     /// flushes, kept for its capacity.
     pending: Vec<Transmit>,
@@ -138,6 +142,10 @@ pub(crate) struct Shard {
 }
 
 pub(crate) type ShardRef = Rc<RefCell<Shard>>;
+
+/// Bytes of one handoff block: a few hundred media-sized datagrams per allocation, small next to
+/// a shard's receive buffers.
+const HANDOFF_BLOCK: usize = 64 * 1024;
 
 /// Consecutive datagrams leaving one UDP socket, sent together by [`Shard::send_run`]: the
 /// destination and the index of the transmit in [`Shard::pending`].
@@ -200,6 +208,7 @@ pub(crate) fn run(
             ],
             send_headers: nix::sys::socket::MultiHeaders::preallocate(SEND_BATCH, None),
             pending: Vec::with_capacity(IO_LOOP_BOUND),
+            handoff_buf: bytes::BytesMut::with_capacity(HANDOFF_BLOCK),
             streams: HashMap::new(),
             stats: DriverStats::default(),
             publisher: Publisher::default(),
@@ -586,10 +595,18 @@ impl Shard {
                             self.siblings.relay_ips.get(r.family).unwrap_or(peer.ip()),
                             r.port,
                         );
+                        let payload = self.core.payload(t);
+                        let buf = &mut self.handoff_buf;
+                        if buf.capacity() < payload.len() {
+                            // Reclaims the block when every datagram cut from it was consumed,
+                            // else starts a new one.
+                            buf.reserve(HANDOFF_BLOCK.max(payload.len()));
+                        }
+                        buf.extend_from_slice(payload);
                         let h = Handoff {
                             to: peer,
                             from,
-                            data: self.core.payload(t).to_vec(),
+                            data: buf.split().freeze(),
                         };
                         match self.siblings.queues[o].try_send(h) {
                             Ok(()) => self.stats.handoffs += 1,
