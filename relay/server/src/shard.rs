@@ -3,8 +3,9 @@
 //! sockets of its allocations.
 //!
 //! Every task of a shard runs on its thread and shares the shard through `Rc<RefCell<_>>`: a
-//! borrow, never a lock, and never held across an `.await`. Each task reads a bounded batch,
-//! feeds the core, then flushes the core's outputs with non-blocking sends.
+//! borrow, never a lock, and never held across an `.await`. Each task reads a bounded batch and
+//! feeds the core; the core's outputs are flushed with non-blocking, batched sends once every
+//! socket the reactor found ready has been read (see `recv_batch`).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -131,6 +132,10 @@ pub(crate) struct Shard {
     /// Datagrams for other shards are cut from this block: one allocation per block, not per
     /// datagram; the block is freed (or reclaimed) once the other shards consumed its datagrams.
     handoff_buf: bytes::BytesMut,
+    /// Datagrams received since the last flush (see [`recv_batch`]).
+    unflushed: usize,
+    /// Wakes [`flush_task`].
+    flusher: Rc<tokio::sync::Notify>,
     /// Transmits taken from the core and not yet sent (see [`Shard::flush`]); empty between
     /// flushes, kept for its capacity.
     pending: Vec<Transmit>,
@@ -142,6 +147,11 @@ pub(crate) struct Shard {
 }
 
 pub(crate) type ShardRef = Rc<RefCell<Shard>>;
+
+/// Datagrams received before a deferred flush is done at once: a few receive bounds' worth, so
+/// the core's output queue (and the payload bytes it holds) stays small while sockets that woke
+/// together still share `sendmmsg` calls.
+const FLUSH_DEFER: usize = 4 * IO_LOOP_BOUND;
 
 /// Bytes of one handoff block: a few hundred media-sized datagrams per allocation, small next to
 /// a shard's receive buffers.
@@ -208,6 +218,8 @@ pub(crate) fn run(
             ],
             send_headers: nix::sys::socket::MultiHeaders::preallocate(SEND_BATCH, None),
             pending: Vec::with_capacity(IO_LOOP_BOUND),
+            unflushed: 0,
+            flusher: Rc::new(tokio::sync::Notify::new()),
             handoff_buf: bytes::BytesMut::with_capacity(HANDOFF_BLOCK),
             streams: HashMap::new(),
             stats: DriverStats::default(),
@@ -215,6 +227,11 @@ pub(crate) fn run(
             metrics: setup.metrics,
         }));
         let mut tasks = Vec::new();
+        let flusher = Rc::clone(&shard.borrow().flusher);
+        tasks.push(tokio::task::spawn_local(flush_task(
+            Rc::clone(&shard),
+            flusher,
+        )));
         let count = shard.borrow().listeners.len();
         for i in 0..count {
             tasks.push(tokio::task::spawn_local(listener_task(
@@ -308,7 +325,8 @@ fn register(socket: StdUdpSocket) -> io::Result<UdpSock> {
 }
 
 /// Reads up to [`IO_LOOP_BOUND`] datagrams from `socket` with `recvmmsg` (batches of
-/// [`RECV_BATCH`]) into the core with `handle`, then flushes the core's outputs. Returns whether
+/// [`RECV_BATCH`]) into the core with `handle`, then has the core's outputs flushed (by
+/// [`flush_task`], after the other sockets that are ready now). Returns whether
 /// the socket may hold more: false when a batch came back short, which means the queue is empty
 /// and the caller can clear its readiness without another system call.
 fn recv_batch(
@@ -364,8 +382,28 @@ fn recv_batch(
             break true;
         }
     };
-    sh.flush(shard, now);
+    // Deferred flush: the flusher runs after every task the same reactor turn woke, so the
+    // answers of many relay sockets that became readable together leave the listener in one
+    // `sendmmsg` instead of one `sendto` each. Past FLUSH_DEFER datagrams, flush now to bound
+    // what the core buffers.
+    sh.unflushed += read;
+    if sh.unflushed >= FLUSH_DEFER {
+        sh.unflushed = 0;
+        sh.flush(shard, now);
+    } else if read > 0 {
+        sh.flusher.notify_one();
+    }
     more
+}
+
+/// Flushes the core's outputs when a receive deferred it (see [`recv_batch`]).
+async fn flush_task(shard: ShardRef, notify: Rc<tokio::sync::Notify>) {
+    loop {
+        notify.notified().await;
+        let mut sh = shard.borrow_mut();
+        sh.unflushed = 0;
+        sh.flush(&shard, Instant::now());
+    }
 }
 
 fn std_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
