@@ -1,0 +1,1 @@
+//! The HTTP API (placeholder: being implemented).

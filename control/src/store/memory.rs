@@ -1,0 +1,5 @@
+//! In-memory store (placeholder: being implemented).
+
+/// The in-memory [`super::Store`].
+#[derive(Debug, Default)]
+pub struct MemoryStore {}

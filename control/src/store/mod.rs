@@ -1,0 +1,289 @@
+//! Where the control plane keeps its state: one [`Store`] trait, two backends —
+//! [`MemoryStore`] (the embedded default: one process, nothing survives a restart) and
+//! [`RedisStore`] (several nodes share apps, calls, codes, tokens and rate limits).
+//!
+//! The trait is written in terms of the operations the API needs, not of keys and values, so
+//! that every operation that must be atomic *is* one call: redeeming a one-time token, adding a
+//! participant under `max_participants`, counting a rate-limit hit. Both backends pass the same
+//! contract suite (`tests/store.rs`), the Redis one against a real `redis-server`.
+//!
+//! Secrets never reach the store in clear: app keys, join codes and participant tokens are
+//! stored as [`Digest`]s (keyed HMAC-SHA-256, see `crate::secrets`), so a dump of Redis gives
+//! an attacker nothing to join or call with.
+//!
+//! Times are Unix milliseconds ([`Millis`]) passed in by the caller: the store never reads a
+//! clock, which keeps expiry testable and the same on every node.
+
+mod memory;
+mod redis;
+
+use std::fmt;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+
+pub use self::memory::MemoryStore;
+pub use self::redis::RedisStore;
+
+/// Unix time in milliseconds.
+pub type Millis = u64;
+
+/// A keyed hash of a secret (app key, join code, participant token): 32 bytes, hex in storage.
+#[derive(Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+pub struct Digest(pub [u8; 32]);
+
+impl Digest {
+    /// Lower-case hex, as used in storage keys.
+    pub fn to_hex(&self) -> String {
+        self.0.iter().map(|b| format!("{b:02x}")).collect()
+    }
+}
+
+impl fmt::Debug for Digest {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        // Eight hex digits identify it in logs without being the whole hash.
+        write!(f, "Digest({}…)", &self.to_hex()[..8])
+    }
+}
+
+/// A tenant: an API consumer with its own calls and keys.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct App {
+    /// `app_` + random, or the id given in config.
+    pub id: String,
+    /// Human name, shown in listings.
+    pub name: String,
+    /// A disabled app's keys are refused (401) and its calls cannot be joined.
+    pub disabled: bool,
+    /// Declared in the config file (re-applied at every start) or created through the API.
+    pub from_config: bool,
+    /// When it was created.
+    pub created_at: Millis,
+}
+
+/// Who a participant is in a call.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    /// May end the call (signaling, later: kick).
+    Host,
+    /// Everyone else; joining by code makes a guest.
+    Guest,
+}
+
+/// A call's state, derived from its record and the time (see [`Call::state`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum CallState {
+    /// Created, nobody joined yet.
+    Waiting,
+    /// Someone joined and it has neither ended nor expired.
+    Active,
+    /// Ended through the API (or, later, by signaling) or expired.
+    Ended,
+}
+
+/// What a participant sends (set by signaling; all off until then).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Media {
+    /// Microphone on.
+    pub audio: bool,
+    /// Camera on.
+    pub video: bool,
+    /// Screen shared.
+    pub screen: bool,
+}
+
+/// One participant of a call.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Participant {
+    /// `p_` + random: the JWT `sub`, the signaling address.
+    pub peer_id: String,
+    /// Host or guest.
+    pub role: Role,
+    /// Display name given at join (attacker-chosen text: stored and returned byte for byte).
+    pub name: String,
+    /// The consumer's own user id, from a participant token.
+    pub user_id: Option<String>,
+    /// When `/v1/join` admitted them.
+    pub joined_at: Millis,
+    /// When they left (signaling); `None` while in the call.
+    pub left_at: Option<Millis>,
+    /// Their media state (signaling).
+    pub media: Media,
+}
+
+/// A call.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Call {
+    /// `c_` + random (URL-safe): the API id, the key of everything else about the call.
+    pub id: String,
+    /// The app that created it; other apps get 404 for it.
+    pub app_id: String,
+    /// Optional name given at creation.
+    pub name: Option<String>,
+    /// Most participants admitted (1..=32).
+    pub max_participants: u32,
+    /// Free JSON the consumer attached (bounded by the body limit).
+    pub metadata: Option<serde_json::Value>,
+    /// When it was created (history is ordered by this, newest first).
+    pub created_at: Millis,
+    /// After this the call is ended even if nobody ended it.
+    pub expires_at: Millis,
+    /// When it was ended through the API (or signaling).
+    pub ended_at: Option<Millis>,
+    /// Why it ended (`"api"`, later `"empty"`, …).
+    pub end_reason: Option<String>,
+    /// The opaque group in the TURN usernames minted for this call (`expiry:GROUP.x`): the relay
+    /// revokes by group when the call ends. Random, no personal data.
+    pub cred_group: String,
+    /// Everyone admitted so far, in join order (left ones stay, with `left_at`).
+    pub participants: Vec<Participant>,
+}
+
+impl Call {
+    /// The state at `now`.
+    pub fn state(&self, now: Millis) -> CallState {
+        if self.ended_at.is_some() || now >= self.expires_at {
+            CallState::Ended
+        } else if self.participants.is_empty() {
+            CallState::Waiting
+        } else {
+            CallState::Active
+        }
+    }
+
+    /// Participants who have not left.
+    pub fn present(&self) -> usize {
+        self.participants
+            .iter()
+            .filter(|p| p.left_at.is_none())
+            .count()
+    }
+}
+
+/// A participant token (`POST /v1/calls/{id}/tokens`): what redeeming it grants.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct TokenGrant {
+    /// The call it admits to.
+    pub call_id: String,
+    /// Host or guest.
+    pub role: Role,
+    /// Pre-set display name (the join request's name is used when absent).
+    pub name: Option<String>,
+    /// The consumer's user id.
+    pub user_id: Option<String>,
+    /// After this it is refused like an unknown token.
+    pub expires_at: Millis,
+}
+
+/// Where a listing continues: opaque to clients (base64 of this in the API).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Cursor {
+    /// `created_at` of the last call returned.
+    pub created_at: Millis,
+    /// Its id (ties on `created_at` are broken by id, descending).
+    pub id: String,
+}
+
+/// One page of an app's call history, newest first.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Page {
+    /// At most the requested limit.
+    pub calls: Vec<Call>,
+    /// Present when more calls follow.
+    pub next: Option<Cursor>,
+}
+
+/// The result of [`Store::admit`].
+#[derive(Debug, Clone, PartialEq)]
+pub enum Admission {
+    /// Added; the call as it is now.
+    Admitted(Call),
+    /// `max_participants` present already.
+    Full,
+    /// Unknown, ended or expired (the API answers all alike).
+    Gone,
+}
+
+/// A store failure. The API maps every variant to 503 (the request may be retried); none is
+/// the client's fault.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// The backend could not be reached or timed out.
+    #[error("store unavailable: {0}")]
+    Unavailable(String),
+    /// The backend answered something this code cannot read (a bug or foreign data).
+    #[error("store data corrupt: {0}")]
+    Corrupt(String),
+}
+
+/// Operations the control plane needs, each atomic on its own. Implementations must be cheap to
+/// clone behind an `Arc` and safe to call from many tasks at once.
+#[async_trait]
+pub trait Store: Send + Sync + fmt::Debug + 'static {
+    /// Adds an app with one key. `Ok(false)` if an app with that id exists. An app from config
+    /// (`from_config`) replaces any stored one with the same id and its keys are set to `keys`.
+    async fn put_app(&self, app: &App, keys: &[Digest]) -> Result<bool, StoreError>;
+    /// All apps, by id.
+    async fn list_apps(&self) -> Result<Vec<App>, StoreError>;
+    /// One app.
+    async fn get_app(&self, id: &str) -> Result<Option<App>, StoreError>;
+    /// Enables or disables; `Ok(false)` if there is no such app.
+    async fn set_app_disabled(&self, id: &str, disabled: bool) -> Result<bool, StoreError>;
+    /// Adds a key to an app; `Ok(false)` if there is no such app.
+    async fn add_app_key(&self, id: &str, key: Digest) -> Result<bool, StoreError>;
+    /// The app a key belongs to (disabled or not: the caller decides).
+    async fn app_for_key(&self, key: Digest) -> Result<Option<App>, StoreError>;
+
+    /// Stores a new call and its join code (valid until the call ends or expires).
+    async fn create_call(&self, call: &Call, code: Digest) -> Result<(), StoreError>;
+    /// A call by id (ended and expired ones too, while history keeps them).
+    async fn get_call(&self, id: &str) -> Result<Option<Call>, StoreError>;
+    /// An app's calls, newest first, optionally only those in `state` at `now`.
+    async fn list_calls(
+        &self,
+        app_id: &str,
+        state: Option<CallState>,
+        limit: usize,
+        after: Option<&Cursor>,
+        now: Millis,
+    ) -> Result<Page, StoreError>;
+    /// The call a join code opens, if the code is known and the call neither ended nor expired.
+    async fn call_for_code(&self, code: Digest, now: Millis) -> Result<Option<String>, StoreError>;
+    /// Ends a call at `now` with `reason`; the code stops working. Returns the call as ended;
+    /// `None` if unknown. Ending an ended call changes nothing and returns it.
+    async fn end_call(
+        &self,
+        id: &str,
+        reason: &str,
+        now: Millis,
+    ) -> Result<Option<Call>, StoreError>;
+
+    /// Stores a participant token's grant until its expiry.
+    async fn put_token(&self, token: Digest, grant: &TokenGrant) -> Result<(), StoreError>;
+    /// Redeems a token once: of concurrent redemptions exactly one gets the grant; later ones,
+    /// and unknown or expired tokens, get `None`.
+    async fn redeem_token(&self, token: Digest, now: Millis)
+        -> Result<Option<TokenGrant>, StoreError>;
+
+    /// Adds a participant if the call is live and fewer than `max_participants` are present,
+    /// atomically (two joins for the last seat: one gets it).
+    async fn admit(
+        &self,
+        call_id: &str,
+        participant: &Participant,
+        now: Millis,
+    ) -> Result<Admission, StoreError>;
+
+    /// Counts a hit on a fixed-window rate-limit counter `key` (window starting at the first
+    /// hit) and returns the hits in the current window including this one, and the milliseconds
+    /// until the window ends.
+    async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError>;
+
+    /// Calls neither ended nor expired at `now`, over all apps (the `calls_active` gauge).
+    async fn live_calls(&self, now: Millis) -> Result<u64, StoreError>;
+
+    /// Whether the backend answers (for `/ready`).
+    async fn ping(&self) -> Result<(), StoreError>;
+}

@@ -1,0 +1,5 @@
+//! Redis store (placeholder: being implemented).
+
+/// The Redis [`super::Store`].
+#[derive(Debug)]
+pub struct RedisStore {}
