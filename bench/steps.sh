@@ -4,29 +4,34 @@
 # client-to-client (-y, same-server short-circuit applies) and client-to-peer (through
 # turnutils_peer), in alternating rounds; prints server CPU µs per message per build.
 #
-#   bench/steps.sh [--rounds N] [--messages N]     (defaults: 3 rounds, 1000 messages per client)
+#   bench/steps.sh [--rounds N] [--messages N] [--prebuilt DIR]
+#
+# Defaults: 3 rounds, 1000 messages per client. --prebuilt DIR takes DIR/turnpike-<commit> where it
+# exists instead of building that commit (release builds of the same commits, e.g. from an
+# earlier run).
 #
 # Documented in docs/benchmarks.md. Needs coturn's turnutils_uclient/turnutils_peer (Debian
 # package coturn; installed when missing, as in compare.sh). Run from the repository root.
 set -euo pipefail
 
-ROUNDS=3 N=1000
+ROUNDS=3 N=1000 PREBUILT=""
 while [ $# -gt 0 ]; do
   case "$1" in
     --rounds) ROUNDS="$2"; shift 2 ;;
     --messages) N="$2"; shift 2 ;;
-    -h|--help) sed -n '2,10p' "$0"; exit 0 ;;
+    --prebuilt) PREBUILT="$2"; shift 2 ;;
+    -h|--help) sed -n '2,15p' "$0"; exit 0 ;;
     *) echo "steps.sh: unknown option $1" >&2; exit 1 ;;
   esac
 done
 cd "$(dirname "$0")/.."
 # step label and commit: the first is the baseline, each next one adds one change.
 STEPS=(
-  "baseline:a86965b"            # one recv per datagram (try_recv_from), one sendto per datagram
-  "+short-circuit:5b766d9"      # same-server short-circuit between allocations
-  "+recvmmsg:eb747ba"           # batched receive, short batch clears readiness
-  "+tidy:3accb00"               # refactors between (queue draining, relay release); no new step
-  "+sendmmsg:HEAD"              # batched send per socket, pooled cross-shard handoff buffers
+  "baseline:a86965b"        # one try_recv_from and one send_to per datagram
+  "+short-circuit:5b766d9"  # same-server short-circuit between allocations
+  "+recvmmsg:3accb00"       # batched receive (eb747ba) and the tidy-ups after it, no new step
+  "+sendmmsg:5a32a42"       # batched send per socket run; pooled cross-shard handoff buffers
+  "+deferred-flush:cf000bc" # flush once every socket ready in a reactor turn has been read
 )
 if ! command -v turnutils_uclient >/dev/null || ! command -v turnutils_peer >/dev/null; then
   SUDO=""; [ "$(id -u)" -eq 0 ] || SUDO="sudo"
@@ -44,6 +49,10 @@ cleanup() {
 trap cleanup EXIT
 for s in "${STEPS[@]}"; do
   label=${s%%:*} commit=${s#*:}
+  if [ -n "$PREBUILT" ] && [ -x "$PREBUILT/turnpike-$commit" ]; then
+    cp "$PREBUILT/turnpike-$commit" "$WORK/turnpike-$label"
+    continue
+  fi
   git worktree add -f --detach "$WORK/src-$label" "$commit" > /dev/null
   # A shared target dir judges freshness by mtime: make every build see its own sources as new.
   find "$WORK/src-$label" -name '*.rs' -exec touch {} +

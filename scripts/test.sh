@@ -27,8 +27,9 @@ REQUIRED_TOOLS=(
     "iptables:iptables" # tests/strict_firewall.rs: firewalls and a NAT in network namespaces
     "ip:iproute2" # network namespaces and veth pairs (ip), socket listing (ss)
     "python3:python3-minimal" # UDP probes inside the namespaces
+    "redis-server:redis-server" # control plane: store tests against a real Redis (own port)
+    "jq:jq" # docs/api.md's curl walk-through, run as written by tests/control.rs
     # --- Later issues add their tools here (one line each), e.g.:
-    # "redis-server:redis-server"   # control plane: Redis store tests
     # "chromium:chromium"           # dashboards / browser tests
     # "prometheus:prometheus"       # dashboards: rule and scrape checks
 )
