@@ -33,7 +33,9 @@ pub(crate) fn apply(table: &mut Table, env: &[(String, String)], errs: &mut Errs
                     continue;
                 }
             },
-            ValueKind::List | ValueKind::StringOrList => Value::Array(
+            // NamedSecrets items stay strings: the reader takes an item
+            // written as "NAME:SECRET" just like one in a file.
+            ValueKind::List | ValueKind::StringOrList | ValueKind::NamedSecrets => Value::Array(
                 value
                     .split(',')
                     .map(str::trim)

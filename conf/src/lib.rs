@@ -3,7 +3,8 @@
 //!
 //! # Schema
 //!
-//! Three sections, and the optional `[relay.tls]` table, nothing else:
+//! Five sections, the optional `[relay.tls]` table and the `[[control.apps]]`
+//! array, nothing else:
 //!
 //! ```toml
 //! [relay]
@@ -22,6 +23,20 @@
 //! cert-file = "/etc/turnpike/fullchain.pem"
 //! key-file = "/etc/turnpike/privkey.pem"
 //!
+//! [control]                             # optional: the HTTP API
+//! hash-key = "a-long-random-hash-key"   # required, >= 16 bytes
+//! # required, at least one; the first signs; or "KID:SECRET" strings
+//! jwt-keys = [{ kid = "2025-01", secret = "a-random-secret-of-at-least-32-bytes" }]
+//! # listen, public-url, admin-token, turn-urls, credential-ttl, token-ttl,
+//! # max-body, request-timeout: optional, see examples/turnpike.toml
+//!
+//! [[control.apps]]                      # optional, any number
+//! id = "web"
+//! keys = ["a-long-random-app-key"]
+//!
+//! [store]                               # optional; no redis-url: in memory
+//! redis-url = "redis://:password@127.0.0.1:6379/0"
+//!
 //! [admin]
 //! listen = "127.0.0.1:9641"
 //!
@@ -34,9 +49,21 @@
 //! written like `"30s"`, `"10m"`, `"1h"`. Any key or section not in the
 //! schema is an error, so a typo never silently leaves a default in place.
 //!
+//! Without `control.turn-urls`, the URLs handed to clients are derived from
+//! `[relay]`: every listen address is advertised at the `external-ip` of its
+//! family if set, else at its own IP (a wildcard with no `external-ip` of its
+//! family is an error on `control.turn-urls`, which must then be given); a
+//! UDP listener gives `stun:IP:PORT` and `turn:IP:PORT?transport=udp`, TCP
+//! `turn:IP:PORT?transport=tcp`, TLS `turns:IP:PORT?transport=tcp`, in the
+//! order stun, turn over UDP, turn over TCP, turns.
+//!
 //! Without a file, [`load`] uses [`EMBEDDED_DEFAULT`]: a relay on
-//! `127.0.0.1:3478` for trying things out on one machine, with one random
-//! secret generated at start-up (a file must list its secrets).
+//! `127.0.0.1:3478` and the control API on `127.0.0.1:8080` for trying
+//! things out on one machine, with the secrets generated at start-up (a
+//! file must list its own): the relay secret, `control.hash-key`, one jwt
+//! key (kid `dev`) and one app (id `dev`, name `Development`, key `tpk_…`).
+//! [`Config::generated`] says which values were generated, so the binary
+//! can show them once.
 //!
 //! # Environment overrides
 //!
@@ -44,10 +71,16 @@
 //! uppercased, with `-` and `.` written as `_`: `relay.user-quota` is
 //! `TURNPIKE_RELAY_USER_QUOTA`, `admin.listen` is `TURNPIKE_ADMIN_LISTEN`,
 //! `relay.tls.cert-file` is `TURNPIKE_RELAY_TLS_CERT_FILE` (setting it
-//! creates the `[relay.tls]` table). Names are built from [`SCHEMA`], so the
+//! creates the `[relay.tls]` table; likewise a `TURNPIKE_CONTROL_*` variable
+//! creates `[control]`). Names are built from [`SCHEMA`], so the
 //! mapping is unambiguous. Lists (`listen`, `secrets`, `allow-peers`,
-//! `deny-peers`, and `relay-ip`, `external-ip`, which also take a single
-//! address) are comma-separated and an empty value is an empty list. An override replaces the file's
+//! `deny-peers`, `turn-urls`, and `relay-ip`, `external-ip`, which also take
+//! a single address) are comma-separated and an empty value is an empty
+//! list. `control.jwt-keys` and `control.apps` ([`ValueKind::NamedSecrets`])
+//! take comma-separated `NAME:SECRET` items:
+//! `TURNPIKE_CONTROL_JWT_KEYS=kid2:secret2,kid1:secret1`,
+//! `TURNPIKE_CONTROL_APPS=web:key1,ios:key2` (one key per app, named by its
+//! id). An override replaces the file's
 //! value and is checked exactly like it; its errors name the variable
 //! (`env TURNPIKE_RELAY_USER_QUOTA: ...`). A `TURNPIKE_*` variable that
 //! matches no key is an error, so a misspelt override is caught too
@@ -59,11 +92,13 @@
 //!
 //! A bad configuration is reported all at once: every bad value, every
 //! unknown key and every bad override, each with its dotted path
-//! (`relay.user-quota: expected an integer, got a string`). An operator
+//! (`relay.user-quota: expected an integer, got a string`,
+//! `control.apps[1].keys[0]: too short: ...`). An operator
 //! fixes everything in one pass instead of restarting once per mistake.
 //! That is why the file is parsed into a plain [`toml::Table`] and walked by
 //! a small hand-written reader rather than deserialized with
-//! `deny_unknown_fields`, which stops at the first problem.
+//! `deny_unknown_fields`, which stops at the first problem. Secrets are
+//! never part of a message, nor of any `Debug` output.
 
 mod env;
 mod reader;
@@ -81,8 +116,9 @@ use rand::RngCore as _;
 
 pub use schema::{Key, ValueKind, ENV_CONFIG_PATH, ENV_PREFIX, SCHEMA};
 
-/// The configuration used when no file is given: a loopback-only relay for
-/// local testing, without secrets (one is generated at load time).
+/// The configuration used when no file is given: a loopback-only relay and
+/// control API for local testing, without secrets (they are generated at
+/// load time).
 pub const EMBEDDED_DEFAULT: &str = include_str!("default.toml");
 
 /// A commented example of every key; it is a valid configuration.
@@ -93,20 +129,59 @@ pub const EXAMPLE: &str = include_str!("../examples/turnpike.toml");
 pub struct Config {
     /// `[relay]`: the TURN service.
     pub relay: Relay,
+    /// `[control]`: the HTTP API; `None` when the section is absent (a
+    /// relay-only deployment).
+    pub control: Option<Control>,
+    /// `[store]`: where the control plane keeps its state (always present:
+    /// without the section, in memory).
+    pub store: Store,
     /// `[admin]`: the local admin/metrics HTTP endpoint.
     pub admin: Admin,
     /// `[log]`: logging.
     pub log: Log,
     /// Where the configuration came from.
     pub source: Source,
+    /// Which values were generated at load time rather than configured
+    /// (only ever for [`Source::Embedded`]).
+    pub generated: Generated,
 }
 
 impl Config {
     /// Whether this is the embedded default (no file was given), in which
-    /// case the secret may have been generated at load time.
+    /// case secrets may have been generated at load time: see
+    /// [`Config::generated`] for which.
     pub fn is_embedded(&self) -> bool {
         self.source == Source::Embedded
     }
+
+    /// The app generated for the embedded default (`dev`, with one key),
+    /// if one was: its key exists only in this process, so the binary
+    /// shows it once to whoever started it.
+    pub fn generated_app(&self) -> Option<&App> {
+        if !self.generated.app {
+            return None;
+        }
+        self.control.as_ref().and_then(|c| c.apps.first())
+    }
+}
+
+/// Which values [`load`] generated because the embedded default has none
+/// and no override gave them. Each lives in its usual place in the
+/// [`Config`]; these flags only say that it was made up at start-up (and
+/// dies with the process), so the binary can show it once, e.g. the relay
+/// secret and the dev app's key. A file never gets generated values: all
+/// flags are false for [`Source::File`].
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Generated {
+    /// `relay.secrets[0]` (the only secret).
+    pub relay_secret: bool,
+    /// `control.hash-key`.
+    pub hash_key: bool,
+    /// `control.jwt-keys[0]` (the only key, kid `dev`).
+    pub jwt_key: bool,
+    /// `control.apps[0]` (the only app: id `dev`, name `Development`, one
+    /// key `tpk_…`); see [`Config::generated_app`].
+    pub app: bool,
 }
 
 /// Where a [`Config`] came from.
@@ -382,6 +457,178 @@ impl fmt::Display for Secret {
     }
 }
 
+/// `[control]`: the HTTP API that creates calls, hands out join codes and
+/// exchanges them for signaling tokens and TURN credentials.
+#[derive(Debug, Clone)]
+pub struct Control {
+    /// Where the API listens. Default 127.0.0.1:8080: loopback, because a
+    /// public API normally sits behind a TLS-terminating proxy.
+    pub listen: SocketAddr,
+    /// The base of join and signaling URLs (and the JWT issuer): an
+    /// absolute `http://` or `https://` URL without query, fragment or
+    /// trailing `/`. Default `http://` + `listen` (required when `listen`
+    /// is a wildcard address, which clients cannot reach).
+    pub public_url: String,
+    /// Whether `public_url` is the default, made from `listen`: if `listen`
+    /// has port 0, rebuild it from the bound address.
+    pub public_url_derived: bool,
+    /// The bearer token of the admin API (apps); `None` turns the admin API
+    /// off. At least 16 bytes.
+    pub admin_token: Option<Secret>,
+    /// The key app keys, join codes and tokens are hashed under before they
+    /// are stored. At least 16 bytes. Changing it invalidates every stored
+    /// app key, code and token.
+    pub hash_key: Secret,
+    /// Signaling token keys, at least one; the first signs, all verify.
+    pub jwt_keys: Vec<JwtKey>,
+    /// The `stun:`/`turn:`/`turns:` URLs handed to clients with their TURN
+    /// credentials, at least one. Default: derived from `[relay]` by
+    /// [`derive_turn_urls`], ordered stun, turn over UDP, turn over TCP,
+    /// turns.
+    pub turn_urls: Vec<String>,
+    /// Whether `turn_urls` were derived from `[relay]`: if a relay listener
+    /// has port 0, derive them again from the bound addresses with
+    /// [`derive_turn_urls`].
+    pub turn_urls_derived: bool,
+    /// Lifetime of minted TURN credentials. Default 4h (1m to 24h).
+    pub credential_ttl: Duration,
+    /// Lifetime of signaling JWTs. Default 5m (30s to 1h).
+    pub token_ttl: Duration,
+    /// Largest request body in bytes. Default 65536 (1024 to 1048576).
+    pub max_body: usize,
+    /// Time a request may take. Default 10s (1s to 60s).
+    pub request_timeout: Duration,
+    /// Apps declared in the configuration (re-applied at every start).
+    /// Default: none (apps are created through the admin API).
+    pub apps: Vec<App>,
+}
+
+/// The `stun:`/`turn:`/`turns:` URLs that advertise these relay listeners
+/// (the default of `control.turn-urls`). Every listen address is advertised
+/// at the external IP of its family if there is one, else at its own IP; a
+/// UDP listener gives `stun:IP:PORT` and `turn:IP:PORT?transport=udp`, TCP
+/// `turn:IP:PORT?transport=tcp`, TLS `turns:IP:PORT?transport=tcp`. All
+/// stun URLs come first, then turn over UDP, turn over TCP and turns, each
+/// group in listen order; a URL two listeners share is listed once.
+///
+/// Pass the bound addresses when a listener was configured with port 0.
+pub fn derive_turn_urls(
+    listen: &[Listen],
+    external_ips: &RelayIps,
+) -> Result<Vec<String>, DeriveTurnUrlsError> {
+    let (mut stun, mut turn_udp, mut turn_tcp, mut turns) = (vec![], vec![], vec![], vec![]);
+    for (index, l) in listen.iter().enumerate() {
+        let ip = match external_ips.get(l.addr.is_ipv6()) {
+            Some(ip) => ip,
+            None if l.addr.ip().is_unspecified() => {
+                return Err(DeriveTurnUrlsError::Wildcard { index, listen: *l });
+            }
+            None => l.addr.ip(),
+        };
+        let at = SocketAddr::new(ip, l.addr.port());
+        match l.transport {
+            Transport::Udp => {
+                stun.push(format!("stun:{at}"));
+                turn_udp.push(format!("turn:{at}?transport=udp"));
+            }
+            Transport::Tcp => turn_tcp.push(format!("turn:{at}?transport=tcp")),
+            Transport::Tls => turns.push(format!("turns:{at}?transport=tcp")),
+        }
+    }
+    let mut urls: Vec<String> = Vec::new();
+    // Two listeners may advertise the same address (a specific one and a
+    // wildcard behind the same external IP): list each URL once.
+    for url in [stun, turn_udp, turn_tcp, turns].into_iter().flatten() {
+        if !urls.contains(&url) {
+            urls.push(url);
+        }
+    }
+    Ok(urls)
+}
+
+/// Why [`derive_turn_urls`] found no URLs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+pub enum DeriveTurnUrlsError {
+    /// A listener binds a wildcard address (0.0.0.0 or ::) and there is no
+    /// external IP of its family to advertise in its place.
+    #[error("{listen} binds a wildcard address and there is no external IP of its family")]
+    Wildcard {
+        /// Its index in the listen list.
+        index: usize,
+        /// The listener.
+        listen: Listen,
+    },
+}
+
+/// One signaling token key (`control.jwt-keys`). `Debug` shows the kid,
+/// never the secret.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct JwtKey {
+    /// The key id in the token header: 1 to 64 characters of
+    /// `A-Z a-z 0-9 . _ -`, unique.
+    pub kid: String,
+    /// The HMAC-SHA-256 key: at least 32 bytes.
+    pub secret: Secret,
+}
+
+/// One app declared in `[[control.apps]]`. `Debug` shows id and name,
+/// never the keys.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct App {
+    /// 1 to 64 characters of `A-Z a-z 0-9 _ -`, unique.
+    pub id: String,
+    /// Shown in listings. Default: the id.
+    pub name: String,
+    /// The app's API keys, at least one, each at least 16 bytes; no key
+    /// belongs to two apps (a key identifies its app).
+    pub keys: Vec<Secret>,
+}
+
+/// `[store]`: where the control plane keeps its state.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Store {
+    /// `redis-url`: Redis, shared by every node. `None` (the default): in
+    /// memory, one process, nothing survives a restart.
+    pub redis_url: Option<RedisUrl>,
+}
+
+/// A `redis://` or `rediss://` (TLS) URL, checked at load time. It may
+/// carry a password, so `Debug` and `Display` show it redacted
+/// (`redis://:***@host:6379/0`); use [`RedisUrl::expose`] to connect.
+#[derive(Clone, PartialEq, Eq)]
+pub struct RedisUrl {
+    url: String,
+    redacted: String,
+}
+
+impl RedisUrl {
+    /// The URL as configured, password included.
+    pub fn expose(&self) -> &str {
+        &self.url
+    }
+
+    /// Whether the scheme is `rediss://` (TLS).
+    pub fn is_tls(&self) -> bool {
+        self.url
+            .get(..9)
+            .is_some_and(|s| s.eq_ignore_ascii_case("rediss://"))
+    }
+}
+
+impl fmt::Debug for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "RedisUrl({:?})", self.redacted)
+    }
+}
+
+/// The URL with its password (the whole user part, when it has no `:`)
+/// replaced by `***`.
+impl fmt::Display for RedisUrl {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(&self.redacted)
+    }
+}
+
 /// `[admin]`: the admin/metrics HTTP endpoint.
 #[derive(Debug, Clone)]
 pub struct Admin {
@@ -467,8 +714,9 @@ pub fn parse(text: &str, env: &[(String, String)]) -> Result<Config, Errors> {
 }
 
 /// Like [`parse`], with an explicit source: it names the text in syntax
-/// errors, and with [`Source::Embedded`] a missing secret is generated
-/// instead of being an error.
+/// errors, and with [`Source::Embedded`] a missing secret (relay secret,
+/// `control.hash-key`, `control.jwt-keys`) or app list is generated instead
+/// of being an error or empty; [`Config::generated`] says which.
 pub fn parse_with_source(
     text: &str,
     env: &[(String, String)],

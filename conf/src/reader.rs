@@ -1,6 +1,7 @@
 //! A small reader over one TOML table that records every error and every
 //! key it consumed, and keeps going after a bad value.
 
+use std::borrow::Cow;
 use std::collections::{BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -77,16 +78,36 @@ pub(crate) fn describe(v: &Value) -> &'static str {
 
 /// Reads the keys of one table (`section` is `""` for the top level).
 pub(crate) struct Reader<'t, 'e> {
-    section: &'static str,
+    /// The dotted path of the table: a section (`relay.tls`) or an item of
+    /// an array of tables (`control.apps[1]`).
+    section: Cow<'static, str>,
+    /// Whether the keys read must be in [`SCHEMA`]: true for sections,
+    /// false for items of an array of tables, whose keys the schema
+    /// describes through the array key's [`crate::ValueKind`].
+    in_schema: bool,
     table: &'t Table,
     used: BTreeSet<&'static str>,
     errs: &'e mut Errs,
 }
 
 impl<'t, 'e> Reader<'t, 'e> {
+    /// A reader for a section (or the top level, `""`).
     pub(crate) fn new(section: &'static str, table: &'t Table, errs: &'e mut Errs) -> Self {
         Reader {
-            section,
+            section: Cow::Borrowed(section),
+            in_schema: true,
+            table,
+            used: BTreeSet::new(),
+            errs,
+        }
+    }
+
+    /// A reader for one table inside an array (`path` like
+    /// `control.apps[1]`); its keys are not schema keys.
+    pub(crate) fn item(path: String, table: &'t Table, errs: &'e mut Errs) -> Self {
+        Reader {
+            section: Cow::Owned(path),
+            in_schema: false,
             table,
             used: BTreeSet::new(),
             errs,
@@ -122,7 +143,8 @@ impl<'t, 'e> Reader<'t, 'e> {
 
     fn take(&mut self, key: &'static str) -> Option<&'t Value> {
         debug_assert!(
-            self.section.is_empty()
+            !self.in_schema
+                || self.section.is_empty()
                 || SCHEMA.iter().any(|k| {
                     (k.section == self.section && k.name == key) || k.section == self.path(key)
                 }),
@@ -248,6 +270,41 @@ impl<'t, 'e> Reader<'t, 'e> {
                     bad = true;
                     self.error(&format!("{key}[{i}]"), message);
                 }
+            }
+        }
+        if bad {
+            Err(Invalid)
+        } else {
+            Ok(Some(out))
+        }
+    }
+
+    /// An array whose items may be of any type: `item` reads each one,
+    /// given the errors, the item's dotted path (`control.apps[1]`) and the
+    /// value, and records its own errors. `what` describes the expected
+    /// form for the wrong-type message. The whole field is `Invalid` if any
+    /// item was.
+    pub(crate) fn array<T>(
+        &mut self,
+        key: &'static str,
+        what: &str,
+        mut item: impl FnMut(&mut Errs, &str, &'t Value) -> Result<T, Invalid>,
+    ) -> Field<Vec<T>> {
+        let items = match self.take(key) {
+            None => return Ok(None),
+            Some(Value::Array(items)) => items,
+            Some(v) => {
+                self.error(key, format!("expected {what}, got {}", describe(v)));
+                return Err(Invalid);
+            }
+        };
+        let mut out = Vec::with_capacity(items.len());
+        let mut bad = false;
+        for (i, value) in items.iter().enumerate() {
+            let path = self.path(&format!("{key}[{i}]"));
+            match item(self.errs, &path, value) {
+                Ok(v) => out.push(v),
+                Err(Invalid) => bad = true,
             }
         }
         if bad {

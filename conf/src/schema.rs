@@ -2,8 +2,9 @@
 //!
 //! Environment variable names are built from this table (never guessed
 //! from a variable's name), and a test checks that the example file shows
-//! every key in it (the `[relay.tls]` keys in a commented-out block, since
-//! the example cannot point at real certificate files).
+//! every key in it (the `[relay.tls]` keys and `store.redis-url` in
+//! commented-out lines, since the example cannot point at real certificate
+//! files and its default, no Redis, is what most readers want).
 
 /// How a key's value is written. Decides how an environment override (which
 /// is always text) becomes a TOML value before the normal checks run.
@@ -23,12 +24,25 @@ pub enum ValueKind {
     /// `relay-ip = ["203.0.113.7", "2001:db8::7"]`); in the environment,
     /// comma-separated like [`ValueKind::List`].
     StringOrList,
+    /// A list of named secrets: each item is a small inline table
+    /// (`jwt-keys`: `{ kid = "…", secret = "…" }`; `apps`: `[[control.apps]]`
+    /// with `id`, `name` and `keys`) or the string `"NAME:SECRET"` (a jwt
+    /// key `"kid:secret"`, an app `"id:key"` with one key and its id as
+    /// name). The name never contains `:`, so the first `:` ends it.
+    ///
+    /// In the environment: comma-separated `NAME:SECRET` items, each taken
+    /// as that string form (`TURNPIKE_CONTROL_JWT_KEYS=k2:SECRET2,k1:SECRET1`,
+    /// `TURNPIKE_CONTROL_APPS=web:KEY1,ios:KEY2`), so an override goes through
+    /// exactly the checks a file's item does; an empty value is an empty
+    /// list. A secret given this way cannot contain a comma.
+    NamedSecrets,
 }
 
 /// One accepted key: `[section] name`.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
-    /// The TOML table the key lives in (`relay`, `admin`, `log`), dotted
+    /// The TOML table the key lives in (`relay`, `control`, `store`,
+    /// `admin`, `log`), dotted
     /// for a nested table (`relay.tls`).
     pub section: &'static str,
     /// The key inside that table, as written in TOML (`user-quota`).
@@ -96,6 +110,18 @@ pub const SCHEMA: &[Key] = &[
     key("relay", "stream-queue", ValueKind::Integer),
     key("relay.tls", "cert-file", ValueKind::String),
     key("relay.tls", "key-file", ValueKind::String),
+    key("control", "listen", ValueKind::String),
+    key("control", "public-url", ValueKind::String),
+    key("control", "admin-token", ValueKind::String),
+    key("control", "hash-key", ValueKind::String),
+    key("control", "jwt-keys", ValueKind::NamedSecrets),
+    key("control", "turn-urls", ValueKind::List),
+    key("control", "credential-ttl", ValueKind::Duration),
+    key("control", "token-ttl", ValueKind::Duration),
+    key("control", "max-body", ValueKind::Integer),
+    key("control", "request-timeout", ValueKind::Duration),
+    key("control", "apps", ValueKind::NamedSecrets),
+    key("store", "redis-url", ValueKind::String),
     key("admin", "listen", ValueKind::String),
     key("log", "level", ValueKind::String),
 ];

@@ -3,17 +3,18 @@
 //! Each section function reads every key (recording all errors) before it
 //! builds its struct, so one bad key never hides another.
 
-use std::net::{IpAddr, SocketAddr};
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
 use std::num::NonZeroUsize;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use ipnet::IpNet;
-use toml::Table;
+use toml::{Table, Value};
 
-use crate::reader::{Errs, Invalid, Reader};
+use crate::reader::{describe, Errs, Invalid, Reader};
 use crate::{
-    Admin, Config, Listen, Log, PortRange, Relay, RelayIps, Secret, Source, Tls, Transport,
+    Admin, App, Config, Control, DeriveTurnUrlsError, Generated, JwtKey, Listen, Log, PortRange,
+    RedisUrl, Relay, RelayIps, Secret, Source, Store, Tls, Transport,
 };
 
 /// Relayed ports: the IANA dynamic/private range (RFC 6335), which no
@@ -79,8 +80,7 @@ const MAX_MAX_FRAME: u32 = DEFAULT_MAX_FRAME;
 const DEFAULT_STREAM_QUEUE: u32 = 256;
 const MAX_STREAM_QUEUE: u32 = 65_536;
 /// Loopback, because the admin endpoint has no authentication.
-const DEFAULT_ADMIN_LISTEN: SocketAddr =
-    SocketAddr::new(IpAddr::V4(std::net::Ipv4Addr::LOCALHOST), 9641);
+const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9641);
 const DEFAULT_LOG_LEVEL: &str = "info";
 
 /// The REALM attribute must be shorter than 128 characters and at most 763
@@ -89,35 +89,107 @@ const MAX_REALM_BYTES: usize = 763;
 /// Shorter HMAC keys for time-limited credentials are guessable offline.
 const MIN_SECRET_BYTES: usize = 16;
 
+/// Loopback: a public API normally sits behind a TLS-terminating proxy,
+/// and an API opened to the network should be a decision, not a default.
+const DEFAULT_CONTROL_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8080);
+/// HS256 keys shorter than the hash output (32 bytes) weaken the MAC
+/// (RFC 7518, section 3.2 requires at least that).
+const MIN_JWT_SECRET_BYTES: usize = 32;
+/// A kid travels in every token header and an app id in URLs and storage
+/// keys: a bound keeps both short, 64 leaves room for dates and names.
+const MAX_NAME_CHARS: usize = 64;
+/// App names are shown in listings; a bound keeps one app from filling a
+/// page, 128 is plenty for a human-readable name.
+const MAX_APP_NAME_CHARS: usize = 128;
+/// The default call length: a call's credentials outlive it, so nobody
+/// loses the relay mid-call because their credential expired.
+const DEFAULT_CREDENTIAL_TTL: Duration = Duration::from_secs(4 * 3600);
+/// Shorter than a minute and a client on a slow link may not get to use
+/// its credential at all.
+const MIN_CREDENTIAL_TTL: Duration = Duration::from_secs(60);
+/// A leaked credential works until it expires: a day at most.
+const MAX_CREDENTIAL_TTL: Duration = Duration::from_secs(24 * 3600);
+/// A signaling token is exchanged for a connection at once: minutes are
+/// enough, and a leaked token dies quickly.
+const DEFAULT_TOKEN_TTL: Duration = Duration::from_secs(300);
+/// Below 30s clock skew between nodes and slow page loads reject good
+/// tokens.
+const MIN_TOKEN_TTL: Duration = Duration::from_secs(30);
+const MAX_TOKEN_TTL: Duration = Duration::from_secs(3600);
+/// API requests are small JSON objects (a call's metadata is the largest
+/// part): 64 KiB holds any reasonable one and bounds memory per request.
+const DEFAULT_MAX_BODY: u32 = 64 * 1024;
+/// Below 1 KiB even an ordinary create-call request would not fit.
+const MIN_MAX_BODY: u32 = 1024;
+/// 1 MiB: beyond that a request is not an API call but a memory attack.
+const MAX_MAX_BODY: u32 = 1024 * 1024;
+/// Every API operation is a few store round trips: 10s covers a slow
+/// Redis while a stuck request still frees its slot quickly.
+const DEFAULT_REQUEST_TIMEOUT: Duration = Duration::from_secs(10);
+const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
+/// A minute: longer than any operation should take, shorter than client
+/// and proxy timeouts, so the API answers before they give up.
+const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+/// The embedded default's generated jwt key and app.
+const DEV_KID: &str = "dev";
+const DEV_APP_ID: &str = "dev";
+const DEV_APP_NAME: &str = "Development";
+/// Generated app keys look like the API's (`control::secrets::new_app_key`),
+/// so they are recognisable in logs and by secret scanners.
+const APP_KEY_PREFIX: &str = "tpk_";
+
 /// Reads the whole (already env-overridden) table.
 pub(crate) fn read(table: &Table, source: Source, errs: &mut Errs) -> Result<Config, Invalid> {
     let empty = Table::new();
     let mut root = Reader::new("", table, errs);
     let relay = root.table("relay");
+    let control = root.table("control");
+    let store = root.table("store");
     let admin = root.table("admin");
     let log = root.table("log");
     root.finish();
 
+    let mut generated = Generated::default();
     // A section that is not a table was reported; don't pile errors on it.
     let relay = relay.and_then(|t| {
         read_relay(
             &mut Reader::new("relay", t.unwrap_or(&empty), errs),
             &source,
+            &mut generated,
         )
     });
+    let control = control.and_then(|t| match t {
+        Some(t) => read_control(
+            &mut Reader::new("control", t, errs),
+            &source,
+            relay.as_ref().ok(),
+            &mut generated,
+        )
+        .map(Some),
+        None => Ok(None),
+    });
+    let store =
+        store.and_then(|t| read_store(&mut Reader::new("store", t.unwrap_or(&empty), errs)));
     let admin =
         admin.and_then(|t| read_admin(&mut Reader::new("admin", t.unwrap_or(&empty), errs)));
     let log = log.and_then(|t| read_log(&mut Reader::new("log", t.unwrap_or(&empty), errs)));
 
     Ok(Config {
         relay: relay?,
+        control: control?,
+        store: store?,
         admin: admin?,
         log: log?,
         source,
+        generated,
     })
 }
 
-fn read_relay(r: &mut Reader<'_, '_>, source: &Source) -> Result<Relay, Invalid> {
+fn read_relay(
+    r: &mut Reader<'_, '_>,
+    source: &Source,
+    generated: &mut Generated,
+) -> Result<Relay, Invalid> {
     let realm = r.parse("realm", "a string", parse_realm);
     let realm = r.required(
         "realm",
@@ -161,7 +233,10 @@ fn read_relay(r: &mut Reader<'_, '_>, source: &Source) -> Result<Relay, Invalid>
 
     let secrets = match r.list("secrets", parse_secret) {
         Ok(Some(list)) if !list.is_empty() => check_unique(r, "secrets", &list, |a, b| a == b),
-        Ok(_) if *source == Source::Embedded => Ok(vec![Secret::generate()]),
+        Ok(_) if *source == Source::Embedded => {
+            generated.relay_secret = true;
+            Ok(vec![Secret::generate()])
+        }
         Ok(_) => {
             r.error("secrets", "at least one secret is required");
             Err(Invalid)
@@ -319,10 +394,379 @@ fn read_tls(r: &mut Reader<'_, '_>) -> Result<Tls, Invalid> {
     })
 }
 
+/// How a `jwt-keys` item is written, for wrong-type messages.
+const JWT_KEY_FORM: &str = r#"a table { kid = "…", secret = "…" } or a "KID:SECRET" string"#;
+const JWT_KEYS_FORM: &str =
+    r#"an array of { kid = "…", secret = "…" } tables or "KID:SECRET" strings"#;
+/// How an `apps` item is written, for wrong-type messages.
+const APP_FORM: &str = r#"a [[control.apps]] table (id, name, keys) or an "ID:KEY" string"#;
+const APPS_FORM: &str = r#"[[control.apps]] tables or an array of "ID:KEY" strings"#;
+
+/// `[control]`. Every key is read before the ones that depend on others
+/// are judged: `public-url` defaults from `listen`, `turn-urls` from
+/// `[relay]` (`relay` is `None` when that section was bad: its errors are
+/// already recorded and nothing is derived from it).
+fn read_control(
+    r: &mut Reader<'_, '_>,
+    source: &Source,
+    relay: Option<&Relay>,
+    generated: &mut Generated,
+) -> Result<Control, Invalid> {
+    let embedded = *source == Source::Embedded;
+    let listen = r.parse("listen", r#"an address like "127.0.0.1:8080""#, |s| {
+        parse_socket_addr(s, "127.0.0.1:8080")
+    });
+    let public_url = r.parse(
+        "public-url",
+        r#"a URL like "https://turnpike.example.com""#,
+        parse_public_url,
+    );
+    let admin_token = r.parse("admin-token", "a string", |s| {
+        parse_secret_of(s, MIN_SECRET_BYTES)
+    });
+
+    let hash_key = match r.parse("hash-key", "a string", |s| {
+        parse_secret_of(s, MIN_SECRET_BYTES)
+    }) {
+        Ok(Some(key)) => Ok(key),
+        Ok(None) if embedded => {
+            generated.hash_key = true;
+            Ok(Secret::generate())
+        }
+        Ok(None) => {
+            r.error(
+                "hash-key",
+                "required: a random secret of at least 16 bytes that app keys, join codes and \
+                 tokens are stored hashed under (head -c 32 /dev/urandom | base64)",
+            );
+            Err(Invalid)
+        }
+        Err(Invalid) => Err(Invalid),
+    };
+
+    let jwt_keys = match r.array("jwt-keys", JWT_KEYS_FORM, read_jwt_key) {
+        Ok(Some(keys)) if !keys.is_empty() => check_kids(r, keys),
+        Ok(_) if embedded => {
+            generated.jwt_key = true;
+            Ok(vec![JwtKey {
+                kid: DEV_KID.to_string(),
+                secret: Secret::generate(),
+            }])
+        }
+        Ok(_) => {
+            r.error(
+                "jwt-keys",
+                r#"at least one key is required, e.g. [{ kid = "2025-01", secret = "…" }]"#,
+            );
+            Err(Invalid)
+        }
+        Err(Invalid) => Err(Invalid),
+    };
+
+    let mut turn_urls_derived = false;
+    let turn_urls = match r.list("turn-urls", parse_turn_url) {
+        Ok(Some(urls)) if urls.is_empty() => {
+            r.error(
+                "turn-urls",
+                "at least one URL is required (leave turn-urls out to derive them from [relay])",
+            );
+            Err(Invalid)
+        }
+        Ok(Some(urls)) => check_unique(r, "turn-urls", &urls, |a, b| a.eq_ignore_ascii_case(b)),
+        Ok(None) => {
+            turn_urls_derived = true;
+            match relay {
+                Some(relay) => derive_turn_urls(r, relay),
+                None => Err(Invalid),
+            }
+        }
+        Err(Invalid) => Err(Invalid),
+    };
+
+    let credential_ttl = r.duration("credential-ttl", MIN_CREDENTIAL_TTL, MAX_CREDENTIAL_TTL);
+    let token_ttl = r.duration("token-ttl", MIN_TOKEN_TTL, MAX_TOKEN_TTL);
+    let max_body = r.integer("max-body", MIN_MAX_BODY, MAX_MAX_BODY);
+    let request_timeout = r.duration("request-timeout", MIN_REQUEST_TIMEOUT, MAX_REQUEST_TIMEOUT);
+
+    let apps = match r.array("apps", APPS_FORM, read_app) {
+        Ok(Some(apps)) => check_apps(r, apps),
+        // Only an absent list: an explicitly empty one (an empty
+        // TURNPIKE_CONTROL_APPS) means "no apps", even here.
+        Ok(None) if embedded => {
+            generated.app = true;
+            let key = format!("{APP_KEY_PREFIX}{}", Secret::generate().expose());
+            Ok(vec![App {
+                id: DEV_APP_ID.to_string(),
+                name: DEV_APP_NAME.to_string(),
+                keys: vec![Secret::new(key)],
+            }])
+        }
+        Ok(None) => Ok(Vec::new()),
+        Err(Invalid) => Err(Invalid),
+    };
+
+    // Join links built on 0.0.0.0 would lead nowhere: a wildcard listen
+    // address needs the public URL spelled out.
+    let public_url_derived = matches!(public_url, Ok(None));
+    let public_url = match (public_url, listen) {
+        (Ok(Some(url)), _) => Ok(url),
+        (Ok(None), Ok(listen)) => {
+            let listen = listen.unwrap_or(DEFAULT_CONTROL_LISTEN);
+            if listen.ip().is_unspecified() {
+                let by = r.name("listen");
+                r.error(
+                    "public-url",
+                    format!(
+                        "required when {by} binds a wildcard address ({listen}): join and \
+                         signaling URLs need an address clients can reach, e.g. \
+                         \"https://turnpike.example.com\""
+                    ),
+                );
+                Err(Invalid)
+            } else {
+                Ok(format!("http://{listen}"))
+            }
+        }
+        (Ok(None), Err(Invalid)) | (Err(Invalid), _) => Err(Invalid),
+    };
+
+    r.finish();
+    Ok(Control {
+        listen: listen?.unwrap_or(DEFAULT_CONTROL_LISTEN),
+        public_url: public_url?,
+        public_url_derived,
+        admin_token: admin_token?,
+        hash_key: hash_key?,
+        jwt_keys: jwt_keys?,
+        turn_urls: turn_urls?,
+        turn_urls_derived,
+        credential_ttl: credential_ttl?.unwrap_or(DEFAULT_CREDENTIAL_TTL),
+        token_ttl: token_ttl?.unwrap_or(DEFAULT_TOKEN_TTL),
+        max_body: max_body?.unwrap_or(DEFAULT_MAX_BODY) as usize,
+        request_timeout: request_timeout?.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+        apps: apps?,
+    })
+}
+
+/// One `jwt-keys` item: `{ kid, secret }` or `"KID:SECRET"`.
+fn read_jwt_key(errs: &mut Errs, path: &str, value: &Value) -> Result<JwtKey, Invalid> {
+    match value {
+        Value::String(s) => {
+            let Some((kid, secret)) = s.split_once(':') else {
+                // Never echo the item: without a ':' it may be a bare secret.
+                errs.push(
+                    path,
+                    r#"expected "KID:SECRET" (or a table { kid, secret }), found no ':'"#,
+                );
+                return Err(Invalid);
+            };
+            let kid = parse_name(kid, ".").map_err(|e| errs.push(path, format!("kid: {e}")));
+            let secret = parse_secret_of(secret, MIN_JWT_SECRET_BYTES)
+                .map_err(|e| errs.push(path, format!("secret: {e}")));
+            match (kid, secret) {
+                (Ok(kid), Ok(secret)) => Ok(JwtKey { kid, secret }),
+                _ => Err(Invalid),
+            }
+        }
+        Value::Table(t) => {
+            let mut r = Reader::item(path.to_string(), t, errs);
+            let kid = r.parse("kid", "a string", |s| parse_name(s, "."));
+            let kid = r.required("kid", kid, r#"required: the key id, e.g. "2025-01""#);
+            let secret = r.parse("secret", "a string", |s| {
+                parse_secret_of(s, MIN_JWT_SECRET_BYTES)
+            });
+            let secret = r.required(
+                "secret",
+                secret,
+                "required: a random secret of at least 32 bytes",
+            );
+            r.finish();
+            Ok(JwtKey {
+                kid: kid?,
+                secret: secret?,
+            })
+        }
+        v => {
+            errs.push(
+                path,
+                format!("expected {JWT_KEY_FORM}, got {}", describe(v)),
+            );
+            Err(Invalid)
+        }
+    }
+}
+
+/// Reports every later key with the kid of an earlier one at
+/// `jwt-keys[i]`: a token names its key by kid, so it must be unique.
+fn check_kids(r: &mut Reader<'_, '_>, keys: Vec<JwtKey>) -> Result<Vec<JwtKey>, Invalid> {
+    let mut ok = true;
+    for (i, key) in keys.iter().enumerate() {
+        if let Some(first) = keys[..i].iter().position(|k| k.kid == key.kid) {
+            ok = false;
+            let first = r.name(&format!("jwt-keys[{first}]"));
+            r.error(
+                &format!("jwt-keys[{i}]"),
+                format!("kid {:?} is already used by {first}", key.kid),
+            );
+        }
+    }
+    if ok {
+        Ok(keys)
+    } else {
+        Err(Invalid)
+    }
+}
+
+/// An app as read, with the dotted path of each of its keys (for
+/// duplicate reports across apps).
+struct ReadApp {
+    app: App,
+    key_paths: Vec<String>,
+}
+
+/// One `apps` item: a `[[control.apps]]` table or `"ID:KEY"`.
+fn read_app(errs: &mut Errs, path: &str, value: &Value) -> Result<ReadApp, Invalid> {
+    match value {
+        Value::String(s) => {
+            let Some((id, key)) = s.split_once(':') else {
+                // Never echo the item: without a ':' it may be a bare key.
+                errs.push(
+                    path,
+                    r#"expected "ID:KEY" (or a [[control.apps]] table), found no ':'"#,
+                );
+                return Err(Invalid);
+            };
+            let id = parse_name(id, "").map_err(|e| errs.push(path, format!("id: {e}")));
+            let key = parse_secret_of(key, MIN_SECRET_BYTES)
+                .map_err(|e| errs.push(path, format!("key: {e}")));
+            match (id, key) {
+                (Ok(id), Ok(key)) => Ok(ReadApp {
+                    app: App {
+                        name: id.clone(),
+                        id,
+                        keys: vec![key],
+                    },
+                    key_paths: vec![path.to_string()],
+                }),
+                _ => Err(Invalid),
+            }
+        }
+        Value::Table(t) => {
+            let mut r = Reader::item(path.to_string(), t, errs);
+            let id = r.parse("id", "a string", |s| parse_name(s, ""));
+            let id = r.required("id", id, r#"required: the app id, e.g. "web""#);
+            let name = r.parse("name", "a string", parse_app_name);
+            let keys = match r.list("keys", |s| parse_secret_of(s, MIN_SECRET_BYTES)) {
+                Ok(Some(keys)) if !keys.is_empty() => Ok(keys),
+                Ok(_) => {
+                    r.error(
+                        "keys",
+                        "at least one key is required (each a random secret of at least 16 \
+                         bytes)",
+                    );
+                    Err(Invalid)
+                }
+                Err(Invalid) => Err(Invalid),
+            };
+            r.finish();
+            let (id, keys) = (id?, keys?);
+            Ok(ReadApp {
+                key_paths: (0..keys.len())
+                    .map(|j| format!("{path}.keys[{j}]"))
+                    .collect(),
+                app: App {
+                    name: name?.unwrap_or_else(|| id.clone()),
+                    id,
+                    keys,
+                },
+            })
+        }
+        v => {
+            errs.push(path, format!("expected {APP_FORM}, got {}", describe(v)));
+            Err(Invalid)
+        }
+    }
+}
+
+/// App ids are unique, and so are keys across all apps: a request's key
+/// is what tells which app sends it.
+fn check_apps(r: &mut Reader<'_, '_>, apps: Vec<ReadApp>) -> Result<Vec<App>, Invalid> {
+    let mut ok = true;
+    for (i, app) in apps.iter().enumerate() {
+        if let Some(first) = apps[..i].iter().position(|a| a.app.id == app.app.id) {
+            ok = false;
+            let first = r.name(&format!("apps[{first}]"));
+            r.error(
+                &format!("apps[{i}]"),
+                format!("id {:?} is already used by {first}", app.app.id),
+            );
+        }
+    }
+    let keys: Vec<(&Secret, &str)> = apps
+        .iter()
+        .flat_map(|a| {
+            a.app
+                .keys
+                .iter()
+                .zip(a.key_paths.iter().map(String::as_str))
+        })
+        .collect();
+    for (i, (key, path)) in keys.iter().enumerate() {
+        if let Some((_, first)) = keys[..i].iter().find(|(k, _)| k == key) {
+            ok = false;
+            let first = r.errs().name(first);
+            r.errs().push(path, format!("duplicate of {first}"));
+        }
+    }
+    if ok {
+        Ok(apps.into_iter().map(|a| a.app).collect())
+    } else {
+        Err(Invalid)
+    }
+}
+
+/// The default `turn-urls` (see [`crate::derive_turn_urls`]), or an error
+/// at `turn-urls` naming the listener that cannot be advertised.
+fn derive_turn_urls(r: &mut Reader<'_, '_>, relay: &Relay) -> Result<Vec<String>, Invalid> {
+    match crate::derive_turn_urls(&relay.listen, &relay.external_ips) {
+        Ok(urls) => Ok(urls),
+        Err(DeriveTurnUrlsError::Wildcard { index, listen }) => {
+            let family = if listen.addr.is_ipv6() {
+                "IPv6"
+            } else {
+                "IPv4"
+            };
+            let by = r.errs().name(&format!("relay.listen[{index}]"));
+            let external = r.errs().name("relay.external-ip");
+            r.error(
+                "turn-urls",
+                format!(
+                    "must be given: {by} ({listen}) binds a wildcard address and {external} \
+                     has no {family} address to advertise in its place, so there is no \
+                     address to tell clients"
+                ),
+            );
+            Err(Invalid)
+        }
+    }
+}
+
+/// `[store]`.
+fn read_store(r: &mut Reader<'_, '_>) -> Result<Store, Invalid> {
+    let redis_url = r.parse(
+        "redis-url",
+        r#"a URL like "redis://127.0.0.1:6379/0""#,
+        parse_redis_url,
+    );
+    r.finish();
+    Ok(Store {
+        redis_url: redis_url?,
+    })
+}
+
 fn read_admin(r: &mut Reader<'_, '_>) -> Result<Admin, Invalid> {
     let listen = r.parse("listen", r#"an address like "127.0.0.1:9641""#, |s| {
-        s.parse::<SocketAddr>()
-            .map_err(|_| format!(r#"expected IP:PORT like "127.0.0.1:9641", got {s:?}"#))
+        parse_socket_addr(s, "127.0.0.1:9641")
     });
     r.finish();
     Ok(Admin {
@@ -434,6 +878,245 @@ fn one_per_family(
     }
 }
 
+fn parse_socket_addr(s: &str, example: &str) -> Result<SocketAddr, String> {
+    s.parse::<SocketAddr>()
+        .map_err(|_| format!(r#"expected IP:PORT like "{example}", got {s:?}"#))
+}
+
+/// Never echoes the secret: error messages end up in logs.
+fn parse_secret_of(s: &str, min_bytes: usize) -> Result<Secret, String> {
+    if s.len() < min_bytes {
+        Err(format!(
+            "too short: {} bytes, at least {min_bytes} are required",
+            s.len()
+        ))
+    } else {
+        Ok(Secret::new(s.to_string()))
+    }
+}
+
+/// A kid (`extra` = ".") or an app id (`extra` = ""): 1 to 64 characters of
+/// `A-Z a-z 0-9 _ -` and `extra`. Only the offending character is shown,
+/// never the value: in `"NAME:SECRET"` a misplaced `:` could put part of
+/// the secret here.
+fn parse_name(s: &str, extra: &str) -> Result<String, String> {
+    let allowed = format!(
+        "A-Z a-z 0-9 _ -{}",
+        if extra.is_empty() { "" } else { " ." }
+    );
+    let count = s.chars().count();
+    if count == 0 || count > MAX_NAME_CHARS {
+        return Err(format!(
+            "must be 1 to {MAX_NAME_CHARS} characters of {allowed}, got {count}"
+        ));
+    }
+    let ok = |c: char| c.is_ascii_alphanumeric() || c == '_' || c == '-' || extra.contains(c);
+    match s.chars().find(|c| !ok(*c)) {
+        Some(c) => Err(format!("must be characters of {allowed} only, found {c:?}")),
+        None => Ok(s.to_string()),
+    }
+}
+
+fn parse_app_name(s: &str) -> Result<String, String> {
+    let count = s.chars().count();
+    if count == 0 {
+        Err("must not be empty".to_string())
+    } else if count > MAX_APP_NAME_CHARS {
+        Err(format!(
+            "is {count} characters; at most {MAX_APP_NAME_CHARS} are allowed"
+        ))
+    } else if s.chars().any(char::is_control) {
+        Err("must not contain control characters".to_string())
+    } else {
+        Ok(s.to_string())
+    }
+}
+
+/// `HOST[:PORT]` where HOST is an IPv4 address, a bracketed IPv6 address
+/// or a host name. Messages never quote the input (callers decide whether
+/// it may be shown: a Redis URL's may hold a password).
+fn check_host_port(s: &str) -> Result<(), &'static str> {
+    let port = if let Some(rest) = s.strip_prefix('[') {
+        let Some((ip, after)) = rest.split_once(']') else {
+            return Err("an IPv6 address has no closing ']'");
+        };
+        if ip.parse::<Ipv6Addr>().is_err() {
+            return Err("not an IPv6 address inside [ ]");
+        }
+        match after {
+            "" => None,
+            _ => match after.strip_prefix(':') {
+                Some(port) => Some(port),
+                None => return Err("expected ':PORT' after the IPv6 address"),
+            },
+        }
+    } else {
+        if s.matches(':').count() > 1 {
+            return Err("an IPv6 address must be in brackets, like [2001:db8::1]");
+        }
+        let (host, port) = match s.split_once(':') {
+            Some((host, port)) => (host, Some(port)),
+            None => (s, None),
+        };
+        if host.is_empty() {
+            return Err("the host is empty");
+        }
+        let label_ok = |l: &str| {
+            !l.is_empty()
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+                && l.chars()
+                    .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        };
+        // A fully qualified name may end with a dot.
+        if !host
+            .strip_suffix('.')
+            .unwrap_or(host)
+            .split('.')
+            .all(label_ok)
+        {
+            return Err("the host is not an IP address or a host name");
+        }
+        port
+    };
+    match port {
+        None => Ok(()),
+        Some(p) => match p.parse::<u16>() {
+            Ok(port) if port >= 1 && p.chars().all(|c| c.is_ascii_digit()) => Ok(()),
+            _ => Err("the port must be a number from 1 to 65535"),
+        },
+    }
+}
+
+/// An absolute http(s) URL, kept without trailing `/` so paths can be
+/// appended with one.
+fn parse_public_url(s: &str) -> Result<String, String> {
+    let usage = r#"expected an absolute URL like "https://turnpike.example.com""#;
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return Err(format!("{usage}, got {s:?}"));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!("the scheme must be http or https, got {scheme:?}"));
+    }
+    if s.contains(['?', '#']) {
+        return Err(format!(
+            "must not have a query or fragment (it is the base of join and signaling URLs), \
+             got {s:?}"
+        ));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "must not contain spaces or control characters, got {s:?}"
+        ));
+    }
+    let (authority, path) = rest.split_at(rest.find('/').unwrap_or(rest.len()));
+    if authority.contains('@') {
+        // Not echoed: the user part may be a password.
+        return Err("must not contain a user name or password".to_string());
+    }
+    check_host_port(authority).map_err(|e| format!("{e}, got {s:?}"))?;
+    Ok(format!("{scheme}://{authority}{path}")
+        .trim_end_matches('/')
+        .to_string())
+}
+
+/// A STUN or TURN URL (RFC 7064, RFC 7065):
+/// `stun:HOST[:PORT]`, `turn:HOST[:PORT][?transport=udp|tcp]`, `turns:…`.
+/// Kept as written: it is handed to clients as is.
+fn parse_turn_url(s: &str) -> Result<String, String> {
+    let usage = r#"expected "stun:HOST[:PORT]", "turn:HOST[:PORT][?transport=udp|tcp]" or "turns:HOST[:PORT][?transport=udp|tcp]" (IPv6 in brackets)"#;
+    let Some((scheme, rest)) = s.split_once(':') else {
+        return Err(format!("{usage}, got {s:?}"));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if !matches!(scheme.as_str(), "stun" | "turn" | "turns") {
+        return Err(format!("unknown scheme {scheme:?}: {usage}, got {s:?}"));
+    }
+    if rest.starts_with("//") {
+        return Err(format!(
+            r#"no "//" after the scheme: write "{scheme}:HOST:PORT", got {s:?}"#
+        ));
+    }
+    let (host_port, query) = match rest.split_once('?') {
+        Some((host_port, query)) => (host_port, Some(query)),
+        None => (rest, None),
+    };
+    match query {
+        None => {}
+        Some(_) if scheme == "stun" => {
+            return Err(format!("a stun: URL takes no ?transport, got {s:?}"));
+        }
+        Some(q)
+            if q.eq_ignore_ascii_case("transport=udp")
+                || q.eq_ignore_ascii_case("transport=tcp") => {}
+        Some(_) => {
+            return Err(format!(
+                "the only query allowed is ?transport=udp or ?transport=tcp, got {s:?}"
+            ));
+        }
+    }
+    if host_port.contains(['@', '/']) {
+        return Err(format!("{usage}, got {s:?}"));
+    }
+    check_host_port(host_port).map_err(|e| format!("{e}, got {s:?}"))?;
+    Ok(s.to_string())
+}
+
+/// `redis://[[USER]:PASSWORD@]HOST[:PORT][/DB][?…]` or `rediss://…`.
+/// Never echoes the URL, which may carry a password.
+fn parse_redis_url(s: &str) -> Result<RedisUrl, String> {
+    let usage = r#"expected "redis://[[USER]:PASSWORD@]HOST[:PORT][/DB]" or "rediss://…" (TLS)"#;
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return Err(usage.to_string());
+    };
+    if !scheme.eq_ignore_ascii_case("redis") && !scheme.eq_ignore_ascii_case("rediss") {
+        let plain = scheme
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || "+.-".contains(c));
+        return Err(if plain {
+            format!("unknown scheme {scheme:?}: {usage}")
+        } else {
+            format!("unknown scheme: {usage}")
+        });
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err("must not contain spaces or control characters".to_string());
+    }
+    let (authority, tail) = rest.split_at(rest.find(['/', '?', '#']).unwrap_or(rest.len()));
+    if tail.contains('@') {
+        // A raw '/', '?' or '#' in a password ends the host part early,
+        // which would leave the password where it is not redacted.
+        return Err(
+            "a '@' after the host: percent-encode '/', '?', '#' and '@' in a password".to_string(),
+        );
+    }
+    let (user, host_port) = match authority.rsplit_once('@') {
+        Some((user, host_port)) => (Some(user), host_port),
+        None => (None, authority),
+    };
+    check_host_port(host_port).map_err(|e| format!("{e}: {usage}"))?;
+    let path = &tail[..tail.find(['?', '#']).unwrap_or(tail.len())];
+    let db = path.strip_prefix('/').unwrap_or(path);
+    if !db.is_empty() && (db.parse::<u32>().is_err() || !db.chars().all(|c| c.is_ascii_digit())) {
+        return Err(format!(
+            "the database after the host must be a number, like /0: {usage}"
+        ));
+    }
+    // The password goes; with no ':' the whole user part may be one.
+    let user = match user {
+        None => String::new(),
+        Some(user) => match user.split_once(':') {
+            Some((name, _)) => format!("{name}:***@"),
+            None => "***@".to_string(),
+        },
+    };
+    Ok(RedisUrl {
+        url: s.to_string(),
+        redacted: format!("{scheme}://{user}{host_port}{tail}"),
+    })
+}
+
 /// A path to a file that exists and can be opened for reading now. Only
 /// the path is ever shown in errors, never anything read from the file.
 fn parse_readable_file(s: &str) -> Result<PathBuf, String> {
@@ -516,16 +1199,8 @@ fn parse_port(s: &str) -> Result<u16, String> {
     }
 }
 
-/// Never echoes the secret: error messages end up in logs.
 fn parse_secret(s: &str) -> Result<Secret, String> {
-    if s.len() < MIN_SECRET_BYTES {
-        Err(format!(
-            "too short: {} bytes, at least {MIN_SECRET_BYTES} are required",
-            s.len()
-        ))
-    } else {
-        Ok(Secret::new(s.to_string()))
-    }
+    parse_secret_of(s, MIN_SECRET_BYTES)
 }
 
 /// `10.0.0.0/8`, or a bare address meaning that one host (/32 or /128).

@@ -155,6 +155,7 @@ fn embedded_default_loads_with_one_generated_secret() {
     assert_eq!(c.log.level, "info");
     assert_eq!(c.relay.secrets.len(), 1);
     assert_eq!(c.relay.secrets[0].expose().len(), 43);
+    assert!(c.generated.relay_secret);
 
     // A fresh secret each time.
     let again = load(None, &[]).unwrap();
@@ -169,6 +170,7 @@ fn embedded_default_takes_secrets_from_env_instead_of_generating() {
         c.relay.secrets,
         vec![Secret::new("0123456789abcdef-one".into())]
     );
+    assert!(!c.generated.relay_secret);
 }
 
 #[test]
@@ -376,6 +378,10 @@ fn a_minimal_file_gets_the_documented_defaults() {
     assert_eq!(r.tls, None);
     assert_eq!(c.admin.listen, addr("127.0.0.1:9641"));
     assert_eq!(c.log.level, "info");
+    // No [control]: a relay-only deployment. No [store]: in memory.
+    assert!(c.control.is_none());
+    assert_eq!(c.store.redis_url, None);
+    assert_eq!(c.generated, conf::Generated::default());
 }
 
 #[test]
@@ -1500,7 +1506,7 @@ fn env_var_names_follow_the_rule_and_are_unique() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), names.len());
-    assert_eq!(SCHEMA.len(), 24);
+    assert_eq!(SCHEMA.len(), 36);
     let lists: Vec<String> = SCHEMA
         .iter()
         .filter(|k| k.kind == ValueKind::List)
@@ -1512,9 +1518,33 @@ fn env_var_names_follow_the_rule_and_are_unique() {
             "relay.listen",
             "relay.secrets",
             "relay.allow-peers",
-            "relay.deny-peers"
+            "relay.deny-peers",
+            "control.turn-urls"
         ]
     );
+    let named: Vec<String> = SCHEMA
+        .iter()
+        .filter(|k| k.kind == ValueKind::NamedSecrets)
+        .map(|k| k.env_var())
+        .collect();
+    assert_eq!(
+        named,
+        ["TURNPIKE_CONTROL_JWT_KEYS", "TURNPIKE_CONTROL_APPS"]
+    );
+    for expected in [
+        "TURNPIKE_CONTROL_LISTEN",
+        "TURNPIKE_CONTROL_PUBLIC_URL",
+        "TURNPIKE_CONTROL_ADMIN_TOKEN",
+        "TURNPIKE_CONTROL_HASH_KEY",
+        "TURNPIKE_CONTROL_TURN_URLS",
+        "TURNPIKE_CONTROL_CREDENTIAL_TTL",
+        "TURNPIKE_CONTROL_TOKEN_TTL",
+        "TURNPIKE_CONTROL_MAX_BODY",
+        "TURNPIKE_CONTROL_REQUEST_TIMEOUT",
+        "TURNPIKE_STORE_REDIS_URL",
+    ] {
+        assert!(names.iter().any(|n| n == expected), "{expected}");
+    }
     let string_or_list: Vec<String> = SCHEMA
         .iter()
         .filter(|k| k.kind == ValueKind::StringOrList)
@@ -1631,6 +1661,47 @@ fn the_example_is_a_valid_config_with_these_values() {
     assert_eq!(r.tls, None);
     assert_eq!(c.admin.listen, addr("127.0.0.1:9641"));
     assert_eq!(c.log.level, "info");
+
+    let k = c.control.as_ref().unwrap();
+    assert_eq!(k.listen, addr("127.0.0.1:8080"));
+    assert_eq!(k.public_url, "https://turnpike.example.com");
+    assert_eq!(
+        k.admin_token.as_ref().map(Secret::expose),
+        Some("change-me-to-a-long-random-admin-token")
+    );
+    assert_eq!(k.hash_key.expose(), "change-me-to-a-long-random-hash-key");
+    assert_eq!(
+        k.jwt_keys
+            .iter()
+            .map(|j| j.kid.as_str())
+            .collect::<Vec<_>>(),
+        vec!["2025-06", "2025-01"]
+    );
+    assert_eq!(
+        k.jwt_keys[0].secret.expose(),
+        "change-me-to-a-random-jwt-secret-of-32-bytes-0002"
+    );
+    assert_eq!(
+        k.turn_urls,
+        vec![
+            "stun:turn.example.com:3478",
+            "turn:turn.example.com:3478?transport=udp",
+            "turn:turn.example.com:3478?transport=tcp",
+        ]
+    );
+    assert_eq!(k.credential_ttl, Duration::from_secs(4 * 3600));
+    assert_eq!(k.token_ttl, Duration::from_secs(300));
+    assert_eq!(k.max_body, 65536);
+    assert_eq!(k.request_timeout, Duration::from_secs(10));
+    assert_eq!(
+        k.apps
+            .iter()
+            .map(|a| (a.id.as_str(), a.name.as_str(), a.keys.len()))
+            .collect::<Vec<_>>(),
+        vec![("web", "Web client", 2), ("ios", "ios", 1)]
+    );
+    assert_eq!(c.store.redis_url, None);
+    assert_eq!(c.generated, conf::Generated::default());
 }
 
 /// EXAMPLE with its commented-out settings switched on: every line `# X`
@@ -1662,9 +1733,15 @@ fn section<'t>(table: &'t toml::Table, path: &str) -> Option<&'t toml::Table> {
         .try_fold(table, |t, part| t.get(part).and_then(|v| v.as_table()))
 }
 
+/// Keys the example shows commented out: `[relay.tls]` needs real files,
+/// and most readers want the default store (in memory).
+fn commented_in_example(key: &conf::Key) -> bool {
+    key.section == "relay.tls" || key.path() == "store.redis-url"
+}
+
 #[test]
 fn the_example_shows_every_key_in_the_schema() {
-    // Set, or shown commented out (only [relay.tls], which needs real files).
+    // Set, or shown commented out (see commented_in_example).
     let table: toml::Table = example_uncommented().parse().unwrap();
     for key in SCHEMA {
         assert!(
@@ -1675,7 +1752,7 @@ fn the_example_shows_every_key_in_the_schema() {
     }
     // Everything else is really set, not just shown.
     let set: toml::Table = EXAMPLE.parse().unwrap();
-    for key in SCHEMA.iter().filter(|k| k.section != "relay.tls") {
+    for key in SCHEMA.iter().filter(|k| !commented_in_example(k)) {
         assert!(
             section(&set, key.section).is_some_and(|s| s.contains_key(key.name)),
             "{} is only commented out in examples/turnpike.toml",
@@ -1683,6 +1760,7 @@ fn the_example_shows_every_key_in_the_schema() {
         );
     }
     assert!(section(&set, "relay.tls").is_none());
+    assert!(!section(&set, "store").unwrap().contains_key("redis-url"));
 }
 
 #[test]
@@ -1716,13 +1794,26 @@ fn the_examples_commented_tls_block_is_valid_when_switched_on() {
         PathBuf::from(dir.path("fullchain.pem"))
     );
     assert_eq!(c.relay.listen.len(), 4);
+    // The commented-out redis-url is valid too, and shown redacted.
+    let redis = c.store.redis_url.unwrap();
+    assert_eq!(redis.expose(), "redis://:change-me@127.0.0.1:6379/0");
+    assert_eq!(redis.to_string(), "redis://:***@127.0.0.1:6379/0");
 }
 
 #[test]
 fn the_embedded_default_uses_only_known_keys() {
     let table: toml::Table = conf::EMBEDDED_DEFAULT.parse().unwrap();
     assert!(!table["relay"].as_table().unwrap().contains_key("secrets"));
-    // And parsing it as a file only complains about the missing secret.
+    let control = table["control"].as_table().unwrap();
+    for generated in ["hash-key", "jwt-keys", "apps"] {
+        assert!(!control.contains_key(generated), "{generated}");
+    }
+    // And parsing it as a file only complains about the missing secrets:
+    // a file never gets generated values.
     let e = errs(conf::EMBEDDED_DEFAULT, &[]);
-    assert_eq!(e.paths(), vec!["relay.secrets"]);
+    assert_eq!(
+        e.paths(),
+        vec!["relay.secrets", "control.hash-key", "control.jwt-keys"],
+        "{e}"
+    );
 }

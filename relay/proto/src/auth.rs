@@ -50,6 +50,36 @@ pub fn parse_rest_username(raw: &[u8]) -> Result<RestUsername<'_>, UsernameError
     Ok(RestUsername { expiry, user })
 }
 
+/// Longest credential group: the control plane's ids are far shorter; the cap keeps the
+/// revocation table's entries small whatever a caller hands in.
+pub const MAX_GROUP_LEN: usize = 64;
+
+/// Whether `group` is a credential group: 1 to [`MAX_GROUP_LEN`] characters of
+/// `[A-Za-z0-9_-]`. The charset excludes `.` and `:`, so a group can always be cut back out of
+/// the username it was minted into.
+pub fn is_valid_group(group: &str) -> bool {
+    (1..=MAX_GROUP_LEN).contains(&group.len())
+        && group
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+impl<'a> RestUsername<'a> {
+    /// The credential group of the user part `GROUP.RANDOM`: everything up to the first `.`.
+    /// `None` without a `.`, or when that prefix is not a valid group ([`is_valid_group`]):
+    /// such credentials cannot be revoked by group.
+    pub fn group(&self) -> Option<&'a str> {
+        let (group, _) = self.user.split_once('.')?;
+        is_valid_group(group).then_some(group)
+    }
+}
+
+/// The credential group of a REST username `EXPIRY:GROUP.RANDOM` (see [`RestUsername::group`]);
+/// `None` when `raw` is not a REST username or its user part has no valid group.
+pub fn rest_group(raw: &[u8]) -> Option<&str> {
+    parse_rest_username(raw).ok()?.group()
+}
+
 /// The REST password of `username` under `secret`: `base64(HMAC-SHA1(secret, username))`.
 pub fn rest_password(secret: &[u8], username: &str) -> String {
     base64::engine::general_purpose::STANDARD.encode(hmac_sha1(secret, username.as_bytes()))
@@ -235,6 +265,41 @@ mod tests {
             assert!(parse_rest_username(bad).is_err(), "{bad:?}");
         }
         assert!(parse_rest_username(&[b'1'; 513]).is_err());
+    }
+
+    #[test]
+    fn groups_are_cut_from_the_user_part() {
+        assert_eq!(
+            rest_group(b"1700000000:gAbC123_-x.r4nd0m"),
+            Some("gAbC123_-x")
+        );
+        // Up to the first dot; the random part may hold anything, dots and colons included.
+        assert_eq!(rest_group(b"5:g.a.b"), Some("g"));
+        assert_eq!(rest_group(b"5:g.a:b"), Some("g"));
+        assert_eq!(rest_group(b"5:g."), Some("g"));
+        let longest = format!("5:{}.x", "a".repeat(MAX_GROUP_LEN));
+        assert_eq!(rest_group(longest.as_bytes()), Some(&longest[2..66]));
+        let too_long = format!("5:{}.x", "a".repeat(MAX_GROUP_LEN + 1));
+        for bad in [
+            &b"5:alice"[..],    // no dot: a plain REST user, never revocable by group
+            b"5:.random",       // empty group
+            b"5:a b.random",    // space
+            b"5:a:b.random",    // the group may not contain ':'
+            b"5:caf\xc3\xa9.x", // non-ASCII
+            b"5:a+b.x",
+            b"alice.x", // not a REST username at all
+            b"x5:g.r",  // bad expiry
+            b":g.r",
+            b"5:",
+            b"\xff:g.r",
+            too_long.as_bytes(),
+        ] {
+            assert_eq!(rest_group(bad), None, "{bad:?}");
+        }
+        assert!(is_valid_group("gAbC123_-x"));
+        assert!(!is_valid_group(""));
+        assert!(!is_valid_group("a.b"));
+        assert!(!is_valid_group(&"a".repeat(MAX_GROUP_LEN + 1)));
     }
 
     #[test]

@@ -29,8 +29,22 @@
 //!    feed a whole batch of datagrams, then drain and send everything in one go.
 //! 4. Call [`Server::handle_wall_clock`] now and then (the driver does it every timer tick) so
 //!    REST expiry times and nonces, which are wall-clock, follow a stepped system clock.
+//! 5. Hand it revocations with [`Server::handle_revocation`] (below), then drain as in 2.
 //!
 //! A panic in this crate is a bug: no input, however malformed, may cause one.
+//!
+//! # Revocation
+//!
+//! REST credentials are stateless HMACs, so the control plane cannot un-mint those of a call that
+//! ended. It mints them as `EXPIRY:GROUP.RANDOM` instead, with one random group per call
+//! ([`auth::rest_group`] cuts it back out), and revokes the group: [`Server::handle_revocation`]
+//! deletes the group's allocations at once (relay sockets released, quotas given back, counted as
+//! [`DeleteReason::Revoked`]) and refuses new Allocates of the group with 401
+//! ([`AuthFailure::Revoked`]) until the given Unix time, normally the credentials' expiry.
+//! Requests on a torn-down allocation get the usual 437. Each shard keeps its own bounded table
+//! ([`Config::max_revoked_groups`]), forgets entries once their time is over (on
+//! [`Server::handle_wall_clock`]), and must be told of every revocation: an allocation may live on
+//! any shard. Usernames without a group (`expiry:user` with no `.`) are never affected.
 //!
 //! # Why not the webrtc-rs `stun`/`turn` crates
 //!
@@ -44,6 +58,7 @@ mod alloc;
 pub mod auth;
 mod limit;
 pub mod policy;
+mod revoke;
 mod server;
 pub mod stun;
 

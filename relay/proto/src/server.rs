@@ -13,6 +13,7 @@ use crate::auth::{self, NonceCheck, NonceKey};
 use crate::label_enum;
 use crate::limit::Limiter;
 use crate::policy::{DenyReason, PeerPolicy};
+use crate::revoke::Revocations;
 use crate::stun::{
     self, attr, code, method, AttrError, Attrs, Class, Encoder, Message, CHANNEL_HEADER_LEN,
     CHANNEL_MAX, CHANNEL_MIN,
@@ -25,6 +26,11 @@ const PROTO_UDP: u8 = 17;
 const RECENT_DELETES: usize = 64;
 /// Largest UDP payload (IPv4: 65 535 − 20 − 8). Anything we would build bigger is dropped.
 const MAX_UDP_PAYLOAD: usize = 65_507;
+/// Default of [`Config::max_revoked_groups`]. A group stays revoked only until its credentials
+/// expire (hours at most), so this is far more calls than end within a credential lifetime on
+/// one relay, while bounding the table at about 120 bytes per group of the control plane's 17
+/// characters: 12 MB per shard at worst (each shard holds its own copy).
+const MAX_REVOKED_GROUPS: usize = 100_000;
 
 label_enum! {
     /// The transport between client and server (metric label).
@@ -280,6 +286,8 @@ label_enum! {
         Shutdown => "shutdown",
         /// The client's TCP/TLS connection closed (RFC 8656 §3.1: the allocation dies with it).
         ConnectionClosed => "connection_closed",
+        /// Its credential group was revoked ([`Server::handle_revocation`]): the call ended.
+        Revoked => "revoked",
     }
 }
 
@@ -360,6 +368,9 @@ label_enum! {
         BadIntegrity => "bad_integrity",
         /// Valid credentials, but not the allocation's (441).
         WrongCredentials => "wrong_credentials",
+        /// Valid credentials of a revoked group ([`Server::handle_revocation`]): 401, like a
+        /// wrong password.
+        Revoked => "revoked",
     }
 }
 
@@ -382,8 +393,14 @@ pub struct Stats {
     pub peers_denied: [u64; DenyReason::COUNT],
     /// Binding requests answered, by [`Transport`].
     pub binding_requests: [u64; Transport::COUNT],
-    /// Allocations deleted by [`DeleteReason`].
+    /// Allocations deleted by [`DeleteReason`]; those torn down by a revocation are
+    /// [`DeleteReason::Revoked`].
     pub deleted: [u64; DeleteReason::COUNT],
+    /// Revocations received ([`Server::handle_revocation`] calls, invalid groups included).
+    pub revocations: u64,
+    /// Revoked groups dropped from the full table before their time
+    /// ([`Config::max_revoked_groups`]): their credentials allocate again.
+    pub revocations_evicted: u64,
     /// Of the client-to-peer packets, those handed straight to another allocation of this shard
     /// (same-server short-circuit) instead of through the kernel.
     pub short_circuit: u64,
@@ -432,6 +449,9 @@ pub struct Config {
     pub challenge_rate: u32,
     /// Burst of such answers per source IP.
     pub challenge_burst: u32,
+    /// Credential groups remembered as revoked at most (default 100 000); past it, the group
+    /// whose revocation ends first is forgotten (and counted in [`Stats::revocations_evicted`]).
+    pub max_revoked_groups: usize,
 }
 
 impl Config {
@@ -461,6 +481,7 @@ impl Config {
             software: Some(concat!("turnpike ", env!("CARGO_PKG_VERSION")).to_owned()),
             challenge_rate: 500,
             challenge_burst: 1000,
+            max_revoked_groups: MAX_REVOKED_GROUPS,
         }
     }
 }
@@ -526,6 +547,8 @@ pub struct Server {
     now: Instant,
     challenges: Limiter,
     draining: bool,
+    /// Credential groups refused until a Unix time.
+    revoked: Revocations,
 }
 
 impl std::fmt::Debug for Server {
@@ -547,6 +570,7 @@ impl Server {
     /// [`Server::handle_wall_clock`]).
     pub fn new(config: Config, now: Instant, wall: SystemTime) -> Self {
         let challenges = Limiter::new(now, config.challenge_rate, config.challenge_burst);
+        let revoked = Revocations::new(config.max_revoked_groups);
         Self {
             config,
             slots: Vec::new(),
@@ -565,6 +589,7 @@ impl Server {
             now,
             challenges,
             draining: false,
+            revoked,
         }
     }
 
@@ -588,11 +613,65 @@ impl Server {
         self.active
     }
 
-    /// Re-anchors the wall clock: REST expiries and nonces are compared against
-    /// `wall` + (now − `now` given here).
+    /// Re-anchors the wall clock: REST expiries, nonces and revocations are compared against
+    /// `wall` + (now − `now` given here). Revocations whose time is over are forgotten here.
     pub fn handle_wall_clock(&mut self, now: Instant, wall: SystemTime) {
         self.anchor = now;
         self.unix_at_anchor = wall.duration_since(UNIX_EPOCH).unwrap_or_default();
+        let unix = self.unix_now(now);
+        self.revoked.prune(unix);
+    }
+
+    /// Revokes the credential group `group` (see [`auth::RestUsername::group`]) until the Unix
+    /// time `until_unix` (inclusive; a later time already held for the group is kept):
+    ///
+    /// - every allocation of this shard whose username has that group is deleted at once, as
+    ///   an expiry would ([`Output::ReleaseRelay`] for its relay sockets, its quota given back,
+    ///   [`DeleteReason::Revoked`]);
+    /// - until then, an Allocate with a username of that group is refused with 401.
+    ///
+    /// An invalid group ([`auth::is_valid_group`]) can match no username and changes nothing.
+    /// A `until_unix` already past still tears the group's allocations down (their credentials
+    /// expired, but allocations outlive that through Refresh) and is not remembered.
+    pub fn handle_revocation(&mut self, now: Instant, group: &str, until_unix: u64) {
+        self.begin(now);
+        self.stats.revocations += 1;
+        if !auth::is_valid_group(group) {
+            return;
+        }
+        let unix = self.unix_now(now);
+        self.revoked.prune(unix);
+        if until_unix >= unix {
+            self.stats.revocations_evicted += self.revoked.insert(group, until_unix) as u64;
+        }
+        // A scan of every allocation: revocations come once per call, far rarer than packets,
+        // and an index by group would cost memory and upkeep on every Allocate.
+        let doomed: Vec<AllocId> = self
+            .slots
+            .iter()
+            .enumerate()
+            .filter_map(|(slot, s)| {
+                let a = s.alloc.as_ref()?;
+                (auth::rest_group(a.username.as_bytes()) == Some(group)).then_some(AllocId {
+                    slot: slot as u32,
+                    generation: s.generation,
+                })
+            })
+            .collect();
+        for id in doomed {
+            self.delete(id, DeleteReason::Revoked);
+        }
+    }
+
+    /// Credential groups currently remembered as revoked.
+    pub fn revoked_groups(&self) -> usize {
+        self.revoked.len()
+    }
+
+    /// Whether the group of `username` is revoked at `unix`. Usernames without a group never are.
+    fn is_revoked(&self, username: &[u8], unix: u64) -> bool {
+        !self.revoked.is_empty()
+            && auth::rest_group(username).is_some_and(|g| self.revoked.is_revoked(g, unix))
     }
 
     fn unix_now(&self, now: Instant) -> u64 {
@@ -1210,14 +1289,16 @@ impl Server {
     }
 
     /// Long-term credential check (RFC 8489 §9.2.4), in the RFC's order: integrity present,
-    /// USERNAME/REALM/NONCE present, nonce valid, username valid, integrity verifies.
+    /// USERNAME/REALM/NONCE present, nonce valid, username valid, integrity verifies. For a
+    /// `new_allocation` (Allocate), the credentials must also be unexpired and their group not
+    /// revoked; requests on an existing allocation check revocation in `existing`.
     fn authenticate(
         &mut self,
         now: Instant,
         five: FiveTuple,
         msg: &Message<'_>,
         attrs: &Attrs<'_>,
-        check_expiry: bool,
+        new_allocation: bool,
     ) -> Result<Authed, Reject> {
         if attrs.integrity.is_none() {
             self.auth_fail(AuthFailure::Missing);
@@ -1273,8 +1354,12 @@ impl Server {
             self.auth_fail(AuthFailure::WrongCredentials);
             return Err(Reject::authed(code::WRONG_CREDENTIALS, key));
         }
-        if check_expiry && rest.expiry < unix {
+        if new_allocation && rest.expiry < unix {
             self.auth_fail(AuthFailure::Expired);
+            return Err(Reject::plain(code::UNAUTHENTICATED));
+        }
+        if new_allocation && self.is_revoked(username, unix) {
+            self.auth_fail(AuthFailure::Revoked);
             return Err(Reject::plain(code::UNAUTHENTICATED));
         }
         Ok(Authed {
@@ -1439,6 +1524,16 @@ impl Server {
             }
             _ => return Err(Reject::authed(code::ALLOCATION_MISMATCH, authed.key)),
         };
+        // After the 437: a client whose allocation a revocation tore down learns it is gone.
+        // Revocation deletes every allocation of the group, so this only guards the invariant.
+        let unix = self.unix_now(now);
+        if self
+            .get(id)
+            .is_some_and(|a| self.is_revoked(a.username.as_bytes(), unix))
+        {
+            self.auth_fail(AuthFailure::Revoked);
+            return Err(Reject::plain(code::UNAUTHENTICATED));
+        }
         Self::unknown_check(attrs, authed.key)?;
         Ok((id, authed))
     }

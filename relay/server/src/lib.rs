@@ -17,6 +17,8 @@
 //!   rather than queueing without bound.
 //! - The admin listener (`/metrics`, `/live`, `/ready`, [`admin`]) runs on the caller's runtime,
 //!   off the data path.
+//! - **Revocations** ([`RelayServer::revoker`]) reach every shard over a bounded queue per shard:
+//!   an allocation may live on any shard, and each shard's core keeps its own revocation table.
 //!
 //! # Why not the webrtc-rs `turn` server
 //!
@@ -46,8 +48,8 @@ use std::time::{Duration, Instant, SystemTime};
 use rand::RngCore as _;
 use relay_proto::{label_enum, Family, PeerPolicy, PerFamily, Quotas};
 use socket2::{Domain, Protocol, Socket, Type};
-use tokio::sync::watch;
-use tracing::{info, warn};
+use tokio::sync::{mpsc, watch};
+use tracing::{debug, info, warn};
 
 pub use metrics::RelayMetrics;
 pub use tls::{TlsError, TlsHandle, ALPN_STUN_TURN};
@@ -79,6 +81,13 @@ pub const TICK: Duration = Duration::from_secs(1);
 /// worth at the rates a shard sustains; beyond that the target shard is overloaded and dropping
 /// (counted) is better than queueing without bound.
 const HANDOFF_QUEUE: usize = 4096;
+/// Revocations queued for one shard. The control plane sends one per ended call, and a shard
+/// takes them between two reactor turns, so the queue is empty in normal operation; 1024 absorbs
+/// a burst of calls ending together (a tenant ending all its calls, a control plane catching up
+/// after a restart) while bounding it at some 30 KB per shard (the group string is shared by
+/// all shards). A full queue means the shard is stuck, and the revocation is dropped (counted)
+/// rather than piling up.
+const REVOCATION_QUEUE: usize = 1024;
 /// Backlog of stream listeners: connections the kernel completes before a shard accepts them.
 const STREAM_BACKLOG: i32 = 1024;
 /// First byte of a TLS handshake record: neither STUN (0x00–0x03) nor ChannelData (0x40–0x4F),
@@ -129,6 +138,98 @@ label_enum! {
     }
 }
 
+label_enum! {
+    /// What became of a revocation handed to [`Revoker::revoke`] (metric label).
+    pub enum RevocationResult {
+        /// Queued for every shard.
+        Delivered => "delivered",
+        /// At least one shard's queue was full (or the relay had stopped): that shard never saw it.
+        Dropped => "dropped",
+        /// The group is not a credential group (`[A-Za-z0-9_-]`, 1 to 64 characters): no username
+        /// can have it, so there is nothing to do.
+        Invalid => "invalid",
+    }
+}
+
+/// A revocation on its way to one shard.
+#[derive(Debug, Clone)]
+pub(crate) struct Revocation {
+    pub(crate) group: Arc<str>,
+    pub(crate) until_unix: u64,
+}
+
+/// Revokes credential groups on every shard of a relay: the handle the control plane calls when
+/// a call ends. Cheap to clone, usable from any thread; never blocks.
+///
+/// Each shard's core then deletes the group's allocations and refuses the group's new Allocates
+/// until the given time (see `relay_proto::Server::handle_revocation`).
+#[derive(Clone)]
+pub struct Revoker {
+    inner: Arc<RevokerInner>,
+}
+
+struct RevokerInner {
+    /// One queue per shard, in shard order.
+    queues: Vec<mpsc::Sender<Revocation>>,
+    metrics: RelayMetrics,
+    /// Set at the first dropped revocation: it is logged once, then only counted, so a stuck
+    /// shard cannot flood the log.
+    warned: AtomicBool,
+}
+
+impl std::fmt::Debug for Revoker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Revoker")
+            .field("shards", &self.inner.queues.len())
+            .finish_non_exhaustive()
+    }
+}
+
+impl Revoker {
+    /// Revokes credential group `group` (the `GROUP` of usernames `EXPIRY:GROUP.RANDOM`) until
+    /// the Unix time `until_unix`, normally the expiry of the credentials minted in it: every
+    /// shard tears down the group's allocations and refuses its new ones until then. Usable
+    /// before [`RelayServer::run`] (shards apply it when they start); the outcome is counted in
+    /// `turnpike_relay_revocations_total`.
+    pub fn revoke(&self, group: &str, until_unix: u64) {
+        let result = self.deliver(group, until_unix);
+        self.inner.metrics.revocation(result);
+    }
+
+    fn deliver(&self, group: &str, until_unix: u64) -> RevocationResult {
+        if !relay_proto::auth::is_valid_group(group) {
+            debug!("revocation of an invalid credential group ignored");
+            return RevocationResult::Invalid;
+        }
+        let r = Revocation {
+            group: group.into(),
+            until_unix,
+        };
+        let (mut full, mut closed) = (0usize, 0usize);
+        for q in &self.inner.queues {
+            match q.try_send(r.clone()) {
+                Ok(()) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => full += 1,
+                Err(mpsc::error::TrySendError::Closed(_)) => closed += 1,
+            }
+        }
+        if full + closed == 0 {
+            return RevocationResult::Delivered;
+        }
+        if full > 0 && !self.inner.warned.swap(true, Ordering::Relaxed) {
+            warn!(
+                shards = full,
+                "revocation queue full: a revocation was dropped on a shard that is stuck or not \
+                 running yet (further drops are only counted in turnpike_relay_revocations_total)"
+            );
+        } else {
+            // A stopped relay has no allocation left to tear down.
+            debug!(full, closed, "revocation not delivered to every shard");
+        }
+        RevocationResult::Dropped
+    }
+}
+
 /// The phase all shards follow.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum Phase {
@@ -167,6 +268,7 @@ pub struct RelayServer {
     grace: Duration,
     ready: Arc<AtomicBool>,
     tls: Option<TlsHandle>,
+    revoker: Revoker,
 }
 
 impl std::fmt::Debug for shard::ShardSetup {
@@ -276,6 +378,16 @@ impl RelayServer {
             .map(|_| tokio::sync::mpsc::channel(HANDOFF_QUEUE))
             .unzip();
         let handoff_tx = Arc::new(handoff_tx);
+        let (revoke_tx, mut revoke_rx): (Vec<_>, Vec<_>) = (0..threads)
+            .map(|_| mpsc::channel(REVOCATION_QUEUE))
+            .unzip();
+        let revoker = Revoker {
+            inner: Arc::new(RevokerInner {
+                queues: revoke_tx,
+                metrics: metrics.clone(),
+                warned: AtomicBool::new(false),
+            }),
+        };
         let bound = shard::BoundPorts::new();
         let mut shards = Vec::with_capacity(threads);
         for s in 0..threads {
@@ -299,6 +411,7 @@ impl RelayServer {
                     bound: Arc::clone(&bound),
                 },
                 handoffs: handoff_rx.remove(0),
+                revocations: revoke_rx.remove(0),
             });
         }
         Ok(Self {
@@ -307,6 +420,7 @@ impl RelayServer {
             grace: cfg.grace_period,
             ready: Arc::new(AtomicBool::new(false)),
             tls,
+            revoker,
         })
     }
 
@@ -331,6 +445,12 @@ impl RelayServer {
     /// The TLS configuration, to reload certificates (on SIGHUP) while running.
     pub fn tls(&self) -> Option<TlsHandle> {
         self.tls.clone()
+    }
+
+    /// The handle that revokes credential groups on every shard (see [`Revoker`]). Take it
+    /// before [`RelayServer::run`]; it stays valid (and cheap to clone) while the relay runs.
+    pub fn revoker(&self) -> Revoker {
+        self.revoker.clone()
     }
     /// Runs the shards until `shutdown` completes, then drains for up to the grace period.
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {

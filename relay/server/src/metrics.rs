@@ -4,13 +4,24 @@
 //! The core keeps plain counters; each shard copies the increase into these collectors on every
 //! timer tick ([`crate::TICK`]), so the data path never touches an atomic shared with another
 //! thread.
+//!
+//! Revocations ([`crate::Revoker`]) show in four places: `turnpike_relay_revocations_total`
+//! (per `revoke` call, by [`RevocationResult`], counted by the handle itself),
+//! `turnpike_relay_revocations_applied_total` and `turnpike_relay_revocations_evicted_total`
+//! (per shard and summed: every shard applies every revocation and keeps its own table, so with
+//! nothing dropped, applied = revocations × shards), `turnpike_relay_allocations_ended_total`
+//! with reason `revoked` (allocations torn down) and `turnpike_relay_auth_failures_total` with
+//! reason `revoked` (requests of a revoked group refused with 401). Groups are never labels.
 
 use prometheus::{IntCounterVec, IntGaugeVec, Opts, Registry};
 use relay_proto::{
     AllocResult, AuthFailure, DeleteReason, DenyReason, Direction, DropReason, Stats, Transport,
 };
 
-use crate::{DriverDrop, StreamClose};
+use crate::{DriverDrop, RevocationResult, StreamClose};
+
+/// The label values of a collector without labels.
+const NO_LABELS: &[&str] = &[];
 
 /// Values of the `framing` label of `turnpike_relay_packets_total`.
 const FRAMINGS: [&str; 2] = ["channel_data", "indication"];
@@ -31,6 +42,9 @@ pub struct RelayMetrics {
     stream_connections: IntGaugeVec,
     stream_closed: IntCounterVec,
     short_circuit: IntCounterVec,
+    revocations: IntCounterVec,
+    revocations_applied: IntCounterVec,
+    revocations_evicted: IntCounterVec,
 }
 
 fn counter(
@@ -132,6 +146,24 @@ impl RelayMetrics {
                 "Client-to-peer packets handed straight to another allocation on this server instead of through the kernel, by path (same_shard, cross_shard).",
                 &["path"],
             )?,
+            revocations: counter(
+                r,
+                "turnpike_relay_revocations_total",
+                "Credential-group revocations handed to the relay, by result (delivered to every shard, dropped on a full shard queue, invalid group).",
+                &["result"],
+            )?,
+            revocations_applied: counter(
+                r,
+                "turnpike_relay_revocations_applied_total",
+                "Revocations applied by shards, summed over shards (each shard applies every revocation).",
+                &[],
+            )?,
+            revocations_evicted: counter(
+                r,
+                "turnpike_relay_revocations_evicted_total",
+                "Revoked groups forgotten before their time because a shard's table was full, summed over shards.",
+                &[],
+            )?,
         };
         // Touch every label value so each series exists (at 0) from the first scrape: rate()
         // and alerts then work without waiting for the first event.
@@ -158,6 +190,11 @@ impl RelayMetrics {
         for path in ["same_shard", "cross_shard"] {
             m.short_circuit.with_label_values(&[path]);
         }
+        for v in RevocationResult::ALL {
+            m.revocations.with_label_values(&[v.as_str()]);
+        }
+        m.revocations_applied.with_label_values(NO_LABELS);
+        m.revocations_evicted.with_label_values(NO_LABELS);
         for v in DeleteReason::ALL {
             m.allocations_ended.with_label_values(&[v.as_str()]);
         }
@@ -177,6 +214,12 @@ impl RelayMetrics {
             m.relay_ports_available.with_label_values(&[f]);
         }
         Ok(m)
+    }
+
+    /// Counts one [`crate::Revoker::revoke`] call. Called from the control plane's threads, not
+    /// a shard: revocations are rare, so the shared atomic costs nothing.
+    pub(crate) fn revocation(&self, result: RevocationResult) {
+        self.revocations.with_label_values(&[result.as_str()]).inc();
     }
 }
 
@@ -311,6 +354,18 @@ impl Publisher {
                 &mut l.peers_denied[r.index()],
             );
         }
+        bump(
+            &m.revocations_applied,
+            NO_LABELS,
+            s.revocations,
+            &mut l.revocations,
+        );
+        bump(
+            &m.revocations_evicted,
+            NO_LABELS,
+            s.revocations_evicted,
+            &mut l.revocations_evicted,
+        );
         let ld = &mut self.last_driver;
         for r in DriverDrop::ALL {
             bump(

@@ -27,7 +27,9 @@ use tracing::{debug, warn};
 use crate::metrics::{DriverStats, Publisher, RelayMetrics};
 use crate::ports::PortPool;
 use crate::stream::{self, Ingress, StreamShared};
-use crate::{DriverDrop, Phase, IO_LOOP_BOUND, RECV_BATCH, RECV_BUFFER, SEND_BATCH, TICK};
+use crate::{
+    DriverDrop, Phase, Revocation, IO_LOOP_BOUND, RECV_BATCH, RECV_BUFFER, SEND_BATCH, TICK,
+};
 
 struct Relay {
     id: RelayId,
@@ -184,6 +186,8 @@ pub(crate) struct ShardSetup {
     pub(crate) streams: Arc<StreamShared>,
     pub(crate) siblings: Siblings,
     pub(crate) handoffs: mpsc::Receiver<Handoff>,
+    /// Credential-group revocations from the [`crate::Revoker`].
+    pub(crate) revocations: mpsc::Receiver<Revocation>,
 }
 
 /// Runs a shard to completion on the current thread.
@@ -259,6 +263,10 @@ pub(crate) fn run(
         tasks.push(tokio::task::spawn_local(handoff_task(
             Rc::clone(&shard),
             setup.handoffs,
+        )));
+        tasks.push(tokio::task::spawn_local(revocation_task(
+            Rc::clone(&shard),
+            setup.revocations,
         )));
         debug!(shard = index, "shard running");
         timer_task(Rc::clone(&shard), phase).await;
@@ -430,6 +438,15 @@ async fn ingress_task(shard: ShardRef, rx: mpsc::Receiver<Ingress>) {
 async fn handoff_task(shard: ShardRef, rx: mpsc::Receiver<Handoff>) {
     drain_queue(shard, rx, |sh, now, h| {
         sh.core.handle_peer_at(now, h.to, h.from, &h.data);
+    })
+    .await;
+}
+
+/// Applies revocations to this shard's core; the flush closes the relay sockets of the
+/// allocations it tore down.
+async fn revocation_task(shard: ShardRef, rx: mpsc::Receiver<Revocation>) {
+    drain_queue(shard, rx, |sh, now, r| {
+        sh.core.handle_revocation(now, &r.group, r.until_unix);
     })
     .await;
 }

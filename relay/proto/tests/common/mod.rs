@@ -451,6 +451,19 @@ impl Harness {
         self.drain(now)
     }
 
+    /// The control plane revoked credential group `group` until `until_unix`.
+    pub(crate) fn revoke(&mut self, now: Instant, group: &str, until_unix: u64) -> Vec<Out> {
+        self.server.handle_revocation(now, group, until_unix);
+        self.drain(now)
+    }
+
+    /// The driver's timer tick re-anchored the wall clock at `now`, which the harness keeps in
+    /// step with the virtual clock (`WALL_SECS` at `t0`).
+    pub(crate) fn wall_clock(&mut self, now: Instant) {
+        let wall = wall() + now.saturating_duration_since(self.t0);
+        self.server.handle_wall_clock(now, wall);
+    }
+
     pub(crate) fn timeout(&mut self, now: Instant) -> Vec<Out> {
         self.server.handle_timeout(now);
         self.drain(now)

@@ -22,6 +22,8 @@ pub struct Running {
     pub addr: SocketAddr,
     pub server: Vec<conf::Listen>,
     pub registry: prometheus::Registry,
+    /// Revokes credential groups on every shard.
+    pub revoker: relay_server::Revoker,
     pub stop: Option<oneshot::Sender<()>>,
     pub task: Option<JoinHandle<()>>,
 }
@@ -51,6 +53,7 @@ grace-period = "1s"
         let server = RelayServer::bind(&cfg.relay, None, &registry).unwrap();
         let addr = server.local_addr(conf::Transport::Udp).unwrap();
         let listens = server.local_addrs().to_vec();
+        let revoker = server.revoker();
         let (stop, stopped) = oneshot::channel::<()>();
         let task = tokio::spawn(async move {
             server
@@ -64,6 +67,7 @@ grace-period = "1s"
             addr,
             server: listens,
             registry,
+            revoker,
             stop: Some(stop),
             task: Some(task),
         }
@@ -79,15 +83,7 @@ grace-period = "1s"
 
     /// The value of one series, e.g. `turnpike_relay_packets_total{direction="…",framing="…"}`.
     pub fn metric(&self, series: &str) -> f64 {
-        use prometheus::Encoder as _;
-        let mut out = Vec::new();
-        prometheus::TextEncoder::new()
-            .encode(&self.registry.gather(), &mut out)
-            .unwrap();
-        let text = String::from_utf8(out).unwrap();
-        text.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
+        metric_in(&self.registry, series)
     }
 
     /// Waits until a metric (published once per shard tick) reaches `at_least`.
@@ -105,6 +101,19 @@ grace-period = "1s"
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
+}
+
+/// The value of one series in `registry` (0 when absent).
+pub fn metric_in(registry: &prometheus::Registry, series: &str) -> f64 {
+    use prometheus::Encoder as _;
+    let mut out = Vec::new();
+    prometheus::TextEncoder::new()
+        .encode(&registry.gather(), &mut out)
+        .unwrap();
+    let text = String::from_utf8(out).unwrap();
+    text.lines()
+        .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or(0.0)
 }
 
 pub fn unix_now() -> u64 {
