@@ -175,6 +175,8 @@ impl Config {
 pub struct Generated {
     /// `relay.secrets[0]` (the only secret).
     pub relay_secret: bool,
+    /// `control.admin-token` (the embedded default turns the admin API on).
+    pub admin_token: bool,
     /// `control.hash-key`.
     pub hash_key: bool,
     /// `control.jwt-keys[0]` (the only key, kid `dev`).

@@ -421,9 +421,17 @@ fn read_control(
         r#"a URL like "https://turnpike.example.com""#,
         parse_public_url,
     );
-    let admin_token = r.parse("admin-token", "a string", |s| {
+    let admin_token = match r.parse("admin-token", "a string", |s| {
         parse_secret_of(s, MIN_SECRET_BYTES)
-    });
+    }) {
+        // The local default turns the admin API on, so the walk-through in docs/api.md (create
+        // an app, then a call) works on a laptop with no setup; a file turns it on explicitly.
+        Ok(None) if embedded => {
+            generated.admin_token = true;
+            Ok(Some(Secret::generate()))
+        }
+        other => other,
+    };
 
     let hash_key = match r.parse("hash-key", "a string", |s| {
         parse_secret_of(s, MIN_SECRET_BYTES)

@@ -1199,6 +1199,7 @@ fn the_embedded_default_generates_the_control_secrets_and_a_dev_app() {
         c.generated,
         Generated {
             relay_secret: true,
+            admin_token: true,
             hash_key: true,
             jwt_key: true,
             app: true,
@@ -1207,7 +1208,7 @@ fn the_embedded_default_generates_the_control_secrets_and_a_dev_app() {
     let k = c.control.as_ref().unwrap();
     assert_eq!(k.listen, addr("127.0.0.1:8080"));
     assert_eq!(k.public_url, "http://127.0.0.1:8080");
-    assert_eq!(k.admin_token, None);
+    assert_eq!(k.admin_token.as_ref().map(|t| t.expose().len()), Some(43));
     assert_eq!(
         k.turn_urls,
         vec![
@@ -1236,6 +1237,7 @@ fn the_embedded_default_generates_the_control_secrets_and_a_dev_app() {
     let again = load(None, &[]).unwrap();
     let k2 = again.control.as_ref().unwrap();
     assert_ne!(k.hash_key, k2.hash_key);
+    assert_ne!(k.admin_token, k2.admin_token);
     assert_ne!(k.jwt_keys[0].secret, k2.jwt_keys[0].secret);
     assert_ne!(app.keys[0], again.generated_app().unwrap().keys[0]);
     assert_ne!(k.hash_key, k.jwt_keys[0].secret);
@@ -1249,6 +1251,7 @@ fn the_embedded_default_takes_control_values_from_env_instead_of_generating() {
             ("TURNPIKE_CONTROL_HASH_KEY", HASH_KEY),
             ("TURNPIKE_CONTROL_JWT_KEYS", &format!("prod:{JWT_SECRET}")),
             ("TURNPIKE_CONTROL_APPS", "web:web-key-0123456789"),
+            ("TURNPIKE_CONTROL_ADMIN_TOKEN", "admin-token-0123456789"),
         ]),
     )
     .unwrap();
@@ -1258,6 +1261,16 @@ fn the_embedded_default_takes_control_values_from_env_instead_of_generating() {
             relay_secret: true,
             ..Generated::default()
         }
+    );
+    assert_eq!(
+        c.control
+            .as_ref()
+            .unwrap()
+            .admin_token
+            .as_ref()
+            .unwrap()
+            .expose(),
+        "admin-token-0123456789"
     );
     assert!(c.generated_app().is_none());
     let k = c.control.unwrap();
