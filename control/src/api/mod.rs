@@ -1,1 +1,291 @@
-//! The HTTP API (placeholder: being implemented).
+//! The HTTP API: router, handlers, the error type, limits, metrics and the OpenAPI document.
+//!
+//! Three kinds of callers:
+//!
+//! - the operator, with `Authorization: Bearer <admin-token>` (`/v1/apps…`); without a
+//!   configured admin token those routes answer 404 as if they did not exist;
+//! - API consumers, with an app key `Authorization: Bearer tpk_…` (`/v1/calls…`,
+//!   `/v1/turn/credentials`), each seeing only its own calls;
+//! - anyone with a join code or participant token (`POST /v1/join`), rate limited per client
+//!   address and per code, every refusal of a secret looking exactly alike.
+//!
+//! Every error is `{"error":{"code","message"}}` with a stable `code` ([`ApiError`]); axum's
+//! own rejections (bad JSON, wrong content type, body too large, unknown route or method) are
+//! mapped into the same shape.
+
+mod admin;
+mod auth;
+mod calls;
+mod error;
+mod join;
+mod metrics;
+mod openapi;
+mod util;
+
+use std::fmt;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, patch, post};
+use axum::Router;
+
+use crate::store::Store;
+use crate::{creds, jwt, secrets};
+
+pub use self::error::ApiError;
+pub use self::metrics::ControlMetrics;
+
+/// Everything the API needs from the configuration (the binary converts `conf` into this).
+pub struct Settings {
+    /// Where clients reach the API, without a trailing slash (`https://turn.example.com`): the
+    /// base of join links, the JWT issuer, and (`http`→`ws`) of the signaling URL.
+    pub public_url: String,
+    /// The operator's bearer token for `/v1/apps…`; `None` hides those routes (404).
+    pub admin_token: Option<String>,
+    /// The key app keys, join codes and participant tokens are hashed under.
+    pub hash_key: secrets::HashKey,
+    /// Signaling token keys (the first signs).
+    pub jwt: jwt::Keys,
+    /// Lifetime of a signaling token.
+    pub token_ttl: Duration,
+    /// Mints `iceServers` with TURN credentials.
+    pub minter: creds::Minter,
+    /// Largest request body accepted, in bytes (413 above).
+    pub max_body: usize,
+    /// Longest a request may take, body upload included (503 `timeout` above).
+    pub request_timeout: Duration,
+    /// Rate limits of `POST /v1/join`.
+    pub limits: Limits,
+}
+
+impl fmt::Debug for Settings {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Settings")
+            .field("public_url", &self.public_url)
+            // The admin token is a bearer secret: whether one is set is all logs may say.
+            .field(
+                "admin_token",
+                &self.admin_token.as_ref().map(|_| "<redacted>"),
+            )
+            .field("hash_key", &self.hash_key)
+            .field("jwt", &self.jwt)
+            .field("token_ttl", &self.token_ttl)
+            .field("minter", &self.minter)
+            .field("max_body", &self.max_body)
+            .field("request_timeout", &self.request_timeout)
+            .field("limits", &self.limits)
+            .finish()
+    }
+}
+
+/// Rate limits of `POST /v1/join`, counted in the store (so shared by every node) over fixed
+/// windows of [`Limits::window`].
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Limits {
+    /// Join attempts per client address (IPv4 address or IPv6 /64) and window.
+    pub join_per_ip: u64,
+    /// Failed join attempts per client address and window; once reached, further attempts from
+    /// that address are refused (429) without looking at the code.
+    pub join_failures_per_ip: u64,
+    /// Join attempts per code or token (whatever address they come from) and window.
+    pub join_per_code: u64,
+    /// The counting window.
+    pub window: Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            // Generous for a household or office behind one NAT joining a few calls a minute.
+            join_per_ip: 30,
+            // A person mistypes a code a few times; ten failures a minute is already guessing.
+            // With 20^10 codes, 10 guesses a minute per address finds nothing in practice.
+            join_failures_per_ip: 10,
+            // Bounds guessing of one code spread over many addresses and a crowd joining a
+            // large call at once (32 seats: twice that in a minute is still legitimate).
+            join_per_code: 60,
+            // One minute: short enough that a locked-out user can retry soon.
+            window: Duration::from_secs(60),
+        }
+    }
+}
+
+/// Revokes the TURN credentials of a credential group (see the crate docs): implemented by the
+/// binary on top of the relay.
+pub trait Revoker: Send + Sync + fmt::Debug {
+    /// Refuse usernames of `group` and tear down their allocations until `until_unix` (seconds).
+    fn revoke(&self, group: &str, until_unix: u64);
+}
+
+/// A [`Revoker`] that does nothing (tests, control plane without a relay in the process).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoRevoker;
+
+impl Revoker for NoRevoker {
+    fn revoke(&self, group: &str, until_unix: u64) {
+        tracing::debug!(group, until_unix, "no relay to revoke credentials on");
+    }
+}
+
+/// Where the API reads the time (Unix milliseconds): injectable so tests expire calls and
+/// tokens without sleeping.
+pub trait Clock: Send + Sync + fmt::Debug {
+    /// Now, in Unix milliseconds.
+    fn now_ms(&self) -> u64;
+}
+
+/// The system's wall clock.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct SystemClock;
+
+impl Clock for SystemClock {
+    fn now_ms(&self) -> u64 {
+        // A clock before 1970 is a broken host; 0 keeps the API answering rather than panicking.
+        SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64)
+    }
+}
+
+/// A clock that only moves when told to (tests).
+#[derive(Debug, Default)]
+pub struct ManualClock(AtomicU64);
+
+impl ManualClock {
+    /// A clock reading `now_ms`.
+    pub fn new(now_ms: u64) -> Self {
+        Self(AtomicU64::new(now_ms))
+    }
+
+    /// Sets the time.
+    pub fn set(&self, now_ms: u64) {
+        self.0.store(now_ms, Ordering::SeqCst);
+    }
+
+    /// Moves the time forward.
+    pub fn advance(&self, by: Duration) {
+        self.0.fetch_add(by.as_millis() as u64, Ordering::SeqCst);
+    }
+}
+
+impl Clock for ManualClock {
+    fn now_ms(&self) -> u64 {
+        self.0.load(Ordering::SeqCst)
+    }
+}
+
+/// Everything a request handler reaches, cheap to clone.
+#[derive(Clone, Debug)]
+pub struct AppState {
+    /// The configuration.
+    pub settings: Arc<Settings>,
+    /// Apps, calls, codes, tokens, rate-limit counters.
+    pub store: Arc<dyn Store>,
+    /// Told when a call ends.
+    pub revoker: Arc<dyn Revoker>,
+    /// The time.
+    pub clock: Arc<dyn Clock>,
+    /// The API's Prometheus collectors.
+    pub metrics: ControlMetrics,
+}
+
+impl AppState {
+    /// Sets the `calls_active` gauge from the store (the binary calls this every few seconds:
+    /// counting live calls on every request would cost a store scan each time).
+    pub async fn refresh_gauges(&self) {
+        match self.store.live_calls(self.clock.now_ms()).await {
+            Ok(n) => self.metrics.set_calls_active(n),
+            Err(e) => tracing::warn!(error = %e, "cannot count live calls"),
+        }
+    }
+}
+
+/// The whole API with every layer: body limit, request timeout, metrics, JSON errors for
+/// unknown routes and methods.
+///
+/// `POST /v1/join` rate-limits by client address, so serve it with
+/// `into_make_service_with_connect_info::<SocketAddr>()` (as [`serve`] does); tests insert
+/// `ConnectInfo` or `MockConnectInfo`.
+pub fn router(state: AppState) -> Router {
+    let max_body = state.settings.max_body;
+    let timeout = state.settings.request_timeout;
+    let metrics = state.metrics.clone();
+    let mut api = Router::new();
+    // Without an admin token the admin routes are not there at all: a 404 from the fallback,
+    // identical to any unknown path whatever the method (a route that exists would answer 405
+    // with an `Allow` header and give itself away).
+    if state.settings.admin_token.is_some() {
+        api = api
+            .route("/v1/apps", post(admin::create_app).get(admin::list_apps))
+            .route("/v1/apps/{id}", patch(admin::update_app))
+            .route("/v1/apps/{id}/keys", post(admin::add_key));
+    }
+    api.route("/v1/calls", post(calls::create_call).get(calls::list_calls))
+        .route("/v1/calls/{id}", get(calls::get_call))
+        .route("/v1/calls/{id}/end", post(calls::end_call))
+        .route("/v1/calls/{id}/tokens", post(calls::create_token))
+        .route("/v1/turn/credentials", post(calls::turn_credentials))
+        .route("/v1/join", post(join::join))
+        .route("/openapi.json", get(openapi::openapi_json))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .layer(DefaultBodyLimit::max(max_body))
+        // Inside the metrics layer, so timeouts are counted as the 503s clients see.
+        .layer(middleware::from_fn_with_state(timeout, time_limit))
+        .layer(middleware::from_fn_with_state(metrics, track))
+        .with_state(state)
+}
+
+/// Serves the API on `listener` until `shutdown` completes, then finishes the requests in
+/// flight (graceful shutdown).
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    state: AppState,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
+    axum::serve(
+        listener,
+        router(state).into_make_service_with_connect_info::<SocketAddr>(),
+    )
+    .with_graceful_shutdown(shutdown)
+    .await
+}
+
+async fn not_found() -> ApiError {
+    ApiError::NotFound
+}
+
+async fn method_not_allowed() -> ApiError {
+    ApiError::MethodNotAllowed
+}
+
+/// Our own timeout (rather than tower's) so the answer is the JSON `timeout` error.
+async fn time_limit(State(limit): State<Duration>, req: Request, next: Next) -> Response {
+    match tokio::time::timeout(limit, next.run(req)).await {
+        Ok(response) => response,
+        Err(_) => ApiError::Timeout.into_response(),
+    }
+}
+
+async fn track(State(metrics): State<ControlMetrics>, req: Request, next: Next) -> Response {
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned());
+    let method = metrics::method_label(req.method());
+    let start = std::time::Instant::now();
+    let response = next.run(req).await;
+    metrics.observe_request(
+        route.as_deref().unwrap_or("unmatched"),
+        method,
+        response.status(),
+        start.elapsed(),
+    );
+    response
+}
