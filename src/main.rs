@@ -11,7 +11,8 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand};
-use tokio::net::TcpListener;
+
+mod services;
 
 /// Exit code for a bad configuration or command line (sysexits.h `EX_USAGE`).
 const EXIT_USAGE: u8 = 64;
@@ -29,8 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run everything built so far (today: the relay and the admin listener). Without --config,
-    /// runs a local relay on 127.0.0.1:3478 with a generated secret.
+    /// Run every service in one process: the relay, the control plane (when the configuration
+    /// has a [control] section) and the admin listener. Without --config, runs a local relay on
+    /// 127.0.0.1:3478 and the API on 127.0.0.1:8080 with generated secrets, printed once.
     Serve {
         /// TOML configuration file (also: TURNPIKE_CONFIG).
         #[arg(long, env = "TURNPIKE_CONFIG")]
@@ -38,6 +40,13 @@ enum Command {
     },
     /// Run the TURN relay only (and the admin listener).
     Relay {
+        /// TOML configuration file (also: TURNPIKE_CONFIG).
+        #[arg(long, env = "TURNPIKE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run the control plane's HTTP API only (and the admin listener); it mints credentials for
+    /// relays that share its [relay] secrets.
+    Control {
         /// TOML configuration file (also: TURNPIKE_CONFIG).
         #[arg(long, env = "TURNPIKE_CONFIG")]
         config: PathBuf,
@@ -133,20 +142,63 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             println!("password: {password}");
             Ok(ExitCode::SUCCESS)
         }
-        Command::Serve { config } => serve(config.as_deref()),
-        Command::Relay { config } => serve(Some(&config)),
+        Command::Serve { config } => serve(
+            config.as_deref(),
+            services::Which {
+                relay: true,
+                control: true,
+            },
+        ),
+        Command::Relay { config } => serve(
+            Some(&config),
+            services::Which {
+                relay: true,
+                control: false,
+            },
+        ),
+        Command::Control { config } => serve(
+            Some(&config),
+            services::Which {
+                relay: false,
+                control: true,
+            },
+        ),
     }
 }
 
-fn serve(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
+fn serve(path: Option<&std::path::Path>, mut which: services::Which) -> anyhow::Result<ExitCode> {
     let Some(config) = load(path) else {
         return Ok(ExitCode::from(EXIT_USAGE));
     };
     init_logging(&config.log.level);
-    if config.is_embedded() {
+    if which.control && config.control.is_none() {
+        if which.relay {
+            // `serve` runs what the configuration describes: a relay-only file runs the relay.
+            which.control = false;
+        } else {
+            eprintln!("turnpike: the configuration has no [control] section");
+            return Ok(ExitCode::from(EXIT_USAGE));
+        }
+    }
+    print_generated(&config);
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+        .context("starting the runtime")?;
+    rt.block_on(services::run(config, which, shutdown_signal()))?;
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Shows the secrets the embedded default generated, once, to whoever started the process
+/// (stdout, never the log): they exist nowhere else.
+fn print_generated(config: &conf::Config) {
+    if !config.is_embedded() {
+        return;
+    }
+    println!("turnpike: no --config: running the embedded local default");
+    let g = config.generated;
+    if g.relay_secret {
         if let Some(secret) = config.relay.secrets.first() {
-            // Printed once, to the terminal of whoever started a local relay; never logged.
-            println!("turnpike: no --config: running the embedded local default");
             println!("turnpike: secret for this run: {}", secret.expose());
             println!(
                 "turnpike: get a credential with: turnpike creds --user alice --ttl 1h --secret {}",
@@ -154,43 +206,20 @@ fn serve(path: Option<&std::path::Path>) -> anyhow::Result<ExitCode> {
             );
         }
     }
-    let rt = tokio::runtime::Builder::new_current_thread()
-        .enable_all()
-        .build()
-        .context("starting the runtime")?;
-    rt.block_on(async move {
-        let registry = prometheus::Registry::new();
-        let admin = TcpListener::bind(config.admin.listen)
-            .await
-            .with_context(|| format!("admin listener {}", config.admin.listen))?;
-        let admin_addr = admin.local_addr()?;
-        let relay = relay_server::RelayServer::bind(&config.relay, Some(admin_addr), &registry)?;
-        for l in relay.local_addrs() {
-            // `l` prints as "udp://…", "tcp://…" or "tls://…".
-            println!("turnpike: relay listening on {l}");
+    if let Some(c) = config.control.as_ref() {
+        if let (true, Some(token)) = (g.admin_token, c.admin_token.as_ref()) {
+            println!("turnpike: admin token for this run: {}", token.expose());
         }
-        if let Some(tls) = relay.tls() {
-            tokio::spawn(reload_tls_on_sighup(tls));
+    }
+    if let Some(app) = config.generated_app() {
+        if let Some(key) = app.keys.first() {
+            println!("turnpike: app \"{}\" key for this run: {}", app.id, key.expose());
         }
-        println!("turnpike: admin listening on http://{admin_addr}");
-        let state = relay_server::admin::AdminState {
-            registry,
-            ready: vec![relay.readiness()],
-        };
-        let (stop_admin, admin_stopped) = tokio::sync::oneshot::channel::<()>();
-        let admin_task = tokio::spawn(relay_server::admin::serve(admin, state, async move {
-            let _ = admin_stopped.await;
-        }));
-        relay.run(shutdown_signal()).await?;
-        let _ = stop_admin.send(());
-        admin_task.await??;
-        anyhow::Ok(())
-    })?;
-    Ok(ExitCode::SUCCESS)
+    }
 }
 
 /// Reloads the TLS certificate and key on every SIGHUP; existing connections keep their session.
-async fn reload_tls_on_sighup(tls: relay_server::TlsHandle) {
+pub(crate) async fn reload_tls_on_sighup(tls: relay_server::TlsHandle) {
     #[cfg(unix)]
     {
         use tokio::signal::unix::{signal, SignalKind};

@@ -198,6 +198,7 @@ fn newcomer_flow_serve_without_config_then_creds_then_two_coturn_clients() {
         .arg("serve")
         .env("TURNPIKE_RELAY_LISTEN", "udp://127.0.0.1:0")
         .env("TURNPIKE_ADMIN_LISTEN", "127.0.0.1:0")
+        .env("TURNPIKE_CONTROL_LISTEN", "127.0.0.1:0")
         .env_remove("TURNPIKE_CONFIG")
         .stdout(Stdio::piped())
         .stderr(Stdio::null())

@@ -15,6 +15,7 @@
 //! clock, which keeps expiry testable and the same on every node.
 
 mod memory;
+mod reconnecting;
 mod redis;
 
 use std::fmt;
@@ -23,6 +24,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use self::memory::MemoryStore;
+pub use self::reconnecting::Reconnecting;
 pub use self::redis::RedisStore;
 
 /// Unix time in milliseconds.
@@ -196,6 +198,8 @@ pub struct Page {
 }
 
 /// The result of [`Store::admit`].
+// One per join, moved straight into the response: boxing the call would buy nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug, Clone, PartialEq)]
 pub enum Admission {
     /// Added; the call as it is now.
@@ -264,8 +268,11 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     async fn put_token(&self, token: Digest, grant: &TokenGrant) -> Result<(), StoreError>;
     /// Redeems a token once: of concurrent redemptions exactly one gets the grant; later ones,
     /// and unknown or expired tokens, get `None`.
-    async fn redeem_token(&self, token: Digest, now: Millis)
-        -> Result<Option<TokenGrant>, StoreError>;
+    async fn redeem_token(
+        &self,
+        token: Digest,
+        now: Millis,
+    ) -> Result<Option<TokenGrant>, StoreError>;
 
     /// Adds a participant if the call is live and fewer than `max_participants` are present,
     /// atomically (two joins for the last seat: one gets it).

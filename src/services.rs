@@ -1,0 +1,286 @@
+//! Starting the services of one process from one configuration: the relay, the control plane
+//! and the admin listener, wired to each other (the control plane revokes through the relay,
+//! `/ready` reflects both) and stopped together.
+
+use std::future::Future;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use anyhow::Context as _;
+use control::store::{self, Store};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+
+/// How often the store is pinged for `/ready` and the `calls_active` gauge is refreshed: often
+/// enough that a load balancer sees a Redis outage within seconds, rarely enough to cost nothing.
+const STORE_CHECK_INTERVAL: Duration = Duration::from_secs(2);
+/// Between attempts to store the apps declared in the configuration while the store is down.
+const APPS_RETRY: Duration = Duration::from_secs(2);
+
+/// Which services to run.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Which {
+    pub(crate) relay: bool,
+    pub(crate) control: bool,
+}
+
+/// The control plane's revocations, delivered to the relay in this process.
+#[derive(Debug)]
+struct RelayRevoker(relay_server::Revoker);
+
+impl control::Revoker for RelayRevoker {
+    fn revoke(&self, group: &str, until_unix: u64) {
+        self.0.revoke(group, until_unix);
+    }
+}
+
+/// Runs the chosen services until `shutdown` completes, then stops them: the control plane
+/// finishes its requests in flight, the relay drains for its grace period.
+pub(crate) async fn run(
+    config: conf::Config,
+    which: Which,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> anyhow::Result<()> {
+    let (stop_tx, stop_rx) = watch::channel(false);
+    tokio::spawn(async move {
+        shutdown.await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = move || {
+        let mut rx = stop_rx.clone();
+        async move {
+            let _ = rx.wait_for(|s| *s).await;
+        }
+    };
+
+    let registry = prometheus::Registry::new();
+    let admin = TcpListener::bind(config.admin.listen)
+        .await
+        .with_context(|| format!("admin listener {}", config.admin.listen))?;
+    let admin_addr = admin.local_addr()?;
+    let mut ready = Vec::new();
+    let mut tasks = tokio::task::JoinSet::new();
+
+    let relay = if which.relay {
+        let relay = relay_server::RelayServer::bind(&config.relay, Some(admin_addr), &registry)?;
+        for l in relay.local_addrs() {
+            // `l` prints as "udp://…", "tcp://…" or "tls://…".
+            println!("turnpike: relay listening on {l}");
+        }
+        if let Some(tls) = relay.tls() {
+            tokio::spawn(crate::reload_tls_on_sighup(tls));
+        }
+        ready.push(relay.readiness());
+        Some(relay)
+    } else {
+        None
+    };
+
+    if which.control {
+        let Some(c) = config.control.as_ref() else {
+            anyhow::bail!("the configuration has no [control] section");
+        };
+        let listener = TcpListener::bind(c.listen)
+            .await
+            .with_context(|| format!("control listener {}", c.listen))?;
+        let bound = listener.local_addr()?;
+        let turn_urls = if c.turn_urls_derived {
+            // Derived from the relay's listeners: use the bound ones (port 0 in tests).
+            let listens = relay
+                .as_ref()
+                .map_or_else(|| config.relay.listen.clone(), |r| r.local_addrs().to_vec());
+            conf::derive_turn_urls(&listens, &config.relay.external_ips)
+                .context("control.turn-urls")?
+        } else {
+            c.turn_urls.clone()
+        };
+        let public_url = if c.public_url_derived {
+            format!("http://{bound}")
+        } else {
+            c.public_url.clone()
+        };
+        let settings = settings(&config, c, public_url, turn_urls)?;
+        let store = open_store(&config.store).await;
+        let revoker: Arc<dyn control::Revoker> = match &relay {
+            Some(r) => Arc::new(RelayRevoker(r.revoker())),
+            None => {
+                tracing::warn!(
+                    "no relay in this process: ending a call stops its join code and tokens, \
+                     but relays elsewhere keep its live allocations until their credentials expire"
+                );
+                Arc::new(control::api::NoRevoker)
+            }
+        };
+        let state = control::AppState {
+            settings: Arc::new(settings),
+            store: Arc::clone(&store),
+            revoker,
+            clock: Arc::new(control::api::SystemClock),
+            metrics: control::api::ControlMetrics::new(&registry)
+                .context("registering the control plane's metrics")?,
+        };
+        let store_ready = Arc::new(AtomicBool::new(false));
+        ready.push(Arc::clone(&store_ready));
+        tasks.spawn(watch_store(state.clone(), store_ready, stopped()));
+        let hash_key = control::secrets::HashKey::new(c.hash_key.expose().as_bytes());
+        let apps = c
+            .apps
+            .iter()
+            .map(|app| {
+                let record = store::App {
+                    id: app.id.clone(),
+                    name: app.name.clone(),
+                    disabled: false,
+                    from_config: true,
+                    created_at: now_ms(),
+                };
+                let keys = app
+                    .keys
+                    .iter()
+                    .map(|k| hash_key.digest(control::secrets::Domain::AppKey, k.expose().as_bytes()))
+                    .collect();
+                (record, keys)
+            })
+            .collect();
+        tasks.spawn(put_config_apps(Arc::clone(&store), apps, stopped()));
+        println!("turnpike: control listening on http://{bound}");
+        let stop = stopped();
+        tasks.spawn(async move {
+            control::serve(listener, state, stop)
+                .await
+                .context("control API")
+        });
+    }
+
+    println!("turnpike: admin listening on http://{admin_addr}");
+    let state = relay_server::admin::AdminState { registry, ready };
+    let stop = stopped();
+    tasks.spawn(async move {
+        relay_server::admin::serve(admin, state, stop)
+            .await
+            .context("admin listener")
+    });
+    if let Some(relay) = relay {
+        relay.run(stopped()).await?;
+    } else {
+        stopped().await;
+    }
+    while let Some(r) = tasks.join_next().await {
+        r.context("a service task panicked")??;
+    }
+    Ok(())
+}
+
+/// The control plane's settings from the configuration.
+fn settings(
+    config: &conf::Config,
+    c: &conf::Control,
+    public_url: String,
+    turn_urls: Vec<String>,
+) -> anyhow::Result<control::Settings> {
+    // The control plane mints with the relay's signing (first) secret: the very credentials the
+    // relay accepts.
+    let secret = config
+        .relay
+        .secrets
+        .first()
+        .context("relay.secrets: the control plane needs the relay's secret to mint credentials")?;
+    let jwt = control::jwt::Keys::new(
+        c.jwt_keys
+            .iter()
+            .map(|k| control::jwt::JwtKey {
+                kid: k.kid.clone(),
+                secret: k.secret.expose().as_bytes().to_vec(),
+            })
+            .collect(),
+    )
+    .context("control.jwt-keys: at least one key")?;
+    Ok(control::Settings {
+        public_url,
+        admin_token: c.admin_token.as_ref().map(|t| t.expose().to_owned()),
+        hash_key: control::secrets::HashKey::new(c.hash_key.expose().as_bytes()),
+        jwt,
+        token_ttl: c.token_ttl,
+        minter: control::creds::Minter::new(
+            secret.expose().as_bytes(),
+            turn_urls,
+            c.credential_ttl.as_secs(),
+        ),
+        max_body: c.max_body,
+        request_timeout: c.request_timeout,
+        limits: control::api::Limits::default(),
+    })
+}
+
+/// The configured store: Redis when `[store] redis-url` is set (connecting in the background
+/// while it is down), else memory.
+async fn open_store(s: &conf::Store) -> Arc<dyn Store> {
+    match &s.redis_url {
+        None => Arc::new(store::MemoryStore::new()),
+        Some(url) => {
+            tracing::info!(url = %url, "using Redis");
+            Arc::new(store::Reconnecting::new(url.expose().to_owned()))
+        }
+    }
+}
+
+/// Keeps `/ready` in step with the store and refreshes the control plane's gauges.
+async fn watch_store(
+    state: control::AppState,
+    ready: Arc<AtomicBool>,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(stop);
+    let mut was = None;
+    loop {
+        let ok = state.store.ping().await.is_ok();
+        ready.store(ok, Ordering::Relaxed);
+        if was != Some(ok) {
+            if ok {
+                tracing::info!("store reachable");
+            } else {
+                tracing::warn!("store unreachable: /ready answers 503, the API 503 where it needs it");
+            }
+            was = Some(ok);
+        }
+        if ok {
+            state.refresh_gauges().await;
+        }
+        tokio::select! {
+            _ = &mut stop => return Ok(()),
+            _ = tokio::time::sleep(STORE_CHECK_INTERVAL) => {}
+        }
+    }
+}
+
+/// Stores the apps declared in the configuration (re-applied at every start), retrying while
+/// the store is down.
+async fn put_config_apps(
+    store: Arc<dyn Store>,
+    apps: Vec<(store::App, Vec<store::Digest>)>,
+    stop: impl Future<Output = ()>,
+) -> anyhow::Result<()> {
+    tokio::pin!(stop);
+    for (record, keys) in apps {
+        loop {
+            match store.put_app(&record, &keys).await {
+                Ok(_) => break,
+                Err(e) => {
+                    tracing::warn!(app = %record.id, error = %e, "cannot store a configured app yet");
+                    tokio::select! {
+                        _ = &mut stop => return Ok(()),
+                        _ = tokio::time::sleep(APPS_RETRY) => {}
+                    }
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+fn now_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}
