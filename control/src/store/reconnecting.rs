@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use tokio::sync::OnceCell;
 
 use super::{
-    Admission, App, Call, CallState, Cursor, Digest, Millis, Page, Participant, RedisStore,
-    Store, StoreError, TokenGrant,
+    Admission, App, Call, CallState, Cursor, Digest, Millis, Page, Participant, RedisStore, Store,
+    StoreError, TokenGrant,
 };
 
 /// [`RedisStore`], connected on first use; every operation before that tries to connect once

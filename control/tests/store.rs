@@ -1,0 +1,1051 @@
+//! The store contract: the same tests run on [`MemoryStore`] and on [`RedisStore`] against a
+//! real `redis-server` (one per test, on its own port), plus Redis-only failure tests.
+#![allow(clippy::unwrap_used)]
+
+mod common;
+
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use control::store::{
+    Admission, App, Call, CallState, Cursor, Digest, Media, MemoryStore, Millis, Participant,
+    RedisStore, Role, Store, StoreError, TokenGrant,
+};
+use serde_json::json;
+use tokio::sync::Barrier;
+
+use common::redis::RedisServer;
+
+/// Mirrors the backends' `HISTORY_MS` (7 days).
+const HISTORY_MS: u64 = 7 * 24 * 60 * 60 * 1000;
+
+/// A bound on anything that must not hang: generous, so a slow machine never fails a test, but
+/// far below "forever" (which is what a hang would be).
+const NO_HANG: Duration = Duration::from_secs(60);
+
+type S = Arc<dyn Store>;
+
+/// Times near the real clock: Redis expires keys by its own clock, so a test's "now" must be
+/// close to it (the contract itself only ever compares the times it is given).
+fn base() -> Millis {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as Millis
+}
+
+fn digest(n: u32) -> Digest {
+    let mut d = [0u8; 32];
+    d[..4].copy_from_slice(&n.to_be_bytes());
+    d[31] = 0xa5;
+    Digest(d)
+}
+
+fn app(id: &str, name: &str, from_config: bool) -> App {
+    App {
+        id: id.to_owned(),
+        name: name.to_owned(),
+        disabled: false,
+        from_config,
+        created_at: 1_700_000_000_000,
+    }
+}
+
+fn call(id: &str, app_id: &str, created_at: Millis, ttl: Millis, max: u32) -> Call {
+    Call {
+        id: id.to_owned(),
+        app_id: app_id.to_owned(),
+        name: Some(format!("call {id}")),
+        max_participants: max,
+        metadata: Some(json!({"room": id, "n": [1, 2.5, -3], "empty": [], "obj": {}})),
+        created_at,
+        expires_at: created_at + ttl,
+        ended_at: None,
+        end_reason: None,
+        cred_group: format!("g{id}"),
+        participants: Vec::new(),
+    }
+}
+
+fn participant(peer: &str, now: Millis) -> Participant {
+    Participant {
+        peer_id: peer.to_owned(),
+        role: Role::Guest,
+        name: format!("name of {peer}"),
+        user_id: None,
+        joined_at: now,
+        left_at: None,
+        media: Media::default(),
+    }
+}
+
+fn grant(call_id: &str, expires_at: Millis) -> TokenGrant {
+    TokenGrant {
+        call_id: call_id.to_owned(),
+        role: Role::Host,
+        name: Some("Host".to_owned()),
+        user_id: Some("user-1".to_owned()),
+        expires_at,
+    }
+}
+
+// ---------------------------------------------------------------------------------------------
+// The contract, generic over the backend.
+
+async fn apps(s: S) {
+    let a = app("app_a", "A", false);
+    assert!(s.put_app(&a, &[digest(1)]).await.unwrap());
+    assert!(
+        !s.put_app(&app("app_a", "other", false), &[digest(9)])
+            .await
+            .unwrap(),
+        "a second put of the same id must not replace it"
+    );
+    assert_eq!(s.get_app("app_a").await.unwrap(), Some(a.clone()));
+    assert_eq!(s.app_for_key(digest(9)).await.unwrap(), None);
+    assert_eq!(s.app_for_key(digest(1)).await.unwrap(), Some(a.clone()));
+    assert_eq!(s.get_app("app_missing").await.unwrap(), None);
+    assert_eq!(s.app_for_key(digest(2)).await.unwrap(), None);
+
+    let b = app("app_0b", "B", false);
+    assert!(s.put_app(&b, &[]).await.unwrap());
+    assert_eq!(s.list_apps().await.unwrap(), vec![b.clone(), a.clone()]);
+
+    // Keys.
+    assert!(s.add_app_key("app_a", digest(2)).await.unwrap());
+    assert_eq!(s.app_for_key(digest(2)).await.unwrap(), Some(a.clone()));
+    assert_eq!(s.app_for_key(digest(1)).await.unwrap(), Some(a.clone()));
+    assert!(!s.add_app_key("app_missing", digest(3)).await.unwrap());
+    assert_eq!(s.app_for_key(digest(3)).await.unwrap(), None);
+
+    // Disabled: still found by key (the caller refuses it).
+    assert!(s.set_app_disabled("app_a", true).await.unwrap());
+    let disabled = App {
+        disabled: true,
+        ..a.clone()
+    };
+    assert_eq!(s.get_app("app_a").await.unwrap(), Some(disabled.clone()));
+    assert_eq!(s.app_for_key(digest(1)).await.unwrap(), Some(disabled));
+    assert!(s.set_app_disabled("app_a", false).await.unwrap());
+    assert_eq!(s.get_app("app_a").await.unwrap(), Some(a.clone()));
+    assert!(!s.set_app_disabled("app_missing", true).await.unwrap());
+    assert_eq!(s.get_app("app_missing").await.unwrap(), None);
+
+    // Config apps replace, keys included.
+    let c = app("dev", "Development", true);
+    assert!(s.put_app(&c, &[digest(10), digest(11)]).await.unwrap());
+    assert_eq!(s.app_for_key(digest(10)).await.unwrap(), Some(c.clone()));
+    let c2 = App {
+        name: "Renamed".to_owned(),
+        ..c.clone()
+    };
+    assert!(s.put_app(&c2, &[digest(11), digest(12)]).await.unwrap());
+    assert_eq!(s.get_app("dev").await.unwrap(), Some(c2.clone()));
+    assert_eq!(
+        s.app_for_key(digest(10)).await.unwrap(),
+        None,
+        "dropped key"
+    );
+    assert_eq!(s.app_for_key(digest(11)).await.unwrap(), Some(c2.clone()));
+    assert_eq!(s.app_for_key(digest(12)).await.unwrap(), Some(c2.clone()));
+    // A config app also replaces one created through the API with the same id.
+    let a_conf = App {
+        name: "A from config".to_owned(),
+        from_config: true,
+        ..a.clone()
+    };
+    assert!(s.put_app(&a_conf, &[digest(20)]).await.unwrap());
+    assert_eq!(s.get_app("app_a").await.unwrap(), Some(a_conf.clone()));
+    assert_eq!(s.app_for_key(digest(1)).await.unwrap(), None);
+    assert_eq!(s.app_for_key(digest(2)).await.unwrap(), None);
+    assert_eq!(
+        s.app_for_key(digest(20)).await.unwrap(),
+        Some(a_conf.clone())
+    );
+    assert_eq!(s.list_apps().await.unwrap(), vec![b, a_conf, c2]);
+}
+
+async fn calls(s: S) {
+    let t = base();
+    let c = call("c_one", "app_a", t, 3_600_000, 4);
+    s.create_call(&c, digest(100)).await.unwrap();
+    assert_eq!(s.get_call("c_one").await.unwrap(), Some(c.clone()));
+    assert_eq!(c.state(t), CallState::Waiting);
+    assert_eq!(s.get_call("c_missing").await.unwrap(), None);
+
+    // The code opens the call while it is live.
+    assert_eq!(
+        s.call_for_code(digest(100), t + 1).await.unwrap(),
+        Some("c_one".to_owned())
+    );
+    assert_eq!(s.call_for_code(digest(101), t + 1).await.unwrap(), None);
+    // Expiry is by `now`.
+    assert_eq!(
+        s.call_for_code(digest(100), c.expires_at - 1)
+            .await
+            .unwrap(),
+        Some("c_one".to_owned())
+    );
+    assert_eq!(
+        s.call_for_code(digest(100), c.expires_at).await.unwrap(),
+        None
+    );
+    // Asking about a later time changed nothing for an earlier one.
+    assert_eq!(
+        s.call_for_code(digest(100), t + 2).await.unwrap(),
+        Some("c_one".to_owned())
+    );
+    // Still readable as history after expiry.
+    let got = s.get_call("c_one").await.unwrap().unwrap();
+    assert_eq!(got.state(c.expires_at), CallState::Ended);
+}
+
+async fn end_call(s: S) {
+    let t = base();
+    let c = call("c_end", "app_a", t, 3_600_000, 4);
+    s.create_call(&c, digest(200)).await.unwrap();
+    s.create_call(&call("c_other", "app_a", t, 3_600_000, 4), digest(201))
+        .await
+        .unwrap();
+    assert_eq!(s.live_calls(t + 1).await.unwrap(), 2);
+
+    let ended = s.end_call("c_end", "api", t + 10).await.unwrap().unwrap();
+    assert_eq!(ended.ended_at, Some(t + 10));
+    assert_eq!(ended.end_reason.as_deref(), Some("api"));
+    assert_eq!(ended.state(t + 10), CallState::Ended);
+    assert_eq!(
+        Call {
+            ended_at: None,
+            end_reason: None,
+            ..ended.clone()
+        },
+        c,
+        "nothing else changes"
+    );
+    assert_eq!(s.get_call("c_end").await.unwrap(), Some(ended.clone()));
+    assert_eq!(s.call_for_code(digest(200), t + 11).await.unwrap(), None);
+    assert_eq!(
+        s.call_for_code(digest(201), t + 11).await.unwrap(),
+        Some("c_other".to_owned())
+    );
+    assert_eq!(s.live_calls(t + 11).await.unwrap(), 1);
+
+    // Ending again changes nothing.
+    let again = s.end_call("c_end", "other", t + 20).await.unwrap().unwrap();
+    assert_eq!(again, ended);
+    assert_eq!(s.get_call("c_end").await.unwrap(), Some(ended));
+    assert_eq!(s.end_call("c_missing", "api", t + 20).await.unwrap(), None);
+    let p = participant("p_late", t + 21);
+    assert_eq!(s.admit("c_end", &p, t + 21).await.unwrap(), Admission::Gone);
+
+    // An expired call ended by time stays as it was.
+    let expired = s
+        .end_call("c_other", "api", t + 3_600_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(expired.ended_at, None);
+    assert_eq!(expired.state(t + 3_600_000), CallState::Ended);
+}
+
+async fn list_calls(s: S) {
+    let t = base();
+    // 25 calls of app A, created two per millisecond (ties on created_at), 3 of app B.
+    let mut all = Vec::new();
+    for i in 0..25u64 {
+        let c = call(&format!("c_a{i:02}"), "app_a", t + i / 2, 3_600_000, 4);
+        s.create_call(&c, digest(300 + i as u32)).await.unwrap();
+        all.push(c);
+    }
+    for i in 0..3u64 {
+        let c = call(&format!("c_b{i}"), "app_b", t + i, 3_600_000, 4);
+        s.create_call(&c, digest(400 + i as u32)).await.unwrap();
+    }
+    // Newest first, ties by id descending.
+    all.sort_by(|x, y| (y.created_at, &y.id).cmp(&(x.created_at, &x.id)));
+    let now = t + 100;
+
+    let pages = collect_pages(&s, "app_a", None, 10, now).await;
+    assert_eq!(
+        pages.iter().map(Vec::len).collect::<Vec<_>>(),
+        vec![10, 10, 5]
+    );
+    let listed: Vec<Call> = pages.concat();
+    assert_eq!(listed, all);
+    let whole = s.list_calls("app_a", None, 100, None, now).await.unwrap();
+    assert_eq!(whole.calls, all);
+    assert_eq!(whole.next, None);
+    // Exactly a page: no cursor to an empty page.
+    let exact = s.list_calls("app_b", None, 3, None, now).await.unwrap();
+    assert_eq!(exact.calls.len(), 3);
+    assert_eq!(exact.next, None);
+    assert_eq!(
+        s.list_calls("app_none", None, 10, None, now).await.unwrap(),
+        control::store::Page {
+            calls: Vec::new(),
+            next: None
+        }
+    );
+
+    // States: end three, admit into two (active), the rest waiting.
+    for c in &all[..3] {
+        s.end_call(&c.id, "api", now).await.unwrap().unwrap();
+    }
+    for c in &all[10..12] {
+        let p = participant("p_x", now);
+        assert!(matches!(
+            s.admit(&c.id, &p, now).await.unwrap(),
+            Admission::Admitted(_)
+        ));
+    }
+    let ids = |v: Vec<Vec<Call>>| v.concat().into_iter().map(|c| c.id).collect::<Vec<_>>();
+    let ended = ids(collect_pages(&s, "app_a", Some(CallState::Ended), 2, now + 1).await);
+    assert_eq!(
+        ended,
+        all[..3].iter().map(|c| c.id.clone()).collect::<Vec<_>>()
+    );
+    let active = ids(collect_pages(&s, "app_a", Some(CallState::Active), 1, now + 1).await);
+    assert_eq!(
+        active,
+        all[10..12].iter().map(|c| c.id.clone()).collect::<Vec<_>>()
+    );
+    let waiting = ids(collect_pages(&s, "app_a", Some(CallState::Waiting), 7, now + 1).await);
+    assert_eq!(waiting.len(), 20);
+    assert!(waiting
+        .iter()
+        .all(|id| !ended.contains(id) && !active.contains(id)));
+    // Once they expire, all are ended.
+    let later = t + 3_600_000 + 100;
+    let ended = collect_pages(&s, "app_a", Some(CallState::Ended), 10, later).await;
+    assert_eq!(ended.concat().len(), 25);
+    // And once out of history, none is listed.
+    let gone = s
+        .list_calls("app_a", None, 10, None, later + HISTORY_MS)
+        .await
+        .unwrap();
+    assert_eq!(gone.calls, Vec::new());
+    assert_eq!(gone.next, None);
+
+    // A cursor whose call is gone still places the page.
+    let cursor = Cursor {
+        created_at: all[4].created_at,
+        id: format!("{}~", all[4].id),
+    };
+    let page = s
+        .list_calls("app_a", None, 2, Some(&cursor), now + 1)
+        .await
+        .unwrap();
+    assert_eq!(
+        page.calls.iter().map(|c| &c.id).collect::<Vec<_>>(),
+        vec![&all[4].id, &all[5].id]
+    );
+}
+
+/// Pages through an app's calls; fails on a loop or an empty page with a cursor.
+async fn collect_pages(
+    s: &S,
+    app_id: &str,
+    state: Option<CallState>,
+    limit: usize,
+    now: Millis,
+) -> Vec<Vec<Call>> {
+    let mut pages = Vec::new();
+    let mut after: Option<Cursor> = None;
+    loop {
+        let page = s
+            .list_calls(app_id, state, limit, after.as_ref(), now)
+            .await
+            .unwrap();
+        assert!(page.calls.len() <= limit);
+        assert!(pages.len() < 1_000, "pagination does not end");
+        let next = page.next.clone();
+        if let Some(next) = &next {
+            assert!(!page.calls.is_empty(), "an empty page with a cursor");
+            let last = page.calls.last().unwrap();
+            assert_eq!(
+                next,
+                &Cursor {
+                    created_at: last.created_at,
+                    id: last.id.clone()
+                }
+            );
+        }
+        pages.push(page.calls);
+        match next {
+            Some(c) => after = Some(c),
+            None => return pages,
+        }
+    }
+}
+
+async fn tokens(s: S) {
+    let t = base();
+    let g = grant("c_tok", t + 60_000);
+    s.put_token(digest(500), &g).await.unwrap();
+    assert_eq!(s.redeem_token(digest(501), t).await.unwrap(), None);
+    assert_eq!(s.redeem_token(digest(500), t).await.unwrap(), Some(g));
+    assert_eq!(s.redeem_token(digest(500), t).await.unwrap(), None, "once");
+
+    // Expired: refused like an unknown one, even before any sweep.
+    let g = grant("c_tok", t + 60_000);
+    s.put_token(digest(502), &g).await.unwrap();
+    assert_eq!(s.redeem_token(digest(502), t + 60_000).await.unwrap(), None);
+    s.put_token(digest(503), &g).await.unwrap();
+    assert_eq!(
+        s.redeem_token(digest(503), t + 59_999).await.unwrap(),
+        Some(g)
+    );
+}
+
+async fn admit_race(s: S) {
+    let t = base();
+    s.create_call(&call("c_race", "app_a", t, 3_600_000, 5), digest(600))
+        .await
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(20));
+    let tasks: Vec<_> = (0..20)
+        .map(|i| {
+            let s = s.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                let p = participant(&format!("p_{i}"), t + 1);
+                barrier.wait().await;
+                s.admit("c_race", &p, t + 1).await.unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    let mut full = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Admission::Admitted(c) => {
+                admitted += 1;
+                assert!(c.present() <= 5);
+            }
+            Admission::Full => full += 1,
+            Admission::Gone => panic!("gone"),
+        }
+    }
+    assert_eq!((admitted, full), (5, 15));
+    let c = s.get_call("c_race").await.unwrap().unwrap();
+    assert_eq!(c.participants.len(), 5);
+    let peers: HashSet<_> = c.participants.iter().map(|p| &p.peer_id).collect();
+    assert_eq!(peers.len(), 5);
+    assert_eq!(c.state(t + 1), CallState::Active);
+}
+
+async fn admit_rules(s: S) {
+    let t = base();
+    // Participants who left free their seat.
+    let mut c = call("c_seats", "app_a", t, 3_600_000, 2);
+    let mut gone = participant("p_left", t);
+    gone.left_at = Some(t + 1);
+    c.participants.push(gone);
+    s.create_call(&c, digest(700)).await.unwrap();
+    assert_eq!(s.get_call("c_seats").await.unwrap(), Some(c.clone()));
+    let p1 = participant("p_1", t + 2);
+    let Admission::Admitted(after) = s.admit("c_seats", &p1, t + 2).await.unwrap() else {
+        panic!("not admitted");
+    };
+    assert_eq!(after.participants.len(), 2);
+    assert_eq!(after.participants[1], p1);
+    let p2 = participant("p_2", t + 3);
+    let Admission::Admitted(after) = s.admit("c_seats", &p2, t + 3).await.unwrap() else {
+        panic!("not admitted");
+    };
+    assert_eq!(after.present(), 2);
+    assert_eq!(
+        s.admit("c_seats", &participant("p_3", t + 4), t + 4)
+            .await
+            .unwrap(),
+        Admission::Full
+    );
+    assert_eq!(s.get_call("c_seats").await.unwrap(), Some(after));
+
+    // Unknown and expired calls are gone.
+    let p = participant("p_9", t);
+    assert_eq!(s.admit("c_missing", &p, t).await.unwrap(), Admission::Gone);
+    s.create_call(&call("c_short", "app_a", t, 1_000, 2), digest(701))
+        .await
+        .unwrap();
+    assert!(matches!(
+        s.admit("c_short", &p, t + 999).await.unwrap(),
+        Admission::Admitted(_)
+    ));
+    assert_eq!(
+        s.admit("c_short", &p, t + 1_000).await.unwrap(),
+        Admission::Gone
+    );
+}
+
+async fn redeem_race(s: S) {
+    let t = base();
+    s.put_token(digest(800), &grant("c_x", t + 60_000))
+        .await
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(10));
+    let tasks: Vec<_> = (0..10)
+        .map(|_| {
+            let s = s.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                s.redeem_token(digest(800), t + 1).await.unwrap()
+            })
+        })
+        .collect();
+    let mut grants = 0;
+    for task in tasks {
+        if task.await.unwrap().is_some() {
+            grants += 1;
+        }
+    }
+    assert_eq!(grants, 1);
+}
+
+async fn hits(s: S) {
+    let t = base();
+    assert_eq!(s.hit("join:a", 60_000, t).await.unwrap(), (1, 60_000));
+    assert_eq!(s.hit("join:a", 60_000, t + 10).await.unwrap(), (2, 59_990));
+    assert_eq!(s.hit("join:b", 60_000, t + 10).await.unwrap(), (1, 60_000));
+    assert_eq!(s.hit("join:a", 60_000, t + 59_999).await.unwrap(), (3, 1));
+    // The window started at the first hit; the next one starts a new window.
+    assert_eq!(
+        s.hit("join:a", 60_000, t + 60_000).await.unwrap(),
+        (1, 60_000)
+    );
+    assert_eq!(
+        s.hit("join:a", 60_000, t + 60_001).await.unwrap(),
+        (2, 59_999)
+    );
+
+    // A zero window ends at once: every hit starts a new one.
+    assert_eq!(s.hit("zero", 0, t).await.unwrap(), (1, 0));
+    assert_eq!(s.hit("zero", 0, t).await.unwrap(), (1, 0));
+
+    // Concurrent hits are all counted.
+    let barrier = Arc::new(Barrier::new(30));
+    let tasks: Vec<_> = (0..30)
+        .map(|_| {
+            let s = s.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                barrier.wait().await;
+                s.hit("create:x", 60_000, t).await.unwrap().0
+            })
+        })
+        .collect();
+    let mut counts = Vec::new();
+    for task in tasks {
+        counts.push(task.await.unwrap());
+    }
+    counts.sort_unstable();
+    assert_eq!(counts, (1..=30).collect::<Vec<u64>>());
+}
+
+async fn live_calls(s: S) {
+    let t = base();
+    assert_eq!(s.live_calls(t).await.unwrap(), 0);
+    s.create_call(&call("c_l1", "app_a", t, 10_000, 2), digest(900))
+        .await
+        .unwrap();
+    s.create_call(&call("c_l2", "app_b", t, 20_000, 2), digest(901))
+        .await
+        .unwrap();
+    s.create_call(&call("c_l3", "app_a", t, 3_600_000, 2), digest(902))
+        .await
+        .unwrap();
+    assert_eq!(s.live_calls(t).await.unwrap(), 3);
+    s.end_call("c_l3", "api", t + 1).await.unwrap().unwrap();
+    assert_eq!(s.live_calls(t + 1).await.unwrap(), 2);
+    assert_eq!(s.live_calls(t + 9_999).await.unwrap(), 2);
+    assert_eq!(s.live_calls(t + 10_000).await.unwrap(), 1);
+    assert_eq!(s.live_calls(t + 20_000).await.unwrap(), 0);
+}
+
+/// What an attacker types into names and ids comes back byte for byte.
+async fn hostile_strings(s: S) {
+    let t = base();
+    let nasty = "%s%n %x {c:x} }{ \r\n\t\"quoted\" 'single' \\back\\ \u{0} 😀 ü \u{202e}rtl";
+    let mut a = app("app_nasty", nasty, false);
+    a.name = nasty.to_owned();
+    assert!(s.put_app(&a, &[digest(1000)]).await.unwrap());
+    assert_eq!(s.get_app("app_nasty").await.unwrap(), Some(a.clone()));
+    assert_eq!(s.app_for_key(digest(1000)).await.unwrap(), Some(a));
+
+    let id = format!("c_{nasty}");
+    let mut c = call(&id, "app_nasty", t, 3_600_000, 4);
+    c.name = Some(nasty.to_owned());
+    c.metadata = Some(json!({
+        nasty: nasty,
+        "big": u64::MAX,
+        "neg": i64::MIN,
+        "float": 0.1_f64,
+        "precise": 1.234_567_890_123_456_7_f64,
+        "empty_array": [],
+        "empty_object": {},
+        "nested": [[], {}, null, true, "ended_at\":null,"],
+    }));
+    s.create_call(&c, digest(1001)).await.unwrap();
+    assert_eq!(s.get_call(&id).await.unwrap(), Some(c.clone()));
+    let mut p = participant(nasty, t + 1);
+    p.name = nasty.to_owned();
+    p.user_id = Some(nasty.to_owned());
+    let Admission::Admitted(after) = s.admit(&id, &p, t + 1).await.unwrap() else {
+        panic!("not admitted");
+    };
+    assert_eq!(after.participants, vec![p]);
+    assert_eq!(after.metadata, c.metadata);
+    let page = s
+        .list_calls("app_nasty", None, 10, None, t + 2)
+        .await
+        .unwrap();
+    assert_eq!(page.calls, vec![after.clone()]);
+    let ended = s.end_call(&id, nasty, t + 3).await.unwrap().unwrap();
+    assert_eq!(ended.end_reason.as_deref(), Some(nasty));
+    assert_eq!(s.get_call(&id).await.unwrap(), Some(ended));
+
+    let mut g = grant(&id, t + 60_000);
+    g.name = Some(nasty.to_owned());
+    g.user_id = Some(nasty.to_owned());
+    s.put_token(digest(1002), &g).await.unwrap();
+    assert_eq!(s.redeem_token(digest(1002), t).await.unwrap(), Some(g));
+
+    assert_eq!(s.hit(nasty, 1_000, t).await.unwrap(), (1, 1_000));
+    // Ids that look like other keys find nothing and break nothing.
+    for probe in [
+        "",
+        "}",
+        "{c:c_x}",
+        "x}:call",
+        "keys:app_nasty",
+        "*",
+        "\r\nPING",
+    ] {
+        assert_eq!(s.get_call(probe).await.unwrap(), None);
+        assert_eq!(s.get_app(probe).await.unwrap(), None);
+        assert_eq!(s.end_call(probe, "api", t).await.unwrap(), None);
+        assert_eq!(
+            s.admit(probe, &participant("p", t), t).await.unwrap(),
+            Admission::Gone
+        );
+        assert!(!s.set_app_disabled(probe, true).await.unwrap());
+        assert!(!s.add_app_key(probe, digest(1003)).await.unwrap());
+    }
+}
+
+async fn ping(s: S) {
+    s.ping().await.unwrap();
+}
+
+macro_rules! contract {
+    ($($name:ident),* $(,)?) => {
+        mod memory {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    super::$name(std::sync::Arc::new(control::store::MemoryStore::new())).await;
+                }
+            )*
+        }
+        mod redis {
+            $(
+                #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+                async fn $name() {
+                    let server = super::RedisServer::start();
+                    let store = control::store::RedisStore::connect(&server.url).await.unwrap();
+                    super::$name(std::sync::Arc::new(store)).await;
+                }
+            )*
+        }
+    };
+}
+
+contract!(
+    apps,
+    calls,
+    end_call,
+    list_calls,
+    tokens,
+    admit_race,
+    admit_rules,
+    redeem_race,
+    hits,
+    live_calls,
+    hostile_strings,
+    ping,
+);
+
+// ---------------------------------------------------------------------------------------------
+// Backend-specific.
+
+/// History ends: the memory store forgets a call once its history time has passed.
+#[tokio::test]
+async fn memory_forgets_old_history() {
+    let s = MemoryStore::new();
+    let t = base();
+    let c = call("c_old", "app_a", t, 1_000, 2);
+    s.create_call(&c, digest(1)).await.unwrap();
+    s.put_token(digest(2), &grant("c_old", t + 1_000))
+        .await
+        .unwrap();
+    s.end_call("c_old", "api", t + 10).await.unwrap().unwrap();
+    assert!(s.get_call("c_old").await.unwrap().is_some());
+    // Any write at a later time sweeps what expired by then.
+    s.hit("k", 1_000, t + 10 + HISTORY_MS).await.unwrap();
+    assert_eq!(s.get_call("c_old").await.unwrap(), None);
+    assert_eq!(
+        s.list_calls("app_a", None, 10, None, t + 10)
+            .await
+            .unwrap()
+            .calls,
+        Vec::new()
+    );
+}
+
+/// `Debug` (which may end up in logs) shows no user data, digests or URL.
+#[tokio::test]
+async fn debug_output_shows_no_contents() {
+    let t = base();
+    let m = MemoryStore::new();
+    let mut c = call("c_dbg", "app_dbg", t, 60_000, 2);
+    c.name = Some("Secret Meeting".to_owned());
+    m.create_call(&c, digest(7)).await.unwrap();
+    m.put_app(&app("app_dbg", "Private Name", false), &[digest(8)])
+        .await
+        .unwrap();
+    let shown = format!("{m:?}");
+    for hidden in [
+        "Secret Meeting",
+        "Private Name",
+        "c_dbg",
+        &digest(8).to_hex()[..8],
+    ] {
+        assert!(!shown.contains(hidden), "{shown}");
+    }
+    let server = RedisServer::start();
+    let r = RedisStore::connect(&server.url).await.unwrap();
+    let shown = format!("{r:?}");
+    assert!(!shown.contains(&server.port.to_string()), "{shown}");
+}
+
+async fn redis_store(server: &RedisServer) -> S {
+    Arc::new(RedisStore::connect(&server.url).await.unwrap())
+}
+
+/// A raw connection for looking at what the store wrote.
+async fn raw(server: &RedisServer) -> ::redis::aio::MultiplexedConnection {
+    ::redis::Client::open(server.url.as_str())
+        .unwrap()
+        .get_multiplexed_async_connection()
+        .await
+        .unwrap()
+}
+
+/// Runs every operation once; `Err` results are returned, not unwrapped.
+async fn every_op(s: &S, t: Millis) -> Vec<Result<(), StoreError>> {
+    let c = call("c_any", "app_a", t, 60_000, 2);
+    vec![
+        s.put_app(&app("app_x", "X", false), &[digest(1)])
+            .await
+            .map(drop),
+        s.list_apps().await.map(drop),
+        s.get_app("app_x").await.map(drop),
+        s.set_app_disabled("app_x", true).await.map(drop),
+        s.add_app_key("app_x", digest(2)).await.map(drop),
+        s.app_for_key(digest(1)).await.map(drop),
+        s.create_call(&c, digest(3)).await,
+        s.get_call("c_any").await.map(drop),
+        s.list_calls("app_a", None, 10, None, t).await.map(drop),
+        s.call_for_code(digest(3), t).await.map(drop),
+        s.admit("c_any", &participant("p", t), t).await.map(drop),
+        s.end_call("c_any", "api", t).await.map(drop),
+        s.put_token(digest(4), &grant("c_any", t + 1_000))
+            .await
+            .map(drop),
+        s.redeem_token(digest(4), t).await.map(drop),
+        s.hit("k", 1_000, t).await.map(drop),
+        s.live_calls(t).await.map(drop),
+        s.ping().await,
+    ]
+}
+
+/// Waits (polling, with a deadline) until the store answers again.
+async fn until_up(s: &S) {
+    tokio::time::timeout(NO_HANG, async {
+        while s.ping().await.is_err() {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    })
+    .await
+    .expect("store never came back");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_killed_is_unavailable_then_recovers() {
+    let mut server = RedisServer::start();
+    let s = redis_store(&server).await;
+    let t = base();
+    assert!(every_op(&s, t).await.iter().all(Result::is_ok));
+
+    server.kill();
+    let results = tokio::time::timeout(NO_HANG, every_op(&s, t))
+        .await
+        .expect("operations hang while Redis is down");
+    for (i, r) in results.iter().enumerate() {
+        assert!(
+            matches!(r, Err(StoreError::Unavailable(_))),
+            "operation {i}: {r:?}"
+        );
+    }
+
+    server.restart();
+    until_up(&s).await;
+    // Restarted empty: everything reads as absent, nothing fails.
+    assert_eq!(s.get_app("app_x").await.unwrap(), None);
+    assert_eq!(s.list_apps().await.unwrap(), Vec::new());
+    assert_eq!(s.app_for_key(digest(1)).await.unwrap(), None);
+    assert_eq!(s.get_call("c_any").await.unwrap(), None);
+    let page = s.list_calls("app_a", None, 10, None, t).await.unwrap();
+    assert_eq!((page.calls.len(), page.next), (0, None));
+    assert_eq!(s.call_for_code(digest(3), t).await.unwrap(), None);
+    assert_eq!(
+        s.admit("c_any", &participant("p", t), t).await.unwrap(),
+        Admission::Gone
+    );
+    assert_eq!(s.end_call("c_any", "api", t).await.unwrap(), None);
+    assert_eq!(s.redeem_token(digest(4), t).await.unwrap(), None);
+    assert_eq!(s.live_calls(t).await.unwrap(), 0);
+    assert_eq!(s.hit("k", 1_000, t).await.unwrap(), (1, 1_000));
+    // And works again, scripts included (Redis lost them with the restart).
+    let results = every_op(&s, t).await;
+    assert!(results.iter().all(Result::is_ok), "{results:?}");
+    assert!(s.get_call("c_any").await.unwrap().is_some());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_paused_times_out_then_recovers() {
+    let server = RedisServer::start();
+    let s = redis_store(&server).await;
+    let t = base();
+    s.put_app(&app("app_p", "P", false), &[digest(1)])
+        .await
+        .unwrap();
+
+    server.pause();
+    let r = tokio::time::timeout(NO_HANG, s.app_for_key(digest(1)))
+        .await
+        .expect("hangs while Redis is paused");
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    let r = tokio::time::timeout(NO_HANG, s.admit("c_x", &participant("p", t), t))
+        .await
+        .expect("hangs while Redis is paused");
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+
+    server.resume();
+    until_up(&s).await;
+    // Nothing was lost: a pause is not a restart.
+    assert_eq!(
+        s.app_for_key(digest(1)).await.unwrap().map(|a| a.id),
+        Some("app_p".to_owned())
+    );
+}
+
+#[tokio::test]
+async fn redis_unreachable_at_connect_is_unavailable() {
+    let mut server = RedisServer::start();
+    let url = server.url.clone();
+    server.kill();
+    let r = tokio::time::timeout(NO_HANG, RedisStore::connect(&url))
+        .await
+        .expect("connect hangs");
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    let r = RedisStore::connect("not a url").await;
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_every_key_has_a_ttl() {
+    let server = RedisServer::start();
+    let s = redis_store(&server).await;
+    let t = base();
+    // A workload that writes every kind of key.
+    assert!(s
+        .put_app(&app("app_a", "A", false), &[digest(1)])
+        .await
+        .unwrap());
+    assert!(s
+        .put_app(&app("dev", "Dev", true), &[digest(2), digest(3)])
+        .await
+        .unwrap());
+    assert!(s
+        .put_app(&app("dev", "Dev", true), &[digest(3)])
+        .await
+        .unwrap());
+    assert!(s.add_app_key("app_a", digest(4)).await.unwrap());
+    assert!(s.set_app_disabled("app_a", true).await.unwrap());
+    assert!(s.app_for_key(digest(1)).await.unwrap().is_some());
+    for i in 0..5u32 {
+        let c = call(&format!("c_{i}"), "app_a", t + u64::from(i), 600_000, 3);
+        s.create_call(&c, digest(100 + i)).await.unwrap();
+        s.admit(&c.id, &participant("p_1", t), t + 10)
+            .await
+            .unwrap();
+    }
+    s.end_call("c_0", "api", t + 20).await.unwrap().unwrap();
+    s.put_token(digest(200), &grant("c_1", t + 60_000))
+        .await
+        .unwrap();
+    s.put_token(digest(201), &grant("c_1", t + 60_000))
+        .await
+        .unwrap();
+    s.redeem_token(digest(201), t + 30).await.unwrap();
+    s.hit("join:x", 60_000, t).await.unwrap();
+    s.hit("join:x", 60_000, t + 1).await.unwrap();
+    s.live_calls(t + 40).await.unwrap();
+    s.list_calls("app_a", None, 2, None, t + 40).await.unwrap();
+
+    let mut conn = raw(&server).await;
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    // apps ×2, appkeys ×2, key ×3 (one dropped by config), apps index, calls ×5, codes ×4
+    // (one ended), token ×1, history, live, rate limit.
+    assert!(keys.len() >= 20, "workload wrote too little: {keys:?}");
+    for key in &keys {
+        let pttl: i64 = ::redis::cmd("PTTL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await
+            .unwrap();
+        assert!(pttl > 0, "{key} has no TTL ({pttl})");
+    }
+    // Call keys live until their purge time: expiry (or end) + history.
+    let pttl: i64 = ::redis::cmd("PTTL")
+        .arg("tp:{c:c_1}:call")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let expected = (t + 1 + 600_000 + HISTORY_MS) as i64 - base() as i64;
+    assert!(
+        (expected - 60_000..=expected + 1_000).contains(&pttl),
+        "{pttl} vs {expected}"
+    );
+    // No secret in clear: keys hold digests only.
+    assert!(keys
+        .iter()
+        .all(|k| !k.contains("tpk_") && !k.contains("tpt_")));
+}
+
+/// What the store reads but cannot decode is `Corrupt`, never a panic.
+#[tokio::test]
+async fn redis_foreign_data_is_corrupt() {
+    let server = RedisServer::start();
+    let s = redis_store(&server).await;
+    let t = base();
+    let mut conn = raw(&server).await;
+    ::redis::pipe()
+        .cmd("HSET")
+        .arg("tp:{c:c_bad}:call")
+        .arg("rec")
+        .arg("{not json")
+        .arg("exp")
+        .arg("soon")
+        .ignore()
+        .cmd("SET")
+        .arg("tp:app:app_str")
+        .arg("a string, not a hash")
+        .ignore()
+        .cmd("SET")
+        .arg(format!("tp:token:{}", digest(1).to_hex()))
+        .arg("\u{0}\u{1}")
+        .ignore()
+        .cmd("SET")
+        .arg(format!("tp:code:{}", digest(2).to_hex()))
+        .arg("c_bad")
+        .ignore()
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    let corrupt = |r: &Result<_, StoreError>| matches!(r, Err(StoreError::Corrupt(_)));
+    assert!(corrupt(&s.get_call("c_bad").await.map(drop)));
+    assert!(corrupt(
+        &s.admit("c_bad", &participant("p", t), t).await.map(drop)
+    ));
+    assert!(corrupt(&s.end_call("c_bad", "api", t).await.map(drop)));
+    assert!(corrupt(&s.call_for_code(digest(2), t).await.map(drop)));
+    assert!(corrupt(&s.get_app("app_str").await.map(drop)));
+    assert!(corrupt(&s.redeem_token(digest(1), t).await.map(drop)));
+    // The store still works for everything else.
+    s.ping().await.unwrap();
+    assert_eq!(s.get_call("c_good").await.unwrap(), None);
+}
+
+/// A long history on Redis: pages cross its internal batches and groups of equal `created_at`
+/// without skipping or repeating, and a sparse filter returns short pages (bounded work per
+/// request) whose cursors still lead to every match.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn redis_long_history_pages() {
+    let server = RedisServer::start();
+    let s = redis_store(&server).await;
+    let t = base();
+    let n = 1_050u64;
+    let mut tasks = Vec::new();
+    for chunk in 0..10u64 {
+        let s = s.clone();
+        tasks.push(tokio::spawn(async move {
+            for i in (chunk..n).step_by(10) {
+                // Groups of three share a millisecond.
+                let c = call(&format!("c_{i:04}"), "app_l", t + i / 3, 3_600_000, 2);
+                s.create_call(&c, digest(i as u32)).await.unwrap();
+            }
+        }));
+    }
+    for task in tasks {
+        task.await.unwrap();
+    }
+    let now = t + 1_000;
+    let oldest = "c_0000";
+    assert!(matches!(
+        s.admit(oldest, &participant("p", now), now).await.unwrap(),
+        Admission::Admitted(_)
+    ));
+
+    let listed: Vec<String> = collect_pages(&s, "app_l", None, 7, now)
+        .await
+        .concat()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    // Newest first, ties by id descending: with ids in creation order, simply reversed.
+    let expected: Vec<String> = (0..n).rev().map(|i| format!("c_{i:04}")).collect();
+    assert_eq!(listed, expected);
+    // Pages longer than one internal batch.
+    let listed: Vec<String> = collect_pages(&s, "app_l", None, 500, now)
+        .await
+        .concat()
+        .into_iter()
+        .map(|c| c.id)
+        .collect();
+    assert_eq!(listed, expected);
+
+    // One active call at the very end of the history.
+    let mut found = Vec::new();
+    let mut after: Option<Cursor> = None;
+    for _ in 0..10 {
+        let page = s
+            .list_calls("app_l", Some(CallState::Active), 10, after.as_ref(), now)
+            .await
+            .unwrap();
+        found.extend(page.calls.into_iter().map(|c| c.id));
+        match page.next {
+            Some(c) => after = Some(c),
+            None => break,
+        }
+    }
+    assert_eq!(found, vec![oldest.to_owned()]);
+    assert!(after.is_some(), "the first page should have stopped short");
+}
