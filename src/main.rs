@@ -213,7 +213,11 @@ fn print_generated(config: &conf::Config) {
     }
     if let Some(app) = config.generated_app() {
         if let Some(key) = app.keys.first() {
-            println!("turnpike: app \"{}\" key for this run: {}", app.id, key.expose());
+            println!(
+                "turnpike: app \"{}\" key for this run: {}",
+                app.id,
+                key.expose()
+            );
         }
     }
 }

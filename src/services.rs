@@ -138,7 +138,9 @@ pub(crate) async fn run(
                 let keys = app
                     .keys
                     .iter()
-                    .map(|k| hash_key.digest(control::secrets::Domain::AppKey, k.expose().as_bytes()))
+                    .map(|k| {
+                        hash_key.digest(control::secrets::Domain::AppKey, k.expose().as_bytes())
+                    })
                     .collect();
                 (record, keys)
             })
@@ -181,11 +183,10 @@ fn settings(
 ) -> anyhow::Result<control::Settings> {
     // The control plane mints with the relay's signing (first) secret: the very credentials the
     // relay accepts.
-    let secret = config
-        .relay
-        .secrets
-        .first()
-        .context("relay.secrets: the control plane needs the relay's secret to mint credentials")?;
+    let secret =
+        config.relay.secrets.first().context(
+            "relay.secrets: the control plane needs the relay's secret to mint credentials",
+        )?;
     let jwt = control::jwt::Keys::new(
         c.jwt_keys
             .iter()
@@ -240,7 +241,9 @@ async fn watch_store(
             if ok {
                 tracing::info!("store reachable");
             } else {
-                tracing::warn!("store unreachable: /ready answers 503, the API 503 where it needs it");
+                tracing::warn!(
+                    "store unreachable: /ready answers 503, the API 503 where it needs it"
+                );
             }
             was = Some(ok);
         }
