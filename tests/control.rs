@@ -113,7 +113,7 @@ impl Serve {
         }
     }
 
-    fn with_config(path: &PathBuf) -> Self {
+    fn with_config(path: &std::path::Path) -> Self {
         Self::start(&["--config", path.to_str().unwrap()], &[])
     }
 
