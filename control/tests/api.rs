@@ -1946,3 +1946,35 @@ async fn serve_walkthrough_on_a_real_socket() {
         "stopped listening"
     );
 }
+
+#[tokio::test]
+async fn a_client_trickling_its_request_head_is_cut_off_at_the_timeout() {
+    // Slowloris: a connection that never completes its request head must not be held forever.
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let api = api_with(|s| s.request_timeout = Duration::from_secs(1));
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, api.state.clone(), async {
+        stopped.await.ok();
+    }));
+    let mut s = tokio::net::TcpStream::connect(addr).await.unwrap();
+    s.write_all(b"POST /v1/join HTTP/1.1\r\nHost: x\r\n")
+        .await
+        .unwrap();
+    // Never finish the head. The server closes the connection (EOF, or a 408 then EOF); the
+    // outer bound only keeps a broken build from hanging the suite.
+    let mut buf = Vec::new();
+    let read = tokio::time::timeout(Duration::from_secs(60), s.read_to_end(&mut buf)).await;
+    assert!(read.is_ok(), "the connection was still open after 60 s");
+    let text = String::from_utf8_lossy(&buf);
+    assert!(
+        text.is_empty() || text.starts_with("HTTP/1.1 408"),
+        "no answer but a timeout: {text}"
+    );
+    // A well-behaved client on the same server is unaffected.
+    let (status, _) = http(addr, "GET", "/openapi.json", None, None).await;
+    assert_eq!(status, 200);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
