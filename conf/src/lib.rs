@@ -3,7 +3,7 @@
 //!
 //! # Schema
 //!
-//! Five sections, the optional `[relay.tls]` table and the `[[control.apps]]`
+//! Six sections, the optional `[relay.tls]` table and the `[[control.apps]]`
 //! array, nothing else:
 //!
 //! ```toml
@@ -36,6 +36,13 @@
 //!
 //! [store]                               # optional; no redis-url: in memory
 //! redis-url = "redis://:password@127.0.0.1:6379/0"
+//!
+//! [signal]                              # optional: WebSocket signaling
+//! allowed-origins = ["https://app.example.com"]  # or ["*"]; empty: public-url's origin
+//! # listen, auth-timeout, ping-interval, idle-timeout, max-message,
+//! # message-rate, message-burst, send-queue, resume-window, empty-timeout,
+//! # node-timeout, max-connections, max-unauthenticated-per-ip: optional,
+//! # see examples/turnpike.toml
 //!
 //! [admin]
 //! listen = "127.0.0.1:9641"
@@ -74,9 +81,9 @@
 //! creates the `[relay.tls]` table; likewise a `TURNPIKE_CONTROL_*` variable
 //! creates `[control]`). Names are built from [`SCHEMA`], so the
 //! mapping is unambiguous. Lists (`listen`, `secrets`, `allow-peers`,
-//! `deny-peers`, `turn-urls`, and `relay-ip`, `external-ip`, which also take
-//! a single address) are comma-separated and an empty value is an empty
-//! list. `control.jwt-keys` and `control.apps` ([`ValueKind::NamedSecrets`])
+//! `deny-peers`, `turn-urls`, `allowed-origins`, and `relay-ip`,
+//! `external-ip`, which also take a single address) are comma-separated
+//! and an empty value is an empty list. `control.jwt-keys` and `control.apps` ([`ValueKind::NamedSecrets`])
 //! take comma-separated `NAME:SECRET` items:
 //! `TURNPIKE_CONTROL_JWT_KEYS=kid2:secret2,kid1:secret1`,
 //! `TURNPIKE_CONTROL_APPS=web:key1,ios:key2` (one key per app, named by its
@@ -135,6 +142,9 @@ pub struct Config {
     /// `[store]`: where the control plane keeps its state (always present:
     /// without the section, in memory).
     pub store: Store,
+    /// `[signal]`: WebSocket signaling (always present: without the
+    /// section, [`Signal::default`]).
+    pub signal: Signal,
     /// `[admin]`: the local admin/metrics HTTP endpoint.
     pub admin: Admin,
     /// `[log]`: logging.
@@ -628,6 +638,109 @@ impl fmt::Debug for RedisUrl {
 impl fmt::Display for RedisUrl {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(&self.redacted)
+    }
+}
+
+/// `[signal]`: WebSocket signaling, where the peers of a call exchange
+/// offers, answers and candidates. Every field has a default
+/// ([`Signal::default`]), so the section is optional. Nothing in it is
+/// secret: signaling tokens are checked with `control.jwt-keys`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Signal {
+    /// Where `turnpike signal` serves WebSocket signaling. `turnpike serve`
+    /// ignores it and serves signaling on the control listener
+    /// (`control.listen`) instead. Default 127.0.0.1:8081: loopback, next
+    /// to the control API's 8080, because a public endpoint normally sits
+    /// behind a TLS-terminating proxy.
+    pub listen: SocketAddr,
+    /// Which browser origins may open a socket (the `Origin` header of the
+    /// upgrade request). Default: [`AllowedOrigins::PublicUrl`] (an empty
+    /// list). A request without an `Origin` header (a non-browser client)
+    /// is always accepted: see [`AllowedOrigins::allows`].
+    pub allowed_origins: AllowedOrigins,
+    /// The first message must be `auth` and must arrive within this long
+    /// of the upgrade, else the socket is closed. Default 5s (1s to 60s).
+    pub auth_timeout: Duration,
+    /// How often clients should ping, told to them in `welcome` as
+    /// `ping_interval_ms`. Default 15s (1s to 5m).
+    pub ping_interval: Duration,
+    /// A socket that receives nothing for this long is closed. Always
+    /// longer than `ping_interval`. Default 45s (at most 1h).
+    pub idle_timeout: Duration,
+    /// The largest message a client may send, in bytes; a larger one
+    /// closes the socket. Default 65536 (1024 to 1048576).
+    pub max_message: usize,
+    /// Messages per second one connection may send on average (the refill
+    /// rate of its token bucket). Default 50 (1 to 10000).
+    pub message_rate: u32,
+    /// The capacity of that token bucket: how many messages a connection
+    /// may send in a burst. Default 100 (at least 1).
+    pub message_burst: u32,
+    /// Messages buffered for one slow reader; when its queue is full, the
+    /// reader is dropped. Default 256 (8 to 65536).
+    pub send_queue: usize,
+    /// A peer that reconnects with the same peer id within this long
+    /// resumes silently (the others see no leave and join). Default 30s
+    /// (0s, no resume, to 5m).
+    pub resume_window: Duration,
+    /// After the last peer leaves, the call ends after this long (unless
+    /// someone joins again). Default 60s (1s to 24h).
+    pub empty_timeout: Duration,
+    /// With several nodes (Redis): a node whose heartbeat has lapsed this
+    /// long is taken for dead and its peers are reported left. Default 15s
+    /// (3s to 5m).
+    pub node_timeout: Duration,
+    /// Open signaling sockets on this node; above it new upgrades are
+    /// refused with 503. Default 10000 (1 to 1000000).
+    pub max_connections: u32,
+    /// Sockets from one IP that have not authenticated yet; above it new
+    /// upgrades from that IP are refused with 503. Default 64 (1 to
+    /// 100000).
+    pub max_unauthenticated_per_ip: u32,
+}
+
+/// `signal.allowed-origins`: which browser origins may open a signaling
+/// socket. Configured origins are kept normalized the way browsers send
+/// them: lowercase, without the default port (`https://app.example.com`,
+/// `http://localhost:3000`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub enum AllowedOrigins {
+    /// An empty list (the default): only the origin of `control.public-url`
+    /// (none, without a `[control]` section).
+    #[default]
+    PublicUrl,
+    /// `["*"]`: any origin.
+    Any,
+    /// These origins only (at least one, no duplicates).
+    List(Vec<String>),
+}
+
+impl AllowedOrigins {
+    /// Whether an upgrade request with this `Origin` header may proceed.
+    /// `origin` is `None` when the header is absent (a non-browser
+    /// client): always accepted. `public_url` is `control.public-url`
+    /// (`None` without a `[control]` section), whose origin is the one
+    /// accepted by [`AllowedOrigins::PublicUrl`]. Origins compare
+    /// case-insensitively and with the default port omitted; an `Origin`
+    /// that is not `scheme://host[:port]` (such as `null`) is accepted only
+    /// by [`AllowedOrigins::Any`].
+    pub fn allows(&self, origin: Option<&str>, public_url: Option<&str>) -> bool {
+        let Some(origin) = origin else {
+            return true;
+        };
+        if *self == AllowedOrigins::Any {
+            return true;
+        }
+        let Ok(origin) = sections::parse_origin(origin) else {
+            return false;
+        };
+        match self {
+            AllowedOrigins::Any => true,
+            AllowedOrigins::PublicUrl => {
+                public_url.and_then(sections::origin_of_url).as_ref() == Some(&origin)
+            }
+            AllowedOrigins::List(list) => list.contains(&origin),
+        }
     }
 }
 

@@ -42,7 +42,7 @@ pub enum ValueKind {
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Key {
     /// The TOML table the key lives in (`relay`, `control`, `store`,
-    /// `admin`, `log`), dotted
+    /// `signal`, `admin`, `log`), dotted
     /// for a nested table (`relay.tls`).
     pub section: &'static str,
     /// The key inside that table, as written in TOML (`user-quota`).
@@ -122,6 +122,20 @@ pub const SCHEMA: &[Key] = &[
     key("control", "request-timeout", ValueKind::Duration),
     key("control", "apps", ValueKind::NamedSecrets),
     key("store", "redis-url", ValueKind::String),
+    key("signal", "listen", ValueKind::String),
+    key("signal", "allowed-origins", ValueKind::List),
+    key("signal", "auth-timeout", ValueKind::Duration),
+    key("signal", "ping-interval", ValueKind::Duration),
+    key("signal", "idle-timeout", ValueKind::Duration),
+    key("signal", "max-message", ValueKind::Integer),
+    key("signal", "message-rate", ValueKind::Integer),
+    key("signal", "message-burst", ValueKind::Integer),
+    key("signal", "send-queue", ValueKind::Integer),
+    key("signal", "resume-window", ValueKind::Duration),
+    key("signal", "empty-timeout", ValueKind::Duration),
+    key("signal", "node-timeout", ValueKind::Duration),
+    key("signal", "max-connections", ValueKind::Integer),
+    key("signal", "max-unauthenticated-per-ip", ValueKind::Integer),
     key("admin", "listen", ValueKind::String),
     key("log", "level", ValueKind::String),
 ];

@@ -13,8 +13,8 @@ use toml::{Table, Value};
 
 use crate::reader::{describe, Errs, Invalid, Reader};
 use crate::{
-    Admin, App, Config, Control, DeriveTurnUrlsError, Generated, JwtKey, Listen, Log, PortRange,
-    RedisUrl, Relay, RelayIps, Secret, Source, Store, Tls, Transport,
+    Admin, AllowedOrigins, App, Config, Control, DeriveTurnUrlsError, Generated, JwtKey, Listen,
+    Log, PortRange, RedisUrl, Relay, RelayIps, Secret, Signal, Source, Store, Tls, Transport,
 };
 
 /// Relayed ports: the IANA dynamic/private range (RFC 6335), which no
@@ -130,6 +130,83 @@ const MIN_REQUEST_TIMEOUT: Duration = Duration::from_secs(1);
 /// A minute: longer than any operation should take, shorter than client
 /// and proxy timeouts, so the API answers before they give up.
 const MAX_REQUEST_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// Loopback, next to the control API's 8080: a public signaling endpoint
+/// normally sits behind a TLS-terminating proxy, and opening it to the
+/// network should be a decision, not a default.
+const DEFAULT_SIGNAL_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 8081);
+/// A client opens the socket with its token in hand and authenticates at
+/// once: 5s covers a slow mobile link, while a socket that never
+/// authenticates gives its slot back quickly.
+const DEFAULT_AUTH_TIMEOUT: Duration = Duration::from_secs(5);
+const MIN_AUTH_TIMEOUT: Duration = Duration::from_secs(1);
+/// Longer and an unauthenticated socket holds its slot for no reason.
+const MAX_AUTH_TIMEOUT: Duration = Duration::from_secs(60);
+/// Well under the 30-60s after which proxies, load balancers and NATs drop
+/// a quiet connection, so an idle call keeps its socket, at one small
+/// message per client every 15s.
+const DEFAULT_PING_INTERVAL: Duration = Duration::from_secs(15);
+const MIN_PING_INTERVAL: Duration = Duration::from_secs(1);
+const MAX_PING_INTERVAL: Duration = Duration::from_secs(300);
+/// Three ping intervals: a client may miss two pings (a stalled tab, a
+/// lossy link) before it is taken for gone, and a dead socket is still
+/// noticed within a minute.
+const DEFAULT_SIGNAL_IDLE_TIMEOUT: Duration = Duration::from_secs(45);
+const MIN_SIGNAL_IDLE_TIMEOUT: Duration = Duration::from_secs(1);
+/// A dead socket should not hold its slot (and the peer its place in the
+/// call) for more than an hour.
+const MAX_SIGNAL_IDLE_TIMEOUT: Duration = Duration::from_secs(3600);
+/// An SDP offer with many codecs and candidates runs to tens of KiB: 64 KiB
+/// holds any real one and bounds what one message costs.
+const DEFAULT_MAX_MESSAGE: u32 = 64 * 1024;
+/// Below 1 KiB even a plain SDP answer would not fit.
+const MIN_MAX_MESSAGE: u32 = 1024;
+/// 1 MiB: beyond that a message is not signaling but a memory attack.
+const MAX_MAX_MESSAGE: u32 = 1024 * 1024;
+/// A call's signaling is a handful of messages per second, more only while
+/// ICE gathers candidates: 50 leaves ample headroom, while one client
+/// cannot flood a room.
+const DEFAULT_MESSAGE_RATE: u32 = 50;
+const MAX_MESSAGE_RATE: u32 = 10_000;
+/// Two seconds' worth at the default rate: joining or restarting ICE sends
+/// a flurry (offer, answer, a burst of candidates) that must not be cut.
+const DEFAULT_MESSAGE_BURST: u32 = 100;
+/// Rides out a reader's brief stall (a busy tab, a slow link), while one
+/// stuck reader holds at most 256 messages (16 MiB at the largest message,
+/// usually far less) before it is dropped.
+const DEFAULT_SEND_QUEUE: u32 = 256;
+/// Fewer and a reader is dropped for any hiccup during a candidate burst.
+const MIN_SEND_QUEUE: u32 = 8;
+const MAX_SEND_QUEUE: u32 = 65_536;
+/// Covers a page reload or a network switch (Wi-Fi to cellular), so the
+/// others see no leave and join; short enough that a peer who really left
+/// is reported gone soon.
+const DEFAULT_RESUME_WINDOW: Duration = Duration::from_secs(30);
+const MAX_RESUME_WINDOW: Duration = Duration::from_secs(300);
+/// A lone participant reloading, or everyone's network blipping at once,
+/// must not end the call; an abandoned call is cleaned up within a minute.
+const DEFAULT_EMPTY_TIMEOUT: Duration = Duration::from_secs(60);
+const MIN_EMPTY_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_EMPTY_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
+/// Several missed heartbeats: a busy node or a Redis failover is not taken
+/// for a dead node, and a dead node's peers are still reported left within
+/// seconds.
+const DEFAULT_NODE_TIMEOUT: Duration = Duration::from_secs(15);
+/// Below a few seconds a GC pause or a slow Redis would declare live nodes
+/// dead.
+const MIN_NODE_TIMEOUT: Duration = Duration::from_secs(3);
+const MAX_NODE_TIMEOUT: Duration = Duration::from_secs(300);
+/// Thousands of participants per node, while sockets and their buffers
+/// stay well within the memory and file descriptors of a modest server;
+/// raise it (and `ulimit -n`) for a bigger one.
+const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+const MAX_MAX_CONNECTIONS: u32 = 1_000_000;
+/// Like `relay.max-connections-per-ip`: room for a household or an office
+/// behind one NAT opening tabs at once, while one host cannot tie up
+/// thousands of sockets that never authenticate.
+const DEFAULT_MAX_UNAUTHENTICATED_PER_IP: u32 = 64;
+const MAX_MAX_UNAUTHENTICATED_PER_IP: u32 = 100_000;
+
 /// The embedded default's generated jwt key and app.
 const DEV_KID: &str = "dev";
 const DEV_APP_ID: &str = "dev";
@@ -145,6 +222,7 @@ pub(crate) fn read(table: &Table, source: Source, errs: &mut Errs) -> Result<Con
     let relay = root.table("relay");
     let control = root.table("control");
     let store = root.table("store");
+    let signal = root.table("signal");
     let admin = root.table("admin");
     let log = root.table("log");
     root.finish();
@@ -170,6 +248,8 @@ pub(crate) fn read(table: &Table, source: Source, errs: &mut Errs) -> Result<Con
     });
     let store =
         store.and_then(|t| read_store(&mut Reader::new("store", t.unwrap_or(&empty), errs)));
+    let signal =
+        signal.and_then(|t| read_signal(&mut Reader::new("signal", t.unwrap_or(&empty), errs)));
     let admin =
         admin.and_then(|t| read_admin(&mut Reader::new("admin", t.unwrap_or(&empty), errs)));
     let log = log.and_then(|t| read_log(&mut Reader::new("log", t.unwrap_or(&empty), errs)));
@@ -178,6 +258,7 @@ pub(crate) fn read(table: &Table, source: Source, errs: &mut Errs) -> Result<Con
         relay: relay?,
         control: control?,
         store: store?,
+        signal: signal?,
         admin: admin?,
         log: log?,
         source,
@@ -772,6 +853,149 @@ fn read_store(r: &mut Reader<'_, '_>) -> Result<Store, Invalid> {
     })
 }
 
+impl Default for Signal {
+    /// What an absent `[signal]` section (or an absent key) means.
+    fn default() -> Self {
+        Signal {
+            listen: DEFAULT_SIGNAL_LISTEN,
+            allowed_origins: AllowedOrigins::PublicUrl,
+            auth_timeout: DEFAULT_AUTH_TIMEOUT,
+            ping_interval: DEFAULT_PING_INTERVAL,
+            idle_timeout: DEFAULT_SIGNAL_IDLE_TIMEOUT,
+            max_message: DEFAULT_MAX_MESSAGE as usize,
+            message_rate: DEFAULT_MESSAGE_RATE,
+            message_burst: DEFAULT_MESSAGE_BURST,
+            send_queue: DEFAULT_SEND_QUEUE as usize,
+            resume_window: DEFAULT_RESUME_WINDOW,
+            empty_timeout: DEFAULT_EMPTY_TIMEOUT,
+            node_timeout: DEFAULT_NODE_TIMEOUT,
+            max_connections: DEFAULT_MAX_CONNECTIONS,
+            max_unauthenticated_per_ip: DEFAULT_MAX_UNAUTHENTICATED_PER_IP,
+        }
+    }
+}
+
+/// `[signal]`. Every key is read before `idle-timeout` is judged against
+/// `ping-interval` (each as configured or its default).
+fn read_signal(r: &mut Reader<'_, '_>) -> Result<Signal, Invalid> {
+    let d = Signal::default();
+    let listen = r.parse("listen", r#"an address like "127.0.0.1:8081""#, |s| {
+        parse_socket_addr(s, "127.0.0.1:8081")
+    });
+    let allowed_origins = match r.list("allowed-origins", |s| {
+        if s == "*" {
+            Ok(None)
+        } else {
+            parse_origin(s).map(Some)
+        }
+    }) {
+        Ok(Some(items)) => check_origins(r, items),
+        Ok(None) => Ok(AllowedOrigins::PublicUrl),
+        Err(Invalid) => Err(Invalid),
+    };
+    let auth_timeout = r.duration("auth-timeout", MIN_AUTH_TIMEOUT, MAX_AUTH_TIMEOUT);
+    let ping_interval = r.duration("ping-interval", MIN_PING_INTERVAL, MAX_PING_INTERVAL);
+    let idle_timeout = r.duration(
+        "idle-timeout",
+        MIN_SIGNAL_IDLE_TIMEOUT,
+        MAX_SIGNAL_IDLE_TIMEOUT,
+    );
+    let max_message = r.integer("max-message", MIN_MAX_MESSAGE, MAX_MAX_MESSAGE);
+    let message_rate = r.integer("message-rate", 1, MAX_MESSAGE_RATE);
+    let message_burst = r.integer("message-burst", 1, u32::MAX);
+    let send_queue = r.integer("send-queue", MIN_SEND_QUEUE, MAX_SEND_QUEUE);
+    let resume_window = r.duration("resume-window", Duration::ZERO, MAX_RESUME_WINDOW);
+    let empty_timeout = r.duration("empty-timeout", MIN_EMPTY_TIMEOUT, MAX_EMPTY_TIMEOUT);
+    let node_timeout = r.duration("node-timeout", MIN_NODE_TIMEOUT, MAX_NODE_TIMEOUT);
+    let max_connections = r.integer("max-connections", 1, MAX_MAX_CONNECTIONS);
+    let max_unauthenticated_per_ip = r.integer(
+        "max-unauthenticated-per-ip",
+        1,
+        MAX_MAX_UNAUTHENTICATED_PER_IP,
+    );
+
+    // A client that pings on time must never be taken for idle: the
+    // timeout has to leave room for at least one ping to arrive.
+    let idle_timeout = match (ping_interval, idle_timeout) {
+        (Ok(ping), Ok(idle)) => {
+            let show = |d: Duration, set: bool| {
+                let d = humantime::format_duration(d);
+                if set {
+                    format!("{d}")
+                } else {
+                    format!("the default {d}")
+                }
+            };
+            let (ping_set, idle_set) = (ping.is_some(), idle.is_some());
+            let (ping, idle) = (
+                ping.unwrap_or(d.ping_interval),
+                idle.unwrap_or(d.idle_timeout),
+            );
+            if idle > ping {
+                Ok(idle)
+            } else {
+                let by = r.name("ping-interval");
+                r.error(
+                    "idle-timeout",
+                    format!(
+                        "must be longer than {by} ({}), got {}: a client that pings on time \
+                         would be dropped as idle",
+                        show(ping, ping_set),
+                        show(idle, idle_set)
+                    ),
+                );
+                Err(Invalid)
+            }
+        }
+        (_, idle) => idle.map(|idle| idle.unwrap_or(d.idle_timeout)),
+    };
+
+    r.finish();
+    Ok(Signal {
+        listen: listen?.unwrap_or(d.listen),
+        allowed_origins: allowed_origins?,
+        auth_timeout: auth_timeout?.unwrap_or(d.auth_timeout),
+        ping_interval: ping_interval?.unwrap_or(d.ping_interval),
+        idle_timeout: idle_timeout?,
+        max_message: max_message?.map_or(d.max_message, |n| n as usize),
+        message_rate: message_rate?.unwrap_or(d.message_rate),
+        message_burst: message_burst?.unwrap_or(d.message_burst),
+        send_queue: send_queue?.map_or(d.send_queue, |n| n as usize),
+        resume_window: resume_window?.unwrap_or(d.resume_window),
+        empty_timeout: empty_timeout?.unwrap_or(d.empty_timeout),
+        node_timeout: node_timeout?.unwrap_or(d.node_timeout),
+        max_connections: max_connections?.unwrap_or(d.max_connections),
+        max_unauthenticated_per_ip: max_unauthenticated_per_ip?
+            .unwrap_or(d.max_unauthenticated_per_ip),
+    })
+}
+
+/// `allowed-origins` items as parsed (`None` is `"*"`): an empty list means
+/// the public URL's origin, `"*"` must stand alone, and no origin may be
+/// listed twice (compared normalized).
+fn check_origins(
+    r: &mut Reader<'_, '_>,
+    items: Vec<Option<String>>,
+) -> Result<AllowedOrigins, Invalid> {
+    if items.is_empty() {
+        return Ok(AllowedOrigins::PublicUrl);
+    }
+    if items.iter().any(Option::is_none) {
+        if items.len() == 1 {
+            return Ok(AllowedOrigins::Any);
+        }
+        for (i, _) in items.iter().enumerate().filter(|(_, o)| o.is_none()) {
+            r.error(
+                &format!("allowed-origins[{i}]"),
+                r#""*" allows any origin, so it must be the only item (or list origins without it)"#,
+            );
+        }
+        return Err(Invalid);
+    }
+    let origins: Vec<String> = items.into_iter().flatten().collect();
+    check_unique(r, "allowed-origins", &origins, |a, b| a == b).map(AllowedOrigins::List)
+}
+
 fn read_admin(r: &mut Reader<'_, '_>) -> Result<Admin, Invalid> {
     let listen = r.parse("listen", r#"an address like "127.0.0.1:9641""#, |s| {
         parse_socket_addr(s, "127.0.0.1:9641")
@@ -1027,6 +1251,66 @@ fn parse_public_url(s: &str) -> Result<String, String> {
     Ok(format!("{scheme}://{authority}{path}")
         .trim_end_matches('/')
         .to_string())
+}
+
+/// A browser origin, `scheme://host[:port]` with scheme http or https and
+/// nothing after the host and port, normalized the way browsers send the
+/// `Origin` header: lowercase, without the scheme's default port
+/// (`HTTPS://App.Example.com:443` is `https://app.example.com`).
+pub(crate) fn parse_origin(s: &str) -> Result<String, String> {
+    let usage = r#"expected an origin like "https://app.example.com" (scheme://host[:port]), or "*" alone for any origin"#;
+    let Some((scheme, rest)) = s.split_once("://") else {
+        return Err(format!("{usage}, got {s:?}"));
+    };
+    let scheme = scheme.to_ascii_lowercase();
+    if scheme != "http" && scheme != "https" {
+        return Err(format!(
+            "the scheme must be http or https (browsers send no other origin a page can \
+             open a WebSocket from), got {scheme:?}"
+        ));
+    }
+    if s.chars().any(|c| c.is_whitespace() || c.is_control()) {
+        return Err(format!(
+            "must not contain spaces or control characters, got {s:?}"
+        ));
+    }
+    if rest.contains('@') {
+        // Not echoed: the user part may be a password.
+        return Err("must not contain a user name or password".to_string());
+    }
+    if let Some(end) = rest.find(['/', '?', '#']) {
+        return Err(format!(
+            "an origin has no path, query or fragment, not even a trailing \"/\" (browsers \
+             send scheme://host[:port] only): write \"{scheme}://{}\", got {s:?}",
+            &rest[..end]
+        ));
+    }
+    if rest.contains('*') {
+        return Err(format!(
+            r#"wildcards are not supported: list each origin, or write "*" alone to allow any origin, got {s:?}"#
+        ));
+    }
+    check_host_port(rest).map_err(|e| format!("{e}, got {s:?}"))?;
+    let authority = rest.to_ascii_lowercase();
+    // The last ':' starts the port unless it is inside an IPv6 address's
+    // brackets; check_host_port has checked the port.
+    let (host, port) = match authority.rfind(':') {
+        Some(i) if !authority[i..].contains(']') => (&authority[..i], authority[i + 1..].parse()),
+        _ => (authority.as_str(), Ok(0u16)),
+    };
+    let default_port = if scheme == "https" { 443 } else { 80 };
+    match port {
+        Ok(port) if port != 0 && port != default_port => Ok(format!("{scheme}://{host}:{port}")),
+        _ => Ok(format!("{scheme}://{host}")),
+    }
+}
+
+/// The origin of an http(s) URL such as `control.public-url`, normalized
+/// like [`parse_origin`]; `None` if it has none.
+pub(crate) fn origin_of_url(url: &str) -> Option<String> {
+    let (scheme, rest) = url.split_once("://")?;
+    let authority = &rest[..rest.find(['/', '?', '#']).unwrap_or(rest.len())];
+    parse_origin(&format!("{scheme}://{authority}")).ok()
 }
 
 /// A STUN or TURN URL (RFC 7064, RFC 7065):

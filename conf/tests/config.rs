@@ -1506,7 +1506,7 @@ fn env_var_names_follow_the_rule_and_are_unique() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), names.len());
-    assert_eq!(SCHEMA.len(), 36);
+    assert_eq!(SCHEMA.len(), 50);
     let lists: Vec<String> = SCHEMA
         .iter()
         .filter(|k| k.kind == ValueKind::List)
@@ -1519,7 +1519,8 @@ fn env_var_names_follow_the_rule_and_are_unique() {
             "relay.secrets",
             "relay.allow-peers",
             "relay.deny-peers",
-            "control.turn-urls"
+            "control.turn-urls",
+            "signal.allowed-origins"
         ]
     );
     let named: Vec<String> = SCHEMA
