@@ -50,18 +50,29 @@ pub fn parse_rest_username(raw: &[u8]) -> Result<RestUsername<'_>, UsernameError
     Ok(RestUsername { expiry, user })
 }
 
-/// Longest credential group: the control plane's ids are far shorter; the cap keeps the
-/// revocation table's entries small whatever a caller hands in.
-pub const MAX_GROUP_LEN: usize = 64;
+/// Longest credential group (all its segments and dots): the control plane's call group and
+/// peer id together are under 60 characters; the cap keeps the revocation table's entries
+/// small whatever a caller hands in.
+pub const MAX_GROUP_LEN: usize = 96;
 
-/// Whether `group` is a credential group: 1 to [`MAX_GROUP_LEN`] characters of
-/// `[A-Za-z0-9_-]`. The charset excludes `.` and `:`, so a group can always be cut back out of
-/// the username it was minted into.
+/// Most segments a group has: a call (`CALL`) and one participant of it (`CALL.PEER`). The
+/// bound also caps the work an Allocate's revocation check does for a hostile username with
+/// many dots.
+pub const MAX_GROUP_SEGMENTS: usize = 2;
+
+fn is_segment(s: &str) -> bool {
+    !s.is_empty()
+        && s.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+}
+
+/// Whether `group` is a credential group: 1 to [`MAX_GROUP_SEGMENTS`] segments of
+/// `[A-Za-z0-9_-]` joined by `.`, at most [`MAX_GROUP_LEN`] characters in all. No `:`, so a
+/// group can always be cut back out of the username it was minted into.
 pub fn is_valid_group(group: &str) -> bool {
     (1..=MAX_GROUP_LEN).contains(&group.len())
-        && group
-            .bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && group.split('.').count() <= MAX_GROUP_SEGMENTS
+        && group.split('.').all(is_segment)
 }
 
 impl<'a> RestUsername<'a> {
@@ -69,8 +80,19 @@ impl<'a> RestUsername<'a> {
     /// `None` without a `.`, or when that prefix is not a valid group ([`is_valid_group`]):
     /// such credentials cannot be revoked by group.
     pub fn group(&self) -> Option<&'a str> {
-        let (group, _) = self.user.split_once('.')?;
-        is_valid_group(group).then_some(group)
+        self.groups().next()
+    }
+
+    /// Every credential group of the user part, widest first: `A.B.RANDOM` belongs to `A` (a
+    /// call) and `A.B` (one participant of it); `A.RANDOM` to `A`. The last segment is always
+    /// the random part, never a group. At most [`MAX_GROUP_SEGMENTS`] groups; the walk stops at
+    /// the first prefix that is not a valid group.
+    pub fn groups(&self) -> impl Iterator<Item = &'a str> {
+        let user = self.user;
+        user.match_indices('.')
+            .take(MAX_GROUP_SEGMENTS)
+            .map(move |(i, _)| &user[..i])
+            .take_while(|g| is_valid_group(g))
     }
 }
 
@@ -78,6 +100,15 @@ impl<'a> RestUsername<'a> {
 /// `None` when `raw` is not a REST username or its user part has no valid group.
 pub fn rest_group(raw: &[u8]) -> Option<&str> {
     parse_rest_username(raw).ok()?.group()
+}
+
+/// Every credential group of a REST username (see [`RestUsername::groups`]); none when `raw` is
+/// not a REST username.
+pub fn rest_groups(raw: &[u8]) -> impl Iterator<Item = &str> {
+    parse_rest_username(raw)
+        .ok()
+        .into_iter()
+        .flat_map(|u| u.groups())
 }
 
 /// The REST password of `username` under `secret`: `base64(HMAC-SHA1(secret, username))`.
@@ -278,7 +309,10 @@ mod tests {
         assert_eq!(rest_group(b"5:g.a:b"), Some("g"));
         assert_eq!(rest_group(b"5:g."), Some("g"));
         let longest = format!("5:{}.x", "a".repeat(MAX_GROUP_LEN));
-        assert_eq!(rest_group(longest.as_bytes()), Some(&longest[2..66]));
+        assert_eq!(
+            rest_group(longest.as_bytes()),
+            Some(&longest[2..2 + MAX_GROUP_LEN])
+        );
         let too_long = format!("5:{}.x", "a".repeat(MAX_GROUP_LEN + 1));
         for bad in [
             &b"5:alice"[..],    // no dot: a plain REST user, never revocable by group
@@ -298,8 +332,28 @@ mod tests {
         }
         assert!(is_valid_group("gAbC123_-x"));
         assert!(!is_valid_group(""));
-        assert!(!is_valid_group("a.b"));
+        assert!(is_valid_group("a.b"));
+        assert!(!is_valid_group("a.b.c"), "more than MAX_GROUP_SEGMENTS");
+        assert!(!is_valid_group("a..b"));
+        assert!(!is_valid_group("a."));
+        assert!(!is_valid_group(".a"));
         assert!(!is_valid_group(&"a".repeat(MAX_GROUP_LEN + 1)));
+    }
+
+    #[test]
+    fn a_participant_belongs_to_its_call_group_and_its_own() {
+        fn groups(raw: &[u8]) -> Vec<&str> {
+            rest_groups(raw).collect()
+        }
+        assert_eq!(groups(b"5:call.p_peer.r4nd"), ["call", "call.p_peer"]);
+        assert_eq!(groups(b"5:call.r4nd"), ["call"]);
+        assert_eq!(groups(b"5:call"), Vec::<&str>::new());
+        // The walk stops at the first invalid prefix, and never past two segments.
+        assert_eq!(groups(b"5:call..x"), ["call"]);
+        assert_eq!(groups(b"5:a.b.c.d.e"), ["a", "a.b"]);
+        let many = format!("5:{}", "a.".repeat(10_000));
+        assert_eq!(groups(many.as_bytes()), ["a", "a.a"]);
+        assert_eq!(groups(b"no-expiry.x"), Vec::<&str>::new());
     }
 
     #[test]

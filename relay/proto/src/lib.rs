@@ -38,7 +38,10 @@
 //! REST credentials are stateless HMACs, so the control plane cannot un-mint those of a call that
 //! ended. It mints them as `EXPIRY:GROUP.RANDOM` instead, with one random group per call
 //! ([`auth::rest_group`] cuts it back out), and revokes the group: [`Server::handle_revocation`]
-//! deletes the group's allocations at once (relay sockets released, quotas given back, counted as
+//! deletes the group's allocations at once. Groups nest one level: a participant joined through
+//! the control plane gets `EXPIRY:CALL.PEER.RANDOM`, which belongs to `CALL` and to `CALL.PEER`
+//! ([`auth::rest_groups`]), so kicking one participant revokes `CALL.PEER` alone and ending the
+//! call revokes everyone with `CALL`. [`Server::handle_revocation`] removes them (relay sockets released, quotas given back, counted as
 //! [`DeleteReason::Revoked`]) and refuses new Allocates of the group with 401
 //! ([`AuthFailure::Revoked`]) until the given Unix time, normally the credentials' expiry.
 //! Requests on a torn-down allocation get the usual 437. Each shard keeps its own bounded table

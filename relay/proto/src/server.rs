@@ -652,10 +652,12 @@ impl Server {
             .enumerate()
             .filter_map(|(slot, s)| {
                 let a = s.alloc.as_ref()?;
-                (auth::rest_group(a.username.as_bytes()) == Some(group)).then_some(AllocId {
-                    slot: slot as u32,
-                    generation: s.generation,
-                })
+                auth::rest_groups(a.username.as_bytes())
+                    .any(|g| g == group)
+                    .then_some(AllocId {
+                        slot: slot as u32,
+                        generation: s.generation,
+                    })
             })
             .collect();
         for id in doomed {
@@ -668,10 +670,11 @@ impl Server {
         self.revoked.len()
     }
 
-    /// Whether the group of `username` is revoked at `unix`. Usernames without a group never are.
+    /// Whether a group of `username` (the call's or the participant's) is revoked at `unix`.
+    /// Usernames without a group never are.
     fn is_revoked(&self, username: &[u8], unix: u64) -> bool {
         !self.revoked.is_empty()
-            && auth::rest_group(username).is_some_and(|g| self.revoked.is_revoked(g, unix))
+            && auth::rest_groups(username).any(|g| self.revoked.is_revoked(g, unix))
     }
 
     fn unix_now(&self, now: Instant) -> u64 {

@@ -296,15 +296,46 @@ fn a_revocation_already_over_tears_down_but_is_not_remembered() {
 #[test]
 fn invalid_groups_change_nothing() {
     let mut h = Harness::new();
-    let dotted = h.allocated_as(h.t0, 41000, creds("a.b.c"));
+    let dotted = h.allocated_as(h.t0, 41000, creds("a.b.c.d"));
     let long = "g".repeat(relay_proto::auth::MAX_GROUP_LEN + 1);
-    for group in ["", "a.b", "a:b", "a b", long.as_str()] {
+    // "a.b.c" has more segments than a group may; "a..b", "a." and ".a" an empty one.
+    for group in ["", "a.b.c", "a..b", "a.", ".a", "a:b", "a b", long.as_str()] {
         let outs = h.revoke(h.at(1), group, EXPIRY);
         assert!(outs.is_empty(), "{group:?}: {outs:?}");
     }
-    assert_eq!(h.stats().revocations, 5);
+    assert_eq!(h.stats().revocations, 8);
     assert_eq!(h.server.revoked_groups(), 0);
     assert_eq!(class_of(&h.refresh(h.at(2), &dotted, None)), Class::Success);
+}
+
+#[test]
+fn a_participant_is_revoked_alone_and_the_call_group_covers_every_participant() {
+    let mut h = Harness::new();
+    let kicked = h.allocated_as(h.t0, 41000, creds("call.p_kicked.r1"));
+    let sibling = h.allocated_as(h.t0, 41001, creds("call.p_other.r2"));
+    let plain = h.allocated_as(h.t0, 41002, creds("call.r3"));
+    for c in [&kicked, &sibling, &plain] {
+        assert_eq!(
+            class_of(&h.create_permission(h.t0, c, &[PEER_A])),
+            Class::Success
+        );
+    }
+    // Kick one participant: only its allocation goes, and it cannot allocate again.
+    let outs = h.revoke(h.at(1), "call.p_kicked", EXPIRY);
+    assert_eq!(releases(&outs), vec![kicked.relay()]);
+    let resp = try_allocate(&mut h, 2, 41003, "call.p_kicked.r4");
+    assert_eq!(error_code(&resp), Some(401));
+    assert!(relays(&mut h, 3, &sibling), "a sibling keeps relaying");
+    assert!(relays(&mut h, 3, &plain));
+    h.allocated_as(h.at(4), 41004, creds("call.p_new.r5"));
+    // End the call: every participant's allocation and the plain one go.
+    let outs = h.revoke(h.at(5), "call", EXPIRY);
+    let mut gone = releases(&outs);
+    gone.sort();
+    assert_eq!(gone.len(), 3, "{gone:?}");
+    assert!(gone.contains(&sibling.relay()) && gone.contains(&plain.relay()));
+    let resp = try_allocate(&mut h, 6, 41005, "call.p_other.r6");
+    assert_eq!(error_code(&resp), Some(401));
 }
 
 #[test]
