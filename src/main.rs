@@ -30,8 +30,9 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Command {
-    /// Run every service in one process: the relay, the control plane (when the configuration
-    /// has a [control] section) and the admin listener. Without --config, runs a local relay on
+    /// Run every service in one process: the relay, the control plane and signaling (when the
+    /// configuration has a [control] section; signaling is served on the control listener at
+    /// /v1/signal) and the admin listener. Without --config, runs a local relay on
     /// 127.0.0.1:3478 and the API on 127.0.0.1:8080 with generated secrets, printed once.
     Serve {
         /// TOML configuration file (also: TURNPIKE_CONFIG).
@@ -47,6 +48,13 @@ enum Command {
     /// Run the control plane's HTTP API only (and the admin listener); it mints credentials for
     /// relays that share its [relay] secrets.
     Control {
+        /// TOML configuration file (also: TURNPIKE_CONFIG).
+        #[arg(long, env = "TURNPIKE_CONFIG")]
+        config: PathBuf,
+    },
+    /// Run WebSocket signaling only (and the admin listener) on `[signal] listen`; it needs the
+    /// [control] section's keys and the [store] the control plane uses.
+    Signal {
         /// TOML configuration file (also: TURNPIKE_CONFIG).
         #[arg(long, env = "TURNPIKE_CONFIG")]
         config: PathBuf,
@@ -147,6 +155,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             services::Which {
                 relay: true,
                 control: true,
+                signal: true,
             },
         ),
         Command::Relay { config } => serve(
@@ -154,6 +163,7 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             services::Which {
                 relay: true,
                 control: false,
+                signal: false,
             },
         ),
         Command::Control { config } => serve(
@@ -161,6 +171,15 @@ fn run(command: Command) -> anyhow::Result<ExitCode> {
             services::Which {
                 relay: false,
                 control: true,
+                signal: false,
+            },
+        ),
+        Command::Signal { config } => serve(
+            Some(&config),
+            services::Which {
+                relay: false,
+                control: false,
+                signal: true,
             },
         ),
     }
@@ -171,10 +190,11 @@ fn serve(path: Option<&std::path::Path>, mut which: services::Which) -> anyhow::
         return Ok(ExitCode::from(EXIT_USAGE));
     };
     init_logging(&config.log.level);
-    if which.control && config.control.is_none() {
+    if (which.control || which.signal) && config.control.is_none() {
         if which.relay {
             // `serve` runs what the configuration describes: a relay-only file runs the relay.
             which.control = false;
+            which.signal = false;
         } else {
             eprintln!("turnpike: the configuration has no [control] section");
             return Ok(ExitCode::from(EXIT_USAGE));

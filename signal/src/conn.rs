@@ -1,0 +1,752 @@
+//! One WebSocket connection: the upgrade checks, authentication, then the read loop (limits,
+//! parsing, handing messages to the room) beside a writer task (the bounded send queue).
+//!
+//! # Order of checks
+//!
+//! Before the upgrade: `Origin` against the allow-list (403), the node's connection cap and the
+//! per-address cap on unauthenticated sockets (503/429). After it: the first message must be
+//! `auth` within `signal.auth-timeout`; the token is verified (HS256 pinned, `iss`, `aud`,
+//! `exp`, `nbf`, leeway) and then checked against the store — the call must be live and the
+//! participant neither kicked nor holding an older token (its `jti`) — before any room hears of
+//! the peer. Only then does the socket count as authenticated.
+
+use std::net::IpAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
+use control::jwt::JwtError;
+use control::store::CallState;
+use futures_util::{SinkExt as _, StreamExt as _};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::bus::PeerInfo;
+use crate::metrics::{AuthFailure, DisconnectReason};
+use crate::protocol::{self, ClientMsg, ServerMsg};
+use crate::quality;
+use crate::room::{code, Close, Cmd, ConnHandle, Gone, JoinRefused, Joined, Outbound};
+use crate::Shared;
+
+/// Clock skew tolerated on `exp` and `nbf`: nodes are NTP-synced, but a token minted by one
+/// node may reach another a moment "early".
+pub const LEEWAY_S: u64 = 30;
+/// Longest one frame may take to leave: a peer whose TCP window stays shut that long is not
+/// reading, and the socket is dropped.
+const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// How long the reader waits for the writer to flush a close frame before it gives up.
+const CLOSE_FLUSH: Duration = Duration::from_secs(2);
+/// Least time between two stored quality summaries of one peer: stats arrive every few
+/// seconds, the call page needs no more than this.
+const QUALITY_STORE_EVERY: Duration = Duration::from_secs(5);
+
+/// Counts this address's unauthenticated sockets while it lives; released at authentication or
+/// when the socket ends.
+#[derive(Debug)]
+pub(crate) struct Pending {
+    shared: Arc<Shared>,
+    ip: Option<IpAddr>,
+}
+
+impl Pending {
+    /// Reserves a slot for `ip`, or `None` when its cap is reached.
+    pub(crate) fn reserve(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let mut map = shared.lock_pending();
+        let n = map.entry(ip).or_insert(0);
+        if *n >= shared.settings.max_unauthenticated_per_ip {
+            return None;
+        }
+        *n += 1;
+        drop(map);
+        shared.metrics.connections_unauthenticated().inc();
+        Some(Self {
+            shared: Arc::clone(shared),
+            ip: Some(ip),
+        })
+    }
+
+    fn release(&mut self) {
+        if let Some(ip) = self.ip.take() {
+            let mut map = self.shared.lock_pending();
+            if let Some(n) = map.get_mut(&ip) {
+                *n -= 1;
+                if *n == 0 {
+                    map.remove(&ip);
+                }
+            }
+            drop(map);
+            self.shared.metrics.connections_unauthenticated().dec();
+        }
+    }
+}
+
+impl Drop for Pending {
+    fn drop(&mut self) {
+        self.release();
+    }
+}
+
+/// Holds one of the node's `signal.max-connections` slots.
+#[derive(Debug)]
+pub(crate) struct Slot(Arc<Shared>);
+
+impl Slot {
+    pub(crate) fn take(shared: &Arc<Shared>) -> Option<Self> {
+        let max = shared.settings.max_connections;
+        shared
+            .connections
+            .fetch_update(
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+                |n| (n < max).then_some(n + 1),
+            )
+            .ok()
+            .map(|_| Self(Arc::clone(shared)))
+    }
+}
+
+impl Drop for Slot {
+    fn drop(&mut self) {
+        self.0
+            .connections
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+    }
+}
+
+/// Runs one upgraded socket to its end.
+pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending, slot: Slot) {
+    let (sink, stream) = socket.split();
+    let (tx, rx) = mpsc::channel(shared.settings.send_queue);
+    let (kill, kill_rx) = watch::channel(None::<Close>);
+    let writer = tokio::spawn(writer(Arc::clone(&shared), sink, rx, kill_rx.clone()));
+    let mut conn = Conn {
+        shared: Arc::clone(&shared),
+        stream,
+        tx,
+        kill,
+        kill_rx,
+        pending,
+        peer: None,
+        bucket: Bucket::new(
+            shared.settings.message_rate,
+            shared.settings.message_burst,
+        ),
+        last_quality_store: None,
+        connection_type_counted: None,
+    };
+    let reason = conn.serve().await;
+    // The reason may have been set by the room (kicked, slow reader) or by us.
+    let close = conn.kill_rx.borrow().to_owned();
+    let metric = close.map_or(reason, |c| c.metric);
+    if close.is_none() {
+        conn.close(Close {
+            code: code::NORMAL,
+            reason: "closed",
+            metric: reason,
+        });
+    }
+    if let Some((peer, room, conn_id)) = conn.peer.take() {
+        let how = if metric == DisconnectReason::Leave {
+            Gone::Leave
+        } else {
+            Gone::Lost
+        };
+        let _ = room
+            .send(Cmd::Gone {
+                peer,
+                conn: conn_id,
+                how,
+            })
+            .await;
+        shared.metrics.connections_active().dec();
+    }
+    drop(conn);
+    let _ = tokio::time::timeout(CLOSE_FLUSH, writer).await;
+    shared.metrics.disconnect(metric);
+    drop(slot);
+}
+
+type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
+
+/// Writes one frame; false when it failed or could not leave within [`WRITE_TIMEOUT`].
+async fn send(sink: &mut Sink, msg: Message) -> bool {
+    matches!(
+        tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await,
+        Ok(Ok(()))
+    )
+}
+
+/// Writes queued frames; on a close request, writes what is queued, then the close frame.
+async fn writer(
+    shared: Arc<Shared>,
+    mut sink: Sink,
+    mut rx: mpsc::Receiver<Outbound>,
+    mut kill: watch::Receiver<Option<Close>>,
+) {
+    loop {
+        tokio::select! {
+            biased;
+            changed = kill.changed() => {
+                let close = if changed.is_ok() { *kill.borrow() } else { None };
+                // Everything queued before the close request goes first (`call_ended` before
+                // the close frame), except for a reader too slow to take it.
+                if close.is_some_and(|c| c.metric != DisconnectReason::SlowReader) {
+                    while let Ok(Outbound::Text(text, label)) = rx.try_recv() {
+                        if !send(&mut sink, Message::Text(text.into())).await {
+                            return;
+                        }
+                        shared.metrics.message_out(label);
+                    }
+                }
+                if let Some(c) = close {
+                    let frame = CloseFrame {
+                        code: c.code,
+                        reason: Utf8Bytes::from_static(c.reason),
+                    };
+                    let _ = send(&mut sink, Message::Close(Some(frame))).await;
+                }
+                return;
+            }
+            out = rx.recv() => match out {
+                Some(Outbound::Text(text, label)) => {
+                    if !send(&mut sink, Message::Text(text.into())).await {
+                        // Not reading (or gone): drop the socket.
+                        return;
+                    }
+                    shared.metrics.message_out(label);
+                }
+                None => return,
+            },
+        }
+    }
+}
+
+/// A token bucket: `rate` messages per second, bursts of `burst`.
+#[derive(Debug)]
+struct Bucket {
+    tokens: f64,
+    rate: f64,
+    burst: f64,
+    at: Instant,
+    /// Messages refused since the last accepted one.
+    refused: u32,
+}
+
+impl Bucket {
+    fn new(rate: u32, burst: u32) -> Self {
+        Self {
+            tokens: f64::from(burst),
+            rate: f64::from(rate),
+            burst: f64::from(burst),
+            at: Instant::now(),
+            refused: 0,
+        }
+    }
+
+    fn take(&mut self) -> bool {
+        let now = Instant::now();
+        let elapsed = now.duration_since(self.at).as_secs_f64();
+        self.at = now;
+        self.tokens = (self.tokens + elapsed * self.rate).min(self.burst);
+        if self.tokens >= 1.0 {
+            self.tokens -= 1.0;
+            self.refused = 0;
+            true
+        } else {
+            self.refused = self.refused.saturating_add(1);
+            false
+        }
+    }
+}
+
+struct Conn {
+    shared: Arc<Shared>,
+    stream: futures_util::stream::SplitStream<WebSocket>,
+    tx: mpsc::Sender<Outbound>,
+    kill: watch::Sender<Option<Close>>,
+    kill_rx: watch::Receiver<Option<Close>>,
+    pending: Pending,
+    /// Once joined: peer id, its room, this connection's id there.
+    peer: Option<(String, mpsc::Sender<Cmd>, u64)>,
+    bucket: Bucket,
+    last_quality_store: Option<Instant>,
+    connection_type_counted: Option<(quality::CandidateType, quality::RelayProtocol)>,
+}
+
+/// What the read loop made of one frame.
+enum Read {
+    Text(Utf8Bytes),
+    /// Ping/pong control frames: they count as activity, nothing else.
+    Control,
+    /// Ended; why.
+    End(DisconnectReason),
+}
+
+impl Conn {
+    fn send(&self, msg: &ServerMsg) {
+        if let Err(mpsc::error::TrySendError::Full(_)) = self
+            .tx
+            .try_send(Outbound::Text(msg.to_text(), msg.label()))
+        {
+            self.close(Close {
+                code: code::POLICY,
+                reason: "slow_reader",
+                metric: DisconnectReason::SlowReader,
+            });
+        }
+    }
+
+    fn close(&self, close: Close) {
+        self.kill.send_if_modified(|c| {
+            if c.is_none() {
+                *c = Some(close);
+                true
+            } else {
+                false
+            }
+        });
+    }
+
+    /// Sends `error` and closes with `close`.
+    fn refuse(&self, error_code: &str, message: &str, close: Close) -> DisconnectReason {
+        self.send(&ServerMsg::error(error_code, message));
+        self.close(close);
+        close.metric
+    }
+
+    async fn read(&mut self, deadline: Instant) -> Read {
+        let mut kill = self.kill_rx.clone();
+        tokio::select! {
+            frame = tokio::time::timeout_at(deadline, self.stream.next()) => match frame {
+                Err(_) => Read::End(DisconnectReason::IdleTimeout),
+                Ok(None) => Read::End(DisconnectReason::Closed),
+                Ok(Some(Err(e))) => {
+                    if is_too_big(e) {
+                        self.close(Close {
+                            code: code::TOO_BIG,
+                            reason: "too_large",
+                            metric: DisconnectReason::TooLarge,
+                        });
+                        Read::End(DisconnectReason::TooLarge)
+                    } else {
+                        Read::End(DisconnectReason::ProtocolError)
+                    }
+                }
+                Ok(Some(Ok(Message::Text(t)))) => Read::Text(t),
+                Ok(Some(Ok(Message::Binary(_)))) => {
+                    self.close(Close {
+                        code: code::UNSUPPORTED,
+                        reason: "binary",
+                        metric: DisconnectReason::ProtocolError,
+                    });
+                    Read::End(DisconnectReason::ProtocolError)
+                }
+                Ok(Some(Ok(Message::Close(_)))) => Read::End(DisconnectReason::Closed),
+                Ok(Some(Ok(Message::Ping(_) | Message::Pong(_)))) => Read::Control,
+            },
+            // Closed by the room (kicked, slow reader, call ended) or by the server stopping.
+            _ = kill.wait_for(Option::is_some) => {
+                Read::End(self.kill_rx.borrow().map_or(DisconnectReason::Closed, |c| c.metric))
+            }
+        }
+    }
+
+    /// The connection's life; returns why it ended.
+    async fn serve(&mut self) -> DisconnectReason {
+        let settings = &self.shared.settings;
+        let auth_deadline = Instant::now() + settings.auth_timeout;
+        let text = loop {
+            match self.read(auth_deadline).await {
+                Read::Text(t) => break t,
+                Read::Control => continue,
+                Read::End(DisconnectReason::IdleTimeout) => {
+                    return self.refuse(
+                        "auth_timeout",
+                        "no auth message in time",
+                        Close {
+                            code: code::TIMEOUT,
+                            reason: "auth_timeout",
+                            metric: DisconnectReason::AuthTimeout,
+                        },
+                    );
+                }
+                Read::End(r) => return r,
+            }
+        };
+        let (label, parsed) = protocol::parse(&text);
+        self.shared.metrics.message_in(label);
+        let token = match parsed {
+            Ok(ClientMsg::Auth { token }) => token,
+            _ => {
+                self.shared.metrics.auth_failure(AuthFailure::Malformed);
+                return self.unauthorized("the first message must be auth");
+            }
+        };
+        let joined = match self.authenticate(&token).await {
+            Ok(j) => j,
+            Err(r) => return r,
+        };
+        self.pending.release();
+        self.shared.metrics.connections_active().inc();
+        let (peer_id, call_id, group) = joined;
+        self.main_loop(peer_id, call_id, group).await
+    }
+
+    fn unauthorized(&self, message: &str) -> DisconnectReason {
+        self.refuse(
+            "unauthorized",
+            message,
+            Close {
+                code: code::UNAUTHORIZED,
+                reason: "unauthorized",
+                metric: DisconnectReason::AuthFailed,
+            },
+        )
+    }
+
+    /// Verifies the token, checks it against the store and joins the room.
+    async fn authenticate(
+        &mut self,
+        token: &str,
+    ) -> Result<(String, String, String), DisconnectReason> {
+        let app = &self.shared.app;
+        let now_ms = app.clock.now_ms();
+        let claims = match app.settings.jwt.verify(
+            token,
+            &app.settings.public_url,
+            now_ms / 1000,
+            LEEWAY_S,
+        ) {
+            Ok(c) => c,
+            Err(e) => {
+                self.shared.metrics.auth_failure(match e {
+                    JwtError::Malformed => AuthFailure::Malformed,
+                    JwtError::Algorithm => AuthFailure::Algorithm,
+                    JwtError::UnknownKey => AuthFailure::UnknownKey,
+                    JwtError::Signature => AuthFailure::Signature,
+                    JwtError::Expired => AuthFailure::Expired,
+                    JwtError::NotYetValid => AuthFailure::NotYetValid,
+                    JwtError::Audience => AuthFailure::Audience,
+                });
+                tracing::debug!(reason = %e, "signal token refused");
+                // One message for every refusal: which check failed is for logs and metrics.
+                return Err(self.unauthorized("invalid or expired token"));
+            }
+        };
+        let call = match app.store.get_call(&claims.call).await {
+            Ok(c) => c,
+            Err(e) => {
+                tracing::warn!(error = %e, "store unavailable during signal auth");
+                return Err(self.refuse(
+                    "unavailable",
+                    "try again shortly",
+                    Close {
+                        code: code::TRY_AGAIN,
+                        reason: "unavailable",
+                        metric: DisconnectReason::Closed,
+                    },
+                ));
+            }
+        };
+        let Some(call) = call.filter(|c| c.state(now_ms) != CallState::Ended) else {
+            self.shared.metrics.auth_failure(AuthFailure::CallGone);
+            return Err(self.refuse(
+                "call_ended",
+                "the call has ended",
+                Close {
+                    code: code::CALL_ENDED,
+                    reason: "call_ended",
+                    metric: DisconnectReason::AuthFailed,
+                },
+            ));
+        };
+        // The token must be the participant's current one, and the participant not kicked:
+        // a kicked peer's token (its `jti`) is revoked for good.
+        let participant = call
+            .participants
+            .iter()
+            .find(|p| p.peer_id == claims.sub && p.jti == claims.jti && !p.kicked);
+        let Some(participant) = participant else {
+            self.shared.metrics.auth_failure(AuthFailure::Revoked);
+            return Err(self.unauthorized("invalid or expired token"));
+        };
+        let peer = PeerInfo {
+            peer_id: claims.sub.clone(),
+            name: participant.name.clone(),
+            role: participant.role,
+            node: self.shared.bus.node_id().to_owned(),
+            media: participant.media,
+        };
+        let conn_id = self.shared.next_conn_id();
+        // A room that is ending refuses by dropping the reply: try once more on a fresh one.
+        for _ in 0..2 {
+            let room = self.shared.rooms.get_or_start(&self.shared, &call);
+            let (reply, answer) = oneshot::channel();
+            let cmd = Cmd::Join {
+                peer: peer.clone(),
+                handle: ConnHandle {
+                    conn: conn_id,
+                    tx: self.tx.clone(),
+                    kill: self.kill.clone(),
+                },
+                reply,
+            };
+            if room.tx.send(cmd).await.is_err() {
+                continue;
+            }
+            match answer.await {
+                Ok(Ok(joined)) => {
+                    self.peer = Some((claims.sub.clone(), room.tx.clone(), conn_id));
+                    let group = format!("{}.{}", call.cred_group, claims.sub);
+                    self.welcome(&claims.sub, &call.id, &group, &joined);
+                    return Ok((claims.sub.clone(), call.id.clone(), group));
+                }
+                Ok(Err(JoinRefused::Full)) => {
+                    return Err(self.refuse(
+                        "full",
+                        "the call is full",
+                        Close {
+                            code: code::FULL,
+                            reason: "full",
+                            metric: DisconnectReason::AuthFailed,
+                        },
+                    ));
+                }
+                // The room ended before answering.
+                Err(_) => continue,
+            }
+        }
+        Err(self.refuse(
+            "call_ended",
+            "the call has ended",
+            Close {
+                code: code::CALL_ENDED,
+                reason: "call_ended",
+                metric: DisconnectReason::CallEnded,
+            },
+        ))
+    }
+
+    fn mint(&self, group: &str) -> ServerMsg {
+        let app = &self.shared.app;
+        let minter = &app.settings.minter;
+        let minted = minter.mint(group, app.clock.now_ms() / 1000, minter.ttl_s());
+        ServerMsg::IceServers {
+            ice_servers: minted.ice_servers,
+            ice_servers_expire_at: minted.expires_at,
+        }
+    }
+
+    fn welcome(&self, peer_id: &str, call_id: &str, group: &str, joined: &Joined) {
+        let ServerMsg::IceServers {
+            ice_servers,
+            ice_servers_expire_at,
+        } = self.mint(group)
+        else {
+            return;
+        };
+        self.send(&ServerMsg::Welcome {
+            peer_id: peer_id.to_owned(),
+            call_id: call_id.to_owned(),
+            peers: joined.peers.clone(),
+            ice_servers,
+            ice_servers_expire_at,
+            ping_interval_ms: self.shared.settings.ping_interval.as_millis() as u64,
+            resumed: joined.resumed,
+        });
+    }
+
+    /// When fresh credentials are due: at 80 % of their lifetime, before they run out mid-call.
+    fn refresh_at(&self) -> Instant {
+        let ttl = self.shared.app.settings.minter.ttl_s();
+        Instant::now() + Duration::from_millis(ttl.saturating_mul(800))
+    }
+
+    async fn main_loop(
+        &mut self,
+        peer_id: String,
+        call_id: String,
+        group: String,
+    ) -> DisconnectReason {
+        let idle = self.shared.settings.idle_timeout;
+        let mut deadline = Instant::now() + idle;
+        let mut refresh = self.refresh_at();
+        loop {
+            let read = tokio::select! {
+                r = self.read(deadline) => r,
+                _ = tokio::time::sleep_until(refresh) => {
+                    let msg = self.mint(&group);
+                    self.send(&msg);
+                    refresh = self.refresh_at();
+                    continue;
+                }
+            };
+            let text = match read {
+                Read::Text(t) => t,
+                Read::Control => {
+                    deadline = Instant::now() + idle;
+                    continue;
+                }
+                Read::End(DisconnectReason::IdleTimeout) => {
+                    self.close(Close {
+                        code: code::TIMEOUT,
+                        reason: "idle_timeout",
+                        metric: DisconnectReason::IdleTimeout,
+                    });
+                    return DisconnectReason::IdleTimeout;
+                }
+                Read::End(r) => return r,
+            };
+            deadline = Instant::now() + idle;
+            if !self.bucket.take() {
+                self.shared.metrics.message_in("rate_limited");
+                // A client that keeps sending after being told is closed; up to a burst's
+                // worth of refused messages is tolerated (a reconnect storm, a buggy loop).
+                if f64::from(self.bucket.refused) > self.bucket.burst {
+                    return self.refuse(
+                        "rate_limited",
+                        "too many messages",
+                        Close {
+                            code: code::POLICY,
+                            reason: "rate_limited",
+                            metric: DisconnectReason::RateLimited,
+                        },
+                    );
+                }
+                if self.bucket.refused == 1 {
+                    self.send(&ServerMsg::error(
+                        "rate_limited",
+                        "too many messages: slow down",
+                    ));
+                }
+                continue;
+            }
+            let (label, parsed) = protocol::parse(&text);
+            self.shared.metrics.message_in(label);
+            let msg = match parsed {
+                Ok(m) => m,
+                Err(e) => {
+                    self.send(&ServerMsg::error(e.code(), e.to_string()));
+                    continue;
+                }
+            };
+            if let Some(r) = self.handle(msg, &peer_id, &call_id).await {
+                return r;
+            }
+        }
+    }
+
+    /// Handles one parsed message; `Some` when the connection ends.
+    async fn handle(
+        &mut self,
+        msg: ClientMsg,
+        peer_id: &str,
+        call_id: &str,
+    ) -> Option<DisconnectReason> {
+        let Some((_, room, conn)) = self.peer.clone() else {
+            return Some(DisconnectReason::Closed);
+        };
+        let from = peer_id.to_owned();
+        let cmd = match msg {
+            ClientMsg::Auth { .. } => {
+                self.send(&ServerMsg::error(
+                    "already_authenticated",
+                    "this connection is authenticated",
+                ));
+                return None;
+            }
+            ClientMsg::Ping => {
+                self.send(&ServerMsg::Pong);
+                return None;
+            }
+            ClientMsg::Leave => {
+                self.close(Close {
+                    code: code::NORMAL,
+                    reason: "leave",
+                    metric: DisconnectReason::Leave,
+                });
+                return Some(DisconnectReason::Leave);
+            }
+            ClientMsg::Offer { to, sdp } => Cmd::Signal {
+                msg: ServerMsg::Offer {
+                    from: from.clone(),
+                    sdp,
+                },
+                from,
+                conn,
+                to,
+            },
+            ClientMsg::Answer { to, sdp } => Cmd::Signal {
+                msg: ServerMsg::Answer {
+                    from: from.clone(),
+                    sdp,
+                },
+                from,
+                conn,
+                to,
+            },
+            ClientMsg::Candidate { to, candidate } => Cmd::Signal {
+                msg: ServerMsg::Candidate {
+                    from: from.clone(),
+                    candidate,
+                },
+                from,
+                conn,
+                to,
+            },
+            ClientMsg::Media(media) => Cmd::Media { from, conn, media },
+            ClientMsg::Stats(body) => {
+                self.stats(body, peer_id, call_id);
+                return None;
+            }
+        };
+        if room.send(cmd).await.is_err() {
+            return Some(DisconnectReason::CallEnded);
+        }
+        None
+    }
+
+    fn stats(&mut self, body: serde_json::Value, peer_id: &str, call_id: &str) {
+        let report = match quality::Report::from_json(body) {
+            Ok(r) => r,
+            Err(e) => {
+                self.send(&ServerMsg::error("invalid_message", e.to_string()));
+                return;
+            }
+        };
+        self.shared.metrics.observe_report(&report);
+        let kind = (report.candidate_type, report.relay_protocol);
+        if self.connection_type_counted != Some(kind) {
+            self.connection_type_counted = Some(kind);
+            self.shared.metrics.count_connection_type(kind.0, kind.1);
+        }
+        let now = Instant::now();
+        if self
+            .last_quality_store
+            .is_some_and(|t| now.duration_since(t) < QUALITY_STORE_EVERY)
+        {
+            return;
+        }
+        self.last_quality_store = Some(now);
+        let store = Arc::clone(&self.shared.app.store);
+        let quality = report.summary(self.shared.app.clock.now_ms());
+        let (call, peer) = (call_id.to_owned(), peer_id.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = store.set_quality(&call, &peer, &quality).await {
+                tracing::warn!(error = %e, "cannot store a quality summary");
+            }
+        });
+    }
+}
+
+/// Whether a read failed because a frame or message exceeded `signal.max-message`.
+fn is_too_big(e: axum::Error) -> bool {
+    let inner = e.into_inner();
+    match inner.downcast_ref::<tungstenite::Error>() {
+        Some(tungstenite::Error::Capacity(_)) => true,
+        other => {
+            tracing::debug!(error = ?other, "WebSocket read failed");
+            false
+        }
+    }
+}

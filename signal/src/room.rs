@@ -1,0 +1,920 @@
+//! Rooms: one task per call with peers on this node, owning everything about the call's peers
+//! here; connections talk to it over a bounded queue, other nodes over the [`Bus`].
+//!
+//! # Why an actor per call
+//!
+//! Every decision about a call — who is present, who may be addressed, whether a reconnect
+//! resumes, when the call is empty — is made by the one task that owns that call's state, in
+//! the order its commands arrive. No lock is held while a message is relayed; the only shared
+//! table is the [`Hub`]'s map from call id to room, touched when a connection joins and when a
+//! room ends, never per message.
+//!
+//! # What a room does with the bus
+//!
+//! Writes to the bus (presence, events) leave through a per-room ordered queue drained by a
+//! publisher task, so a slow or unreachable Redis never stalls relaying between this node's
+//! peers, and events reach other nodes in the order the room made them. Reads that need an
+//! answer (presence after a reconnect, liveness of other nodes) run in spawned tasks that post
+//! their result back to the room as a command.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use control::store::{Call, CallState, Media};
+use tokio::sync::{mpsc, oneshot, watch};
+use tokio::time::Instant;
+
+use crate::bus::{BusEvent, Envelope, PeerInfo};
+use crate::metrics::DisconnectReason;
+use crate::protocol::{PeerView, ServerMsg};
+use crate::Shared;
+
+/// Commands a room's queue holds. Connections block (await) when it is full, which only slows
+/// the peers of this one call: 256 is far more than a call of 32 peers has in flight.
+const ROOM_QUEUE: usize = 256;
+/// Envelopes from other nodes waiting for the room; the bus drops (and counts) past it.
+const BUS_QUEUE: usize = 1024;
+/// Bus writes waiting for the publisher task; past it they are dropped and counted (Redis is
+/// down or far too slow; the room keeps serving its local peers).
+const PUBLISH_QUEUE: usize = 1024;
+/// How often a room looks at its timers (resume windows, empty timeout, expiry) and, less
+/// often, refreshes presence and checks other nodes. A second is finer than any of those
+/// timeouts need.
+const TICK: Duration = Duration::from_secs(1);
+/// Longest a room waits for the presence table when it starts; past it the room starts without
+/// the other nodes' peers and learns them from their events and the next resync.
+const PRESENCE_READ_LIMIT: Duration = Duration::from_secs(2);
+
+/// How a room closes one connection: code, reason text, and the metric reason.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Close {
+    /// WebSocket close code.
+    pub(crate) code: u16,
+    /// Close reason text (a short stable word).
+    pub(crate) reason: &'static str,
+    /// For `turnpike_signal_disconnects_total`.
+    pub(crate) metric: DisconnectReason,
+}
+
+/// Close codes (RFC 6455 §7.4; 4000–4999 are the application's own).
+pub(crate) mod code {
+    /// Left by request.
+    pub(crate) const NORMAL: u16 = 1000;
+    /// The server is shutting down.
+    pub(crate) const GOING_AWAY: u16 = 1001;
+    /// Binary frames are not part of the protocol.
+    pub(crate) const UNSUPPORTED: u16 = 1003;
+    /// Rate limit or origin/protocol policy.
+    pub(crate) const POLICY: u16 = 1008;
+    /// Frame or message above `signal.max-message`.
+    pub(crate) const TOO_BIG: u16 = 1009;
+    /// Server at capacity.
+    pub(crate) const TRY_AGAIN: u16 = 1013;
+    /// The call ended.
+    pub(crate) const CALL_ENDED: u16 = 4000;
+    /// No, bad or revoked token.
+    pub(crate) const UNAUTHORIZED: u16 = 4001;
+    /// Removed by the host or the API.
+    pub(crate) const KICKED: u16 = 4003;
+    /// The same peer connected again; this older socket is closed.
+    pub(crate) const REPLACED: u16 = 4004;
+    /// The call has `max_participants` connected.
+    pub(crate) const FULL: u16 = 4009;
+    /// No auth in time, or nothing received within the idle timeout.
+    pub(crate) const TIMEOUT: u16 = 4008;
+}
+
+/// What the room sends a connection.
+#[derive(Debug)]
+pub(crate) enum Outbound {
+    /// A text frame and its metric label.
+    Text(String, &'static str),
+}
+
+/// A connection's handle inside the room.
+#[derive(Debug)]
+pub(crate) struct ConnHandle {
+    /// Distinguishes a peer's successive connections.
+    pub(crate) conn: u64,
+    /// Frames to write. Bounded (`signal.send-queue`): full means a reader too slow to keep,
+    /// and the room closes it instead of buffering.
+    pub(crate) tx: mpsc::Sender<Outbound>,
+    /// Tells the connection to close (after writing what is queued).
+    pub(crate) kill: watch::Sender<Option<Close>>,
+}
+
+impl ConnHandle {
+    /// Queues `msg`; a full queue closes the connection as a slow reader. Returns whether it
+    /// was queued.
+    fn send(&self, msg: &ServerMsg) -> bool {
+        self.send_text(msg.to_text(), msg.label())
+    }
+
+    fn send_text(&self, text: String, label: &'static str) -> bool {
+        match self.tx.try_send(Outbound::Text(text, label)) {
+            Ok(()) => true,
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                self.close(Close {
+                    code: code::POLICY,
+                    reason: "slow_reader",
+                    metric: DisconnectReason::SlowReader,
+                });
+                false
+            }
+            // The connection is going away already.
+            Err(mpsc::error::TrySendError::Closed(_)) => false,
+        }
+    }
+
+    fn close(&self, close: Close) {
+        // Only the first reason counts: a kicked peer that is also slow stays "kicked".
+        self.kill.send_if_modified(|current| {
+            if current.is_none() {
+                *current = Some(close);
+                true
+            } else {
+                false
+            }
+        });
+    }
+}
+
+/// What a joining connection gets back.
+#[derive(Debug)]
+pub(crate) struct Joined {
+    /// The others present.
+    pub(crate) peers: Vec<PeerView>,
+    /// This connection continues an earlier one within the resume window.
+    pub(crate) resumed: bool,
+}
+
+/// Why a join was refused by the room.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum JoinRefused {
+    /// `max_participants` peers connected.
+    Full,
+}
+
+/// How a peer's connection went away.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum Gone {
+    /// It sent `leave`: gone for good, at once.
+    Leave,
+    /// The socket closed or was closed (timeout, slow reader, network): it may resume within
+    /// `signal.resume-window`.
+    Lost,
+}
+
+/// A room command.
+#[derive(Debug)]
+pub(crate) enum Cmd {
+    /// An authenticated connection of `peer`.
+    Join {
+        peer: PeerInfo,
+        handle: ConnHandle,
+        reply: oneshot::Sender<Result<Joined, JoinRefused>>,
+    },
+    /// Relay `msg` (already stamped with `from`) to `to`.
+    Signal {
+        from: String,
+        conn: u64,
+        to: String,
+        msg: ServerMsg,
+    },
+    /// `from`'s media state changed.
+    Media {
+        from: String,
+        conn: u64,
+        media: Media,
+    },
+    /// `peer`'s connection `conn` ended.
+    Gone { peer: String, conn: u64, how: Gone },
+    /// Close `peer` (the API kicked it); `publish`: tell the other nodes when it is not here.
+    Kick { peer: String, publish: bool },
+    /// The call ended; `publish`: tell the other nodes (it did not come from them).
+    End { reason: String, publish: bool },
+    /// Presence as read from the bus (start, resync).
+    Presence(Vec<PeerInfo>),
+    /// Peers of dead nodes, removed from presence by the liveness check.
+    RemoteLost(Vec<String>),
+}
+
+/// A room's handle in the hub.
+#[derive(Debug, Clone)]
+pub(crate) struct RoomHandle {
+    id: u64,
+    pub(crate) tx: mpsc::Sender<Cmd>,
+}
+
+/// The rooms of this node, by call id.
+#[derive(Debug, Default)]
+pub(crate) struct Rooms {
+    // A plain mutex: held for a map lookup or insert when a connection joins or a room ends,
+    // never across an await and never per relayed message.
+    map: Mutex<HashMap<String, RoomHandle>>,
+    next_id: AtomicU64,
+}
+
+impl Rooms {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, RoomHandle>> {
+        // A panic while holding this lock cannot leave the map inconsistent (single inserts
+        // and removes), so a poisoned lock is still usable.
+        self.map
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The room of a call, if this node has one.
+    pub(crate) fn get(&self, call_id: &str) -> Option<RoomHandle> {
+        self.lock().get(call_id).cloned()
+    }
+
+    /// Calls with a room here (for tests and gauges).
+    pub(crate) fn len(&self) -> usize {
+        self.lock().len()
+    }
+
+    /// The room of `call`, started if this node has none (or the one it had is ending).
+    pub(crate) fn get_or_start(&self, shared: &Arc<Shared>, call: &Call) -> RoomHandle {
+        let mut map = self.lock();
+        if let Some(h) = map.get(&call.id) {
+            if !h.tx.is_closed() {
+                return h.clone();
+            }
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = mpsc::channel(ROOM_QUEUE);
+        let (bus_tx, bus_rx) = mpsc::channel(BUS_QUEUE);
+        // Subscribed under the lock, so a room ending for this call (which unsubscribes under
+        // the lock too) cannot undo this subscription.
+        shared.bus.subscribe(&call.id, bus_tx);
+        let handle = RoomHandle { id, tx };
+        map.insert(call.id.clone(), handle.clone());
+        let room = Room::new(Arc::clone(shared), call, id, handle.tx.downgrade());
+        tokio::spawn(room.run(rx, bus_rx));
+        handle
+    }
+
+    /// Forgets room `id` of `call_id` (only if it is still the registered one).
+    fn remove(&self, shared: &Shared, call_id: &str, id: u64) {
+        let mut map = self.lock();
+        if map.get(call_id).is_some_and(|h| h.id == id) {
+            map.remove(call_id);
+            shared.bus.unsubscribe(call_id);
+        }
+    }
+}
+
+/// A peer connected to this node.
+#[derive(Debug)]
+struct Local {
+    info: PeerInfo,
+    /// `None` while disconnected within the resume window.
+    conn: Option<ConnHandle>,
+    /// When a lost connection's resume window ends.
+    resume_until: Option<Instant>,
+}
+
+/// A write for the other nodes, in order.
+#[derive(Debug)]
+enum BusOp {
+    Publish(BusEvent),
+    Put(PeerInfo),
+    Remove(String),
+}
+
+struct Room {
+    shared: Arc<Shared>,
+    id: u64,
+    call_id: String,
+    cred_group: String,
+    max_participants: usize,
+    expires_at_ms: u64,
+    local: HashMap<String, Local>,
+    remote: HashMap<String, PeerInfo>,
+    /// Since when nobody (here or elsewhere) is in the call.
+    empty_since: Option<Instant>,
+    publish: mpsc::Sender<BusOp>,
+    publish_rx: Option<mpsc::Receiver<BusOp>>,
+    /// Its own queue's sender, for results of spawned reads; weak, so that the room does not
+    /// keep itself alive (the hub's handle is the strong one).
+    me: Option<mpsc::WeakSender<Cmd>>,
+    last_presence: Instant,
+}
+
+impl Room {
+    fn new(shared: Arc<Shared>, call: &Call, id: u64, me: mpsc::WeakSender<Cmd>) -> Self {
+        let (publish, publish_rx) = mpsc::channel(PUBLISH_QUEUE);
+        Self {
+            shared,
+            id,
+            call_id: call.id.clone(),
+            cred_group: call.cred_group.clone(),
+            max_participants: call.max_participants as usize,
+            expires_at_ms: call.expires_at,
+            local: HashMap::new(),
+            remote: HashMap::new(),
+            empty_since: None,
+            publish,
+            publish_rx: Some(publish_rx),
+            me: Some(me),
+            last_presence: Instant::now(),
+        }
+    }
+
+    async fn run(mut self, mut rx: mpsc::Receiver<Cmd>, mut bus_rx: mpsc::Receiver<Envelope>) {
+        if let Some(publish_rx) = self.publish_rx.take() {
+            tokio::spawn(publisher(
+                Arc::clone(&self.shared),
+                self.call_id.clone(),
+                publish_rx,
+            ));
+        }
+        match tokio::time::timeout(
+            PRESENCE_READ_LIMIT,
+            self.shared.bus.presence(&self.call_id),
+        )
+        .await
+        {
+            Ok(Ok(peers)) => self.apply_presence(peers),
+            Ok(Err(e)) => {
+                self.shared.metrics.bus_error();
+                tracing::warn!(error = %e, "cannot read presence; starting without other nodes");
+            }
+            Err(_) => tracing::warn!("presence read timed out; starting without other nodes"),
+        }
+
+        let mut tick = tokio::time::interval(TICK);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut shutdown = self.shared.shutdown.clone();
+        loop {
+            let done = tokio::select! {
+                cmd = rx.recv() => match cmd {
+                    Some(cmd) => self.handle(cmd),
+                    None => true,
+                },
+                Some(env) = bus_rx.recv() => self.handle_bus(env),
+                _ = tick.tick() => self.tick(),
+                _ = shutdown.wait_for(|s| *s) => {
+                    self.close_all(Close {
+                        code: code::GOING_AWAY,
+                        reason: "shutdown",
+                        metric: DisconnectReason::Shutdown,
+                    });
+                    true
+                }
+            };
+            if done {
+                break;
+            }
+        }
+        self.shared.rooms.remove(&self.shared, &self.call_id, self.id);
+        // Commands that raced the end: joins get their reply dropped and retry on a new room;
+        // everything else concerned this room's peers, who are being closed.
+        rx.close();
+    }
+
+    fn views(&self, except: &str) -> Vec<PeerView> {
+        let mut peers: Vec<PeerView> = self
+            .local
+            .values()
+            .map(|l| &l.info)
+            .chain(self.remote.values())
+            .filter(|p| p.peer_id != except)
+            .map(view)
+            .collect();
+        peers.sort_by(|a, b| a.peer_id.cmp(&b.peer_id));
+        peers
+    }
+
+    /// Sends to every connected local peer except `except`.
+    fn broadcast(&self, msg: &ServerMsg, except: &str) {
+        let text = msg.to_text();
+        for (id, l) in &self.local {
+            if id != except {
+                if let Some(c) = &l.conn {
+                    c.send_text(text.clone(), msg.label());
+                }
+            }
+        }
+    }
+
+    fn bus(&self, op: BusOp) {
+        if self.publish.try_send(op).is_err() {
+            self.shared.metrics.bus_dropped();
+        }
+    }
+
+    fn is_current(&self, peer: &str, conn: u64) -> bool {
+        self.local
+            .get(peer)
+            .and_then(|l| l.conn.as_ref())
+            .is_some_and(|c| c.conn == conn)
+    }
+
+    /// Handles one command; `true` when the room is done.
+    fn handle(&mut self, cmd: Cmd) -> bool {
+        match cmd {
+            Cmd::Join {
+                peer,
+                handle,
+                reply,
+            } => {
+                let result = self.join(peer, handle);
+                let _ = reply.send(result);
+            }
+            Cmd::Signal { from, conn, to, msg } => {
+                if !self.is_current(&from, conn) {
+                    return false;
+                }
+                if to == from {
+                    self.reply_error(&from, "invalid_peer", "cannot send to yourself");
+                } else if let Some(target) = self.local.get(&to) {
+                    match &target.conn {
+                        Some(c) => {
+                            c.send(&msg);
+                        }
+                        // Within its resume window: the message is lost, as on a dead socket;
+                        // the peers renegotiate when it is back (docs/signaling.md).
+                        None => {}
+                    }
+                } else if self.remote.contains_key(&to) {
+                    self.bus(BusOp::Publish(BusEvent::Deliver {
+                        to,
+                        message: msg.to_value(),
+                    }));
+                } else {
+                    self.reply_error(&from, "unknown_peer", "no such peer in this call");
+                }
+            }
+            Cmd::Media { from, conn, media } => {
+                if !self.is_current(&from, conn) {
+                    return false;
+                }
+                let Some(l) = self.local.get_mut(&from) else {
+                    return false;
+                };
+                l.info.media = media;
+                let info = l.info.clone();
+                let msg = ServerMsg::Media {
+                    from: from.clone(),
+                    audio: media.audio,
+                    video: media.video,
+                    screen: media.screen,
+                };
+                self.broadcast(&msg, &from);
+                self.bus(BusOp::Put(info));
+                self.bus(BusOp::Publish(BusEvent::Broadcast {
+                    from: from.clone(),
+                    message: msg.to_value(),
+                }));
+                let store = Arc::clone(&self.shared.app.store);
+                let call = self.call_id.clone();
+                tokio::spawn(async move {
+                    if let Err(e) = store.set_media(&call, &from, media).await {
+                        tracing::warn!(error = %e, "cannot store a media state");
+                    }
+                });
+            }
+            Cmd::Gone { peer, conn, how } => {
+                if !self.is_current(&peer, conn) {
+                    return false;
+                }
+                let window = self.shared.settings.resume_window;
+                match how {
+                    Gone::Leave => self.remove_local(&peer, "leave"),
+                    Gone::Lost if window.is_zero() => self.remove_local(&peer, "disconnected"),
+                    Gone::Lost => {
+                        if let Some(l) = self.local.get_mut(&peer) {
+                            l.conn = None;
+                            l.resume_until = Some(Instant::now() + window);
+                        }
+                    }
+                }
+            }
+            Cmd::Kick { peer, publish } => {
+                if self.local.contains_key(&peer) {
+                    self.close_peer(
+                        &peer,
+                        Close {
+                            code: code::KICKED,
+                            reason: "kicked",
+                            metric: DisconnectReason::Kicked,
+                        },
+                    );
+                    self.remove_local(&peer, "kicked");
+                } else if publish {
+                    self.bus(BusOp::Publish(BusEvent::Kick {
+                        peer_id: peer,
+                        reason: "kicked".into(),
+                    }));
+                }
+            }
+            Cmd::End { reason, publish } => {
+                self.end(&reason, publish);
+                return true;
+            }
+            Cmd::Presence(peers) => self.apply_presence(peers),
+            Cmd::RemoteLost(ids) => {
+                for id in ids {
+                    self.remote_left(&id, "node_lost");
+                }
+            }
+        }
+        false
+    }
+
+    fn join(&mut self, peer: PeerInfo, handle: ConnHandle) -> Result<Joined, JoinRefused> {
+        let id = peer.peer_id.clone();
+        if let Some(l) = self.local.get_mut(&id) {
+            // The same peer again: a reconnect within the resume window, or a second socket
+            // (another tab) that replaces the first. Either way the others see nothing.
+            if let Some(old) = l.conn.take() {
+                old.close(Close {
+                    code: code::REPLACED,
+                    reason: "replaced",
+                    metric: DisconnectReason::Replaced,
+                });
+            }
+            l.conn = Some(handle);
+            l.resume_until = None;
+            return Ok(Joined {
+                peers: self.views(&id),
+                resumed: true,
+            });
+        }
+        // On another node until now (it moved): known to everyone already, so no announcement.
+        let moved = self.remote.remove(&id).is_some();
+        let present = self.local.len() + self.remote.len();
+        if !moved && present >= self.max_participants {
+            return Err(JoinRefused::Full);
+        }
+        self.empty_since = None;
+        if !moved {
+            self.broadcast(&ServerMsg::PeerJoined { peer: view(&peer) }, &id);
+        }
+        self.bus(BusOp::Put(peer.clone()));
+        self.bus(BusOp::Publish(BusEvent::PeerJoined { peer: peer.clone() }));
+        self.local.insert(
+            id.clone(),
+            Local {
+                info: peer,
+                conn: Some(handle),
+                resume_until: None,
+            },
+        );
+        Ok(Joined {
+            peers: self.views(&id),
+            resumed: moved,
+        })
+    }
+
+    fn reply_error(&self, to: &str, code: &str, message: &str) {
+        if let Some(c) = self.local.get(to).and_then(|l| l.conn.as_ref()) {
+            c.send(&ServerMsg::error(code, message));
+        }
+    }
+
+    fn close_peer(&self, peer: &str, close: Close) {
+        if let Some(c) = self.local.get(peer).and_then(|l| l.conn.as_ref()) {
+            c.close(close);
+        }
+    }
+
+    fn close_all(&self, close: Close) {
+        for l in self.local.values() {
+            if let Some(c) = &l.conn {
+                c.close(close);
+            }
+        }
+    }
+
+    /// `peer` is gone for good from this node: tell everyone, record it.
+    fn remove_local(&mut self, peer: &str, reason: &str) {
+        if self.local.remove(peer).is_none() {
+            return;
+        }
+        self.broadcast(
+            &ServerMsg::PeerLeft {
+                peer_id: peer.to_owned(),
+                reason: reason.to_owned(),
+            },
+            peer,
+        );
+        self.bus(BusOp::Remove(peer.to_owned()));
+        self.bus(BusOp::Publish(BusEvent::PeerLeft {
+            peer_id: peer.to_owned(),
+            reason: reason.to_owned(),
+        }));
+        let store = Arc::clone(&self.shared.app.store);
+        let call = self.call_id.clone();
+        let peer = peer.to_owned();
+        let now = self.shared.app.clock.now_ms();
+        tokio::spawn(async move {
+            if let Err(e) = store.set_left(&call, &peer, Some(now)).await {
+                tracing::warn!(error = %e, "cannot record a peer leaving");
+            }
+        });
+    }
+
+    fn remote_left(&mut self, peer: &str, reason: &str) {
+        if self.remote.remove(peer).is_some() {
+            self.broadcast(
+                &ServerMsg::PeerLeft {
+                    peer_id: peer.to_owned(),
+                    reason: reason.to_owned(),
+                },
+                peer,
+            );
+        }
+    }
+
+    fn apply_presence(&mut self, peers: Vec<PeerInfo>) {
+        let me = self.shared.bus.node_id().to_owned();
+        let fresh: HashMap<String, PeerInfo> = peers
+            .into_iter()
+            .filter(|p| p.node != me && !self.local.contains_key(&p.peer_id))
+            .map(|p| (p.peer_id.clone(), p))
+            .collect();
+        let gone: Vec<String> = self
+            .remote
+            .keys()
+            .filter(|id| !fresh.contains_key(*id))
+            .cloned()
+            .collect();
+        for id in gone {
+            self.remote_left(&id, "left");
+        }
+        for (id, p) in fresh {
+            if !self.remote.contains_key(&id) {
+                self.broadcast(&ServerMsg::PeerJoined { peer: view(&p) }, &id);
+            }
+            self.remote.insert(id, p);
+        }
+        // After a Redis restart the table may be empty: put our own peers back.
+        for l in self.local.values() {
+            self.bus(BusOp::Put(l.info.clone()));
+        }
+        self.last_presence = Instant::now();
+    }
+
+    fn handle_bus(&mut self, env: Envelope) -> bool {
+        match env.event {
+            BusEvent::PeerJoined { peer } => {
+                let id = peer.peer_id.clone();
+                if let Some(l) = self.local.get(&id) {
+                    // It connected elsewhere: that socket wins, this one is closed silently.
+                    if let Some(c) = &l.conn {
+                        c.close(Close {
+                            code: code::REPLACED,
+                            reason: "replaced",
+                            metric: DisconnectReason::Replaced,
+                        });
+                    }
+                    self.local.remove(&id);
+                    self.remote.insert(id, peer);
+                } else if self.remote.insert(id.clone(), peer.clone()).is_none() {
+                    self.empty_since = None;
+                    self.broadcast(&ServerMsg::PeerJoined { peer: view(&peer) }, &id);
+                }
+            }
+            BusEvent::PeerLeft { peer_id, reason } => self.remote_left(&peer_id, &reason),
+            BusEvent::Deliver { to, message } => {
+                if let Some(c) = self.local.get(&to).and_then(|l| l.conn.as_ref()) {
+                    c.send_text(message.to_string(), ServerMsg::label_of(&message));
+                }
+            }
+            BusEvent::Broadcast { from, message } => {
+                if let Some(p) = self.remote.get_mut(&from) {
+                    if let Some(m) = media_of(&message) {
+                        p.media = m;
+                    }
+                }
+                let text = message.to_string();
+                let label = ServerMsg::label_of(&message);
+                for (id, l) in &self.local {
+                    if *id != from {
+                        if let Some(c) = &l.conn {
+                            c.send_text(text.clone(), label);
+                        }
+                    }
+                }
+            }
+            BusEvent::Kick { peer_id, .. } => {
+                return self.handle(Cmd::Kick {
+                    peer: peer_id,
+                    publish: false,
+                });
+            }
+            BusEvent::CallEnded { reason } => {
+                self.end(&reason, false);
+                return true;
+            }
+            BusEvent::Resync => self.spawn_presence_read(),
+        }
+        false
+    }
+
+    fn spawn_presence_read(&self) {
+        let Some(me) = self.me.clone() else { return };
+        let bus = Arc::clone(&self.shared.bus);
+        let metrics = self.shared.metrics.clone();
+        let call = self.call_id.clone();
+        tokio::spawn(async move {
+            match bus.presence(&call).await {
+                Ok(peers) => {
+                    if let Some(tx) = me.upgrade() {
+                        let _ = tx.send(Cmd::Presence(peers)).await;
+                    }
+                }
+                Err(e) => {
+                    metrics.bus_error();
+                    tracing::warn!(error = %e, "cannot read presence");
+                }
+            }
+        });
+    }
+
+    /// Checks the nodes of remote peers; peers of dead nodes are removed from presence (by
+    /// exactly one node, which announces it) and from this room.
+    fn spawn_liveness_check(&self) {
+        let Some(me) = self.me.clone() else { return };
+        let mut by_node: HashMap<String, Vec<String>> = HashMap::new();
+        for p in self.remote.values() {
+            by_node
+                .entry(p.node.clone())
+                .or_default()
+                .push(p.peer_id.clone());
+        }
+        let bus = Arc::clone(&self.shared.bus);
+        let metrics = self.shared.metrics.clone();
+        let call = self.call_id.clone();
+        tokio::spawn(async move {
+            let nodes: Vec<String> = by_node.keys().cloned().collect();
+            let alive = match bus.alive(&nodes).await {
+                Ok(a) => a,
+                Err(e) => {
+                    // Unknown is not dead: keep everyone until the bus answers.
+                    metrics.bus_error();
+                    tracing::warn!(error = %e, "cannot check other nodes");
+                    return;
+                }
+            };
+            let mut lost = Vec::new();
+            for (node, ok) in nodes.iter().zip(alive) {
+                if ok {
+                    continue;
+                }
+                for peer in by_node.get(node).into_iter().flatten() {
+                    if matches!(bus.presence_remove(&call, peer).await, Ok(true)) {
+                        let event = BusEvent::PeerLeft {
+                            peer_id: peer.clone(),
+                            reason: "node_lost".into(),
+                        };
+                        if bus.publish(&call, &event).await.is_err() {
+                            metrics.bus_error();
+                        }
+                    }
+                    lost.push(peer.clone());
+                }
+            }
+            if !lost.is_empty() {
+                tracing::info!(peers = lost.len(), "peers of a lost node left");
+                if let Some(tx) = me.upgrade() {
+                    let _ = tx.send(Cmd::RemoteLost(lost)).await;
+                }
+            }
+        });
+    }
+
+    /// Timers; `true` when the room is done.
+    fn tick(&mut self) -> bool {
+        let now = Instant::now();
+        let expired: Vec<String> = self
+            .local
+            .iter()
+            .filter(|(_, l)| l.resume_until.is_some_and(|t| now >= t))
+            .map(|(id, _)| id.clone())
+            .collect();
+        for id in expired {
+            self.remove_local(&id, "timeout");
+        }
+        if self.shared.app.clock.now_ms() >= self.expires_at_ms {
+            self.end("expired", true);
+            return true;
+        }
+        let settings = &self.shared.settings;
+        // Presence is refreshed (and other nodes checked) three times per node timeout: a
+        // node's table entry and heartbeat outlive two missed refreshes.
+        let refresh = settings.node_timeout / 3;
+        if now.duration_since(self.last_presence) >= refresh {
+            self.last_presence = now;
+            for l in self.local.values() {
+                self.bus(BusOp::Put(l.info.clone()));
+            }
+            if !self.remote.is_empty() {
+                self.spawn_liveness_check();
+            }
+        }
+        if self.local.is_empty() && self.remote.is_empty() {
+            let since = *self.empty_since.get_or_insert(now);
+            if now.duration_since(since) >= settings.empty_timeout {
+                self.end("empty", true);
+                return true;
+            }
+        } else if self.local.is_empty() {
+            // Everyone is on other nodes: their rooms carry the call on.
+            return true;
+        } else {
+            self.empty_since = None;
+        }
+        false
+    }
+
+    /// Ends the call: every local peer gets `call_ended` and is closed; when the end started
+    /// here, the store records it, the relay revokes its credentials and the other nodes hear.
+    fn end(&mut self, reason: &str, publish: bool) {
+        self.broadcast(
+            &ServerMsg::CallEnded {
+                reason: reason.to_owned(),
+            },
+            "",
+        );
+        self.close_all(Close {
+            code: code::CALL_ENDED,
+            reason: "call_ended",
+            metric: DisconnectReason::CallEnded,
+        });
+        for id in self.local.keys() {
+            self.bus(BusOp::Remove(id.clone()));
+        }
+        self.local.clear();
+        if publish {
+            self.bus(BusOp::Publish(BusEvent::CallEnded {
+                reason: reason.to_owned(),
+            }));
+            if reason != "api" {
+                // `api`: the control plane ended it (and revoked) already.
+                let app = self.shared.app.clone();
+                let call = self.call_id.clone();
+                let group = self.cred_group.clone();
+                let reason = reason.to_owned();
+                tokio::spawn(async move {
+                    let now = app.clock.now_ms();
+                    match app.store.end_call(&call, &reason, now).await {
+                        Ok(Some(ended)) if ended.state(now) == CallState::Ended => {
+                            let until = now / 1000 + app.settings.minter.ttl_s() + 60;
+                            app.revoker.revoke(&group, until);
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::warn!(error = %e, "cannot record a call's end"),
+                    }
+                });
+            }
+        }
+    }
+}
+
+/// Drains a room's bus writes in order.
+async fn publisher(shared: Arc<Shared>, call_id: String, mut rx: mpsc::Receiver<BusOp>) {
+    let ttl = presence_ttl_ms(&shared);
+    while let Some(op) = rx.recv().await {
+        let result = match &op {
+            BusOp::Publish(event) => shared.bus.publish(&call_id, event).await,
+            BusOp::Put(peer) => shared.bus.presence_put(&call_id, peer, ttl).await,
+            BusOp::Remove(peer) => shared.bus.presence_remove(&call_id, peer).await.map(|_| ()),
+        };
+        if let Err(e) = result {
+            shared.metrics.bus_error();
+            tracing::debug!(error = %e, "bus write failed");
+        }
+    }
+}
+
+/// A presence table outlives its last refresh by three node timeouts: long enough that a live
+/// room always refreshes it in time, short enough that a call nobody touches leaves nothing.
+fn presence_ttl_ms(shared: &Shared) -> u64 {
+    (shared.settings.node_timeout * 3).as_millis() as u64
+}
+
+fn view(p: &PeerInfo) -> PeerView {
+    PeerView {
+        peer_id: p.peer_id.clone(),
+        name: p.name.clone(),
+        role: p.role,
+        media: p.media,
+    }
+}
+
+fn media_of(message: &serde_json::Value) -> Option<Media> {
+    if message.get("type")?.as_str()? != "media" {
+        return None;
+    }
+    Some(Media {
+        audio: message.get("audio")?.as_bool()?,
+        video: message.get("video")?.as_bool()?,
+        screen: message.get("screen")?.as_bool()?,
+    })
+}

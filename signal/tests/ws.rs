@@ -1,0 +1,525 @@
+//! Signaling with real WebSocket clients on one node (memory store): the exchange between two
+//! and three peers, media, stats into the histograms, lifecycle (kick, end, resume, empty
+//! timeout, credential refresh), and the refusals and limits of the protocol.
+
+#![allow(clippy::unwrap_used)]
+
+mod harness;
+
+use std::time::Duration;
+
+use futures_util::{SinkExt as _, StreamExt as _};
+use harness::{enter, eventually, Client, End, Node, Options};
+use serde_json::json;
+use signal::Settings;
+use tokio_tungstenite::tungstenite::Message;
+
+fn s(v: &serde_json::Value) -> &str {
+    v.as_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_peers_exchange_offer_answer_and_candidates() {
+    let node = Node::start(Options::default()).await;
+    let (key, call, code) = node.call(8).await;
+    let (mut a, wa, ja) = enter(&node, &code, "Ada").await;
+    assert_eq!(wa["call_id"], call.as_str());
+    assert_eq!(wa["peer_id"], ja["peer_id"]);
+    assert_eq!(wa["peers"], json!([]));
+    assert!(wa["ice_servers"].as_array().unwrap().len() >= 1);
+    assert!(wa["ping_interval_ms"].as_u64().unwrap() > 0);
+    let a_id = s(&wa["peer_id"]).to_owned();
+
+    let (mut b, wb, _) = enter(&node, &code, "Bob").await;
+    let b_id = s(&wb["peer_id"]).to_owned();
+    assert_eq!(wb["peers"][0]["peer_id"], a_id.as_str());
+    assert_eq!(wb["peers"][0]["name"], "Ada");
+    let joined = a.recv_type("peer_joined").await;
+    assert_eq!(joined["peer"]["peer_id"], b_id.as_str());
+    assert_eq!(joined["peer"]["name"], "Bob");
+
+    a.send(json!({"v":1,"type":"offer","to":b_id,"sdp":"v=0 offer"})).await;
+    let offer = b.recv_type("offer").await;
+    assert_eq!(offer["from"], a_id.as_str());
+    assert_eq!(offer["sdp"], "v=0 offer");
+
+    b.send(json!({"v":1,"type":"answer","to":a_id,"sdp":"v=0 answer"})).await;
+    let answer = a.recv_type("answer").await;
+    assert_eq!(answer["from"], b_id.as_str());
+    assert_eq!(answer["sdp"], "v=0 answer");
+
+    let cand = json!({"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0"});
+    a.send(json!({"v":1,"type":"candidate","to":b_id,"candidate":cand})).await;
+    b.send(json!({"v":1,"type":"candidate","to":a_id,"candidate":null})).await;
+    let got = b.recv_type("candidate").await;
+    assert_eq!(got["candidate"], cand);
+    assert_eq!(got["from"], a_id.as_str());
+    let got = a.recv_type("candidate").await;
+    assert_eq!(got["candidate"], serde_json::Value::Null);
+
+    b.send(json!({"v":1,"type":"media","audio":true,"video":false,"screen":true})).await;
+    let media = a.recv_type("media").await;
+    assert_eq!(media["from"], b_id.as_str());
+    assert_eq!((media["audio"].clone(), media["video"].clone(), media["screen"].clone()),
+        (json!(true), json!(false), json!(true)));
+
+    a.send(json!({"v":1,"type":"ping"})).await;
+    a.recv_type("pong").await;
+
+    b.send(json!({"v":1,"type":"leave"})).await;
+    let (end, _) = b.until_end().await;
+    assert_eq!(end, End::Closed(1000, "leave".into()));
+    let left = a.recv_type("peer_left").await;
+    assert_eq!(left["peer_id"], b_id.as_str());
+    assert_eq!(left["reason"], "leave");
+
+    // The call shows both participants: Bob left, with his last media state.
+    let deadline = tokio::time::Instant::now() + harness::PATIENCE;
+    loop {
+        let (_, v) = node.http("GET", &format!("/v1/calls/{call}"), Some(&key), None).await;
+        let bob = v["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["peer_id"] == b_id.as_str())
+            .cloned()
+            .unwrap();
+        if bob["left_at"].is_string() {
+            assert_eq!(bob["media"], json!({"audio": true, "video": false, "screen": true}));
+            assert_eq!(v["state"], "active");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "left_at not recorded: {v}");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn three_peers_each_message_reaches_only_its_addressee() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, wa, _) = enter(&node, &code, "A").await;
+    let (mut b, wb, _) = enter(&node, &code, "B").await;
+    let (mut c, wc, _) = enter(&node, &code, "C").await;
+    let (ida, idb, idc) = (s(&wa["peer_id"]), s(&wb["peer_id"]), s(&wc["peer_id"]));
+    assert_eq!(wc["peers"].as_array().unwrap().len(), 2);
+    a.recv_type("peer_joined").await;
+    a.recv_type("peer_joined").await;
+    b.recv_type("peer_joined").await;
+
+    a.send(json!({"v":1,"type":"offer","to":idc,"sdp":"for c"})).await;
+    b.send(json!({"v":1,"type":"offer","to":idc,"sdp":"from b"})).await;
+    let first = c.recv_type("offer").await;
+    let second = c.recv_type("offer").await;
+    let mut froms = vec![s(&first["from"]).to_owned(), s(&second["from"]).to_owned()];
+    froms.sort();
+    let mut want = vec![ida.to_owned(), idb.to_owned()];
+    want.sort();
+    assert_eq!(froms, want);
+
+    // Media goes to both others; a ping round trip then proves B saw no offer meant for C.
+    c.send(json!({"v":1,"type":"media","audio":false,"video":true,"screen":false})).await;
+    assert_eq!(a.recv_type("media").await["from"], idc);
+    b.send(json!({"v":1,"type":"ping"})).await;
+    let mut seen = Vec::new();
+    loop {
+        let m = b.recv().await;
+        if m["type"] == "pong" {
+            break;
+        }
+        seen.push(m);
+    }
+    assert!(seen.iter().all(|m| m["type"] != "offer"), "{seen:?}");
+    assert!(seen.iter().any(|m| m["type"] == "media"), "{seen:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn messages_to_strangers_and_before_auth_are_refused() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let (_, _, other_code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (_stranger, ws, _) = enter(&node, &other_code, "S").await;
+    a.send(json!({"v":1,"type":"offer","to":s(&ws["peer_id"]),"sdp":"x"})).await;
+    let e = a.recv_type("error").await;
+    assert_eq!(e["code"], "unknown_peer");
+
+    // Not authenticated: an offer as first message closes with 4001.
+    let mut c = Client::connect(&node.ws_url()).await;
+    c.send(json!({"v":1,"type":"offer","to":"p_x","sdp":"x"})).await;
+    let (end, seen) = c.until_end().await;
+    assert_eq!(end, End::Closed(4001, "unauthorized".into()));
+    assert_eq!(seen[0]["code"], "unauthorized");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stats_move_the_quality_histograms() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    assert_eq!(node.histogram_count("turnpike_call_rtt_seconds"), 0);
+    a.send(json!({"v":1,"type":"stats","rtt_ms":42.0,"jitter_ms":3.0,"packet_loss":0.01,
+        "bitrate_kbps":900.0,"candidate_type":"relay","relay_protocol":"tcp"}))
+        .await;
+    a.send(json!({"v":1,"type":"ping"})).await;
+    a.recv_type("pong").await;
+    for h in [
+        "turnpike_call_rtt_seconds",
+        "turnpike_call_jitter_seconds",
+        "turnpike_call_packet_loss_ratio",
+        "turnpike_call_mos",
+    ] {
+        assert_eq!(node.histogram_count(h), 1, "{h}");
+    }
+    assert_eq!(
+        node.metric(
+            "turnpike_call_connections_total",
+            &[("candidate_type", "relay"), ("relay_protocol", "tcp")]
+        ),
+        1.0
+    );
+    // A bad report is refused with an error and observes nothing.
+    a.send(json!({"v":1,"type":"stats","rtt_ms":-1,"jitter_ms":3.0,"packet_loss":2,
+        "candidate_type":"relay","relay_protocol":"tcp"}))
+        .await;
+    assert_eq!(a.recv_type("error").await["code"], "invalid_message");
+    assert_eq!(node.histogram_count("turnpike_call_rtt_seconds"), 1);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kick_closes_the_socket_and_revokes_the_token() {
+    let node = Node::start(Options::default()).await;
+    let (key, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (mut b, wb, jb) = enter(&node, &code, "B").await;
+    let idb = s(&wb["peer_id"]).to_owned();
+    a.recv_type("peer_joined").await;
+    let (status, v) = node
+        .http("DELETE", &format!("/v1/calls/{call}/participants/{idb}"), Some(&key), None)
+        .await;
+    assert_eq!(status.as_u16(), 204, "{v}");
+    let (end, _) = b.until_end().await;
+    assert_eq!(end, End::Closed(4003, "kicked".into()));
+    let left = a.recv_type("peer_left").await;
+    assert_eq!(left["reason"], "kicked");
+    // The old token no longer opens a socket.
+    let mut again = Client::connect(&node.ws_url()).await;
+    again.send(json!({"v":1,"type":"auth","token":jb["signal_token"]})).await;
+    let (end, _) = again.until_end().await;
+    assert_eq!(end, End::Closed(4001, "unauthorized".into()));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn ending_the_call_closes_everyone() {
+    let node = Node::start(Options::default()).await;
+    let (key, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (mut b, _, _) = enter(&node, &code, "B").await;
+    let (status, _) = node
+        .http("POST", &format!("/v1/calls/{call}/end"), Some(&key), None)
+        .await;
+    assert!(status.is_success());
+    for c in [&mut a, &mut b] {
+        let (end, seen) = c.until_end().await;
+        assert_eq!(end, End::Closed(4000, "call_ended".into()));
+        assert!(seen.iter().any(|m| m["type"] == "call_ended" && m["reason"] == "api"), "{seen:?}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reconnect_within_the_window_resumes_unseen_and_after_it_the_peer_left() {
+    let node = Node::start(Options {
+        signal: Settings {
+            resume_window: Duration::from_secs(2),
+            ..Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (b, wb, jb) = enter(&node, &code, "B").await;
+    let idb = s(&wb["peer_id"]).to_owned();
+    a.recv_type("peer_joined").await;
+    drop(b); // the TCP connection goes away without a close frame
+    let token = s(&jb["signal_token"]).to_owned();
+    let (_b2, w2) = Client::joined(&node.ws_url(), &token).await;
+    assert_eq!(w2["resumed"], true);
+    assert_eq!(w2["peer_id"], idb.as_str());
+    // A saw neither a leave nor a join: the next thing it gets is the pong.
+    a.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(a.recv().await["type"], "pong");
+
+    drop(_b2);
+    let left = a.recv_type("peer_left").await;
+    assert_eq!(left["peer_id"], idb.as_str());
+    assert_eq!(left["reason"], "timeout");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_empty_call_ends_after_the_empty_timeout() {
+    let node = Node::start(Options {
+        signal: Settings {
+            empty_timeout: Duration::from_secs(1),
+            resume_window: Duration::ZERO,
+            ..Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (key, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    a.send(json!({"v":1,"type":"leave"})).await;
+    a.until_end().await;
+    let deadline = tokio::time::Instant::now() + harness::PATIENCE;
+    loop {
+        let (_, v) = node.http("GET", &format!("/v1/calls/{call}"), Some(&key), None).await;
+        if v["state"] == "ended" {
+            assert!(v["participants"][0]["left_at"].is_string(), "{v}");
+            assert_eq!(v["end_reason"], "empty");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "call not ended: {v}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fresh_credentials_come_before_the_old_ones_expire() {
+    let node = Node::start(Options {
+        credential_ttl_s: 2,
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, w, _) = enter(&node, &code, "A").await;
+    let first = w["ice_servers_expire_at"].as_u64().unwrap();
+    let old_user = w["ice_servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s.get("username").cloned())
+        .unwrap();
+    let fresh = a.recv_type("ice_servers").await;
+    // Sent at 80 % of a 2 s lifetime: before the old ones expired.
+    assert!(fresh["ice_servers_expire_at"].as_u64().unwrap() >= first);
+    let new_user = fresh["ice_servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s.get("username").cloned())
+        .unwrap();
+    assert_ne!(old_user, new_user);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_at_max_participants_refuses_the_next_socket() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(2).await;
+    let (_a, _, _) = enter(&node, &code, "A").await;
+    let (_b, _, _) = enter(&node, &code, "B").await;
+    // /v1/join itself says 409 for the third.
+    let (status, v) = node
+        .http("POST", "/v1/join", None, Some(json!({"code": code, "name": "C"})))
+        .await;
+    assert_eq!(status.as_u16(), 409, "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn foreign_origins_are_refused_before_the_upgrade() {
+    let node = Node::start(Options::default()).await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        node.ws_url(),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("origin", "https://evil.example".parse().unwrap());
+    let err = tokio_tungstenite::connect_async(req).await.unwrap_err();
+    match err {
+        tokio_tungstenite::tungstenite::Error::Http(resp) => assert_eq!(resp.status(), 403),
+        other => panic!("{other:?}"),
+    }
+    // The control plane's own origin is fine.
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        node.ws_url(),
+    )
+    .unwrap();
+    req.headers_mut()
+        .insert("origin", format!("http://{}", node.addr).parse().unwrap());
+    assert!(tokio_tungstenite::connect_async(req).await.is_ok());
+}
+
+// ------------------------------------------------------------------------------------------
+// Abuse: size, malformed input, rate, slow readers, sockets that never authenticate.
+// ------------------------------------------------------------------------------------------
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_megabyte_frame_is_closed_with_1009() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let big = format!(r#"{{"v":1,"type":"ping","x":"{}"}}"#, "a".repeat(1 << 20));
+    let _ = a.ws.send(Message::Text(big.into())).await;
+    let (end, _) = a.until_end().await;
+    assert_eq!(end, End::Closed(1009, "too_large".into()));
+    // The server serves others.
+    let (mut b, _, _) = enter(&node, &code, "B").await;
+    b.send(json!({"v":1,"type":"ping"})).await;
+    b.recv_type("pong").await;
+    assert_eq!(node.metric("turnpike_signal_disconnects_total", &[("reason", "too_large")]), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_and_unknown_messages_get_errors_and_the_socket_stays() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let cases = [
+        ("{not json", "invalid_message"),
+        (r#"{"v":1,"type":"teleport"}"#, "unknown_type"),
+        (r#"{"v":9,"type":"ping"}"#, "unsupported_version"),
+        (r#"{"v":1,"type":"offer","to":["x"],"sdp":1}"#, "invalid_message"),
+    ];
+    for (text, code) in cases {
+        a.send_raw(text).await;
+        assert_eq!(a.recv_type("error").await["code"], code, "{text}");
+    }
+    let deep = format!(r#"{{"v":1,"type":"media","x":{}{}}}"#, "[".repeat(5000), "]".repeat(5000));
+    a.send_raw(&deep).await;
+    assert_eq!(a.recv_type("error").await["code"], "invalid_message");
+    a.send(json!({"v":1,"type":"ping"})).await;
+    a.recv_type("pong").await;
+    assert!(node.metric("turnpike_signal_messages_total", &[("type", "unknown")]) >= 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_thousand_messages_a_second_are_limited_and_others_unaffected() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let (mut flood, _, _) = enter(&node, &code, "F").await;
+    let (mut calm, _, _) = enter(&node, &code, "C").await;
+    for _ in 0..1000 {
+        if flood
+            .ws
+            .send(Message::Text(r#"{"v":1,"type":"ping"}"#.into()))
+            .await
+            .is_err()
+        {
+            break;
+        }
+    }
+    let (end, seen) = flood.until_end().await;
+    assert_eq!(end, End::Closed(1008, "rate_limited".into()));
+    assert!(seen.iter().any(|m| m["code"] == "rate_limited"));
+    let pongs = seen.iter().filter(|m| m["type"] == "pong").count();
+    assert!((50..=200).contains(&pongs), "{pongs} pongs: the burst, not all 1000");
+    calm.send(json!({"v":1,"type":"ping"})).await;
+    calm.recv_type("pong").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_never_reads_is_dropped_not_buffered() {
+    let node = Node::start(Options {
+        signal: Settings {
+            send_queue: 16,
+            message_rate: 10_000,
+            message_burst: 10_000,
+            // So the others hear of the drop at once rather than after the window.
+            resume_window: Duration::ZERO,
+            ..Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    let (sleeper, ws, _) = enter(&node, &code, "Sleeper").await;
+    let (mut talker, _, _) = enter(&node, &code, "Talker").await;
+    let to = s(&ws["peer_id"]).to_owned();
+    // Large offers until the sleeper's TCP window and send queue are full.
+    let sdp = "a".repeat(60_000);
+    let mut sent = 0;
+    while node.metric("turnpike_signal_disconnects_total", &[("reason", "slow_reader")]) < 1.0 {
+        talker.send(json!({"v":1,"type":"offer","to":to,"sdp":sdp})).await;
+        sent += 1;
+        assert!(sent < 5_000, "never dropped the slow reader");
+        if sent % 50 == 0 {
+            tokio::task::yield_now().await;
+        }
+    }
+    let left = talker.recv_type("peer_left").await;
+    assert_eq!(left["peer_id"], to.as_str());
+    assert_eq!(left["reason"], "disconnected");
+    talker.send(json!({"v":1,"type":"ping"})).await;
+    talker.recv_type("pong").await;
+    drop(sleeper);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_authenticate_are_capped_per_address_and_closed_at_the_deadline() {
+    let node = Node::start(Options {
+        signal: Settings {
+            auth_timeout: Duration::from_secs(1),
+            max_unauthenticated_per_ip: 64,
+            ..Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    // 10 000 upgrade attempts from 127.0.0.1, in waves: at most 64 are open unauthenticated at
+    // any time (the ones accepted early are closed at their deadline meanwhile, freeing slots).
+    let mut accepted = Vec::new();
+    let mut refused = 0;
+    for _ in 0..100 {
+        let open = node.metric("turnpike_signal_connections_unauthenticated", &[]);
+        assert!(open <= 64.0, "{open} unauthenticated sockets open");
+        let mut wave = Vec::new();
+        for _ in 0..100 {
+            let url = node.ws_url();
+            wave.push(tokio::spawn(async move { tokio_tungstenite::connect_async(url).await }));
+        }
+        for h in wave {
+            match h.await.unwrap() {
+                Ok((ws, _)) => accepted.push(ws),
+                Err(tokio_tungstenite::tungstenite::Error::Http(r)) => {
+                    assert_eq!(r.status(), 429);
+                    refused += 1;
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+    }
+    assert!(accepted.len() >= 64, "{}", accepted.len());
+    assert_eq!(accepted.len() + refused, 10_000);
+    assert!(refused >= 9_000, "{refused}");
+    // Another address is served meanwhile (127.0.0.2 is loopback too).
+    let j = node.join(&code, "legit").await;
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind("127.0.0.2:0".parse().unwrap()).unwrap();
+    let stream = sock.connect(node.addr).await.unwrap();
+    let (mut legit, _) = tokio_tungstenite::client_async(node.ws_url(), stream)
+        .await
+        .unwrap();
+    legit
+        .send(Message::Text(
+            json!({"v":1,"type":"auth","token":j["signal_token"]}).to_string().into(),
+        ))
+        .await
+        .unwrap();
+    let w = legit.next().await.unwrap().unwrap();
+    assert!(w.to_text().unwrap().contains("welcome"));
+    // Every idle one is closed at the auth deadline with 4008.
+    for mut ws in accepted {
+        let mut code = None;
+        while let Some(Ok(m)) = ws.next().await {
+            if let Message::Close(Some(f)) = m {
+                code = Some(u16::from(f.code));
+            }
+        }
+        assert_eq!(code, Some(4008));
+    }
+    eventually("unauthenticated gauge back to 0", || {
+        node.metric("turnpike_signal_connections_unauthenticated", &[]) == 0.0
+    })
+    .await;
+}
