@@ -23,6 +23,8 @@ const APPS_RETRY: Duration = Duration::from_secs(2);
 pub(crate) struct Which {
     pub(crate) relay: bool,
     pub(crate) control: bool,
+    /// With `control`: on the control listener at `/v1/signal`; alone: on `[signal] listen`.
+    pub(crate) signal: bool,
 }
 
 /// The control plane's revocations, delivered to the relay in this process.
@@ -77,14 +79,25 @@ pub(crate) async fn run(
         None
     };
 
-    if which.control {
+    if which.control || which.signal {
         let Some(c) = config.control.as_ref() else {
             anyhow::bail!("the configuration has no [control] section");
         };
-        let listener = TcpListener::bind(c.listen)
+        // Signaling alone listens on its own address; otherwise it shares the control listener.
+        let listen = if which.control {
+            c.listen
+        } else {
+            config.signal.listen
+        };
+        let listener = TcpListener::bind(listen)
             .await
-            .with_context(|| format!("control listener {}", c.listen))?;
+            .with_context(|| format!("listener {listen}"))?;
         let bound = listener.local_addr()?;
+        if !which.control && c.public_url_derived {
+            // The tokens' issuer is the control plane's public URL: a signaling node on its own
+            // cannot guess it.
+            anyhow::bail!("control.public-url must be set to run signaling on its own");
+        }
         let turn_urls = if c.turn_urls_derived {
             // Derived from the relay's listeners: use the bound ones (port 0 in tests).
             let listens = relay
@@ -112,10 +125,13 @@ pub(crate) async fn run(
                 Arc::new(control::api::NoRevoker)
             }
         };
+        // Filled in once signaling exists (it needs this state first).
+        let events = Arc::new(signal::LateEvents::default());
         let state = control::AppState {
             settings: Arc::new(settings),
             store: Arc::clone(&store),
             revoker,
+            events: Arc::clone(&events) as Arc<dyn control::CallEvents>,
             clock: Arc::new(control::api::SystemClock),
             metrics: control::api::ControlMetrics::new(&registry)
                 .context("registering the control plane's metrics")?,
@@ -145,11 +161,39 @@ pub(crate) async fn run(
                 (record, keys)
             })
             .collect();
-        tasks.spawn(put_config_apps(Arc::clone(&store), apps, stopped()));
-        println!("turnpike: control listening on http://{bound}");
+        if which.control {
+            tasks.spawn(put_config_apps(Arc::clone(&store), apps, stopped()));
+        }
+        let mut app = if which.control {
+            control::router(state.clone())
+        } else {
+            axum::Router::new()
+        };
+        if which.signal {
+            let signal = signal::Signal::new(
+                state.clone(),
+                signal_settings(&config.signal),
+                open_bus(&config),
+                signal::metrics::SignalMetrics::new(&registry)
+                    .context("registering signaling's metrics")?,
+            );
+            events.set(&signal);
+            app = app.merge(signal.router());
+            let stop = stopped();
+            tokio::spawn(async move {
+                stop.await;
+                signal.shutdown();
+            });
+        }
+        if which.control {
+            println!("turnpike: control listening on http://{bound}");
+        } else {
+            println!("turnpike: signal listening on http://{bound}");
+        }
         let stop = stopped();
+        let head_timeout = c.request_timeout;
         tasks.spawn(async move {
-            control::serve(listener, state, stop)
+            control::serve_app(listener, app, head_timeout, stop)
                 .await
                 .context("control API")
         });
@@ -212,6 +256,31 @@ fn settings(
         request_timeout: c.request_timeout,
         limits: control::api::Limits::default(),
     })
+}
+
+/// Signaling's settings from `[signal]`.
+fn signal_settings(s: &conf::Signal) -> signal::Settings {
+    signal::Settings {
+        origins: s.allowed_origins.clone(),
+        auth_timeout: s.auth_timeout,
+        ping_interval: s.ping_interval,
+        idle_timeout: s.idle_timeout,
+        max_message: s.max_message,
+        message_rate: s.message_rate,
+        message_burst: s.message_burst,
+        send_queue: s.send_queue,
+        resume_window: s.resume_window,
+        empty_timeout: s.empty_timeout,
+        node_timeout: s.node_timeout,
+        max_connections: s.max_connections as usize,
+        max_unauthenticated_per_ip: s.max_unauthenticated_per_ip as usize,
+    }
+}
+
+/// How this node meets the others: alone in memory, or on the store's Redis.
+fn open_bus(config: &conf::Config) -> Arc<dyn signal::bus::Bus> {
+    let node = control::secrets::new_id("n_");
+    Arc::new(signal::bus::LocalBus::new(node))
 }
 
 /// The configured store: Redis when `[store] redis-url` is set (connecting in the background

@@ -39,4 +39,4 @@ pub mod jwt;
 pub mod secrets;
 pub mod store;
 
-pub use api::{router, serve, AppState, Revoker, Settings};
+pub use api::{router, serve, serve_app, AppState, CallEvents, Revoker, Settings};

@@ -16,16 +16,16 @@ use axum::body::{Body, Bytes};
 use axum::extract::connect_info::{ConnectInfo, MockConnectInfo};
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
-use control::api::{ApiError, Clock, ControlMetrics, Limits, ManualClock, NoRevoker};
+use control::api::{ApiError, Clock, ControlMetrics, Limits, ManualClock, NoEvents, NoRevoker};
 use control::codes::ALPHABET;
 use control::creds::Minter;
 use control::jwt::{JwtKey, Keys, AUDIENCE};
 use control::secrets::HashKey;
 use control::store::{
-    Admission, App, Call, CallState, Cursor, Digest, MemoryStore, Millis, Page, Participant, Store,
-    StoreError, TokenGrant,
+    Admission, App, Call, CallState, Cursor, Digest, Media, MemoryStore, Millis, Page, Participant,
+    Quality, Store, StoreError, TokenGrant,
 };
-use control::{router, serve, AppState, Revoker, Settings};
+use control::{router, serve, AppState, CallEvents, Revoker, Settings};
 use http_body_util::BodyExt as _;
 use prometheus::proto::MetricType;
 use prometheus::Registry;
@@ -154,6 +154,42 @@ impl Store for ProbeStore {
         self.enter("admit").await?;
         self.inner.admit(call_id, participant, now).await
     }
+    async fn set_left(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        left_at: Option<Millis>,
+    ) -> Result<bool, StoreError> {
+        self.enter("set_left").await?;
+        self.inner.set_left(call_id, peer_id, left_at).await
+    }
+    async fn set_media(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        media: Media,
+    ) -> Result<bool, StoreError> {
+        self.enter("set_media").await?;
+        self.inner.set_media(call_id, peer_id, media).await
+    }
+    async fn set_quality(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        quality: &Quality,
+    ) -> Result<bool, StoreError> {
+        self.enter("set_quality").await?;
+        self.inner.set_quality(call_id, peer_id, quality).await
+    }
+    async fn kick(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError> {
+        self.enter("kick").await?;
+        self.inner.kick(call_id, peer_id, now).await
+    }
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError> {
         self.enter("hit").await?;
         self.inner.hit(key, window_ms, now).await
@@ -175,6 +211,32 @@ struct RecordingRevoker(Mutex<Vec<(String, u64)>>);
 impl Revoker for RecordingRevoker {
     fn revoke(&self, group: &str, until_unix: u64) {
         self.0.lock().unwrap().push((group.to_owned(), until_unix));
+    }
+}
+
+/// One thing the API told signaling.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Event {
+    Ended { call: String, reason: String },
+    Kicked { call: String, peer: String },
+}
+
+/// Remembers every event.
+#[derive(Debug, Default)]
+struct RecordingEvents(Mutex<Vec<Event>>);
+
+impl CallEvents for RecordingEvents {
+    fn call_ended(&self, call_id: &str, reason: &str) {
+        self.0.lock().unwrap().push(Event::Ended {
+            call: call_id.to_owned(),
+            reason: reason.to_owned(),
+        });
+    }
+    fn peer_kicked(&self, call_id: &str, peer_id: &str) {
+        self.0.lock().unwrap().push(Event::Kicked {
+            call: call_id.to_owned(),
+            peer: peer_id.to_owned(),
+        });
     }
 }
 
@@ -215,6 +277,7 @@ struct Api {
     store: Arc<ProbeStore>,
     clock: Arc<ManualClock>,
     revoker: Arc<RecordingRevoker>,
+    events: Arc<RecordingEvents>,
 }
 
 fn api() -> Api {
@@ -228,10 +291,12 @@ fn api_with(tweak: impl FnOnce(&mut Settings)) -> Api {
     let store = Arc::new(ProbeStore::default());
     let clock = Arc::new(ManualClock::new(T0));
     let revoker = Arc::new(RecordingRevoker::default());
+    let events = Arc::new(RecordingEvents::default());
     let state = AppState {
         settings: Arc::new(s),
         store: store.clone(),
         revoker: revoker.clone(),
+        events: events.clone(),
         clock: clock.clone(),
         metrics: ControlMetrics::new(&registry).unwrap(),
     };
@@ -242,6 +307,7 @@ fn api_with(tweak: impl FnOnce(&mut Settings)) -> Api {
         store,
         clock,
         revoker,
+        events,
     }
 }
 
@@ -643,12 +709,29 @@ async fn signal_token_verifies_and_turn_password_is_the_relays() {
         relay_proto::rest_password(b"another secret", username),
         password
     );
-    // The group the relay revokes by is the call's.
+    // The groups the relay revokes by: the call's, and this participant's within it.
     let stored = api.stored_call(call_id).await;
+    let peer_id = v["peer_id"].as_str().unwrap();
     assert_eq!(
         relay_proto::auth::rest_group(username.as_bytes()),
         Some(stored.cred_group.as_str())
     );
+    let user = username.split_once(':').unwrap().1;
+    let parts: Vec<&str> = user.split('.').collect();
+    assert_eq!(parts.len(), 3, "{user}");
+    assert_eq!(parts[0], stored.cred_group);
+    assert_eq!(parts[1], peer_id);
+    assert!(!parts[2].is_empty());
+    let groups: Vec<&str> = relay_proto::auth::rest_groups(username.as_bytes()).collect();
+    let peer_group = format!("{}.{peer_id}", stored.cred_group);
+    assert_eq!(
+        groups,
+        vec![stored.cred_group.as_str(), peer_group.as_str()]
+    );
+    // The stored participant carries the token's jti (signaling accepts only that token).
+    assert_eq!(stored.participants[0].peer_id, peer_id);
+    assert_eq!(stored.participants[0].jti, claims.jti);
+    assert!(!stored.participants[0].kicked);
     assert_eq!(v["ice_servers_expire_at"], "2023-11-14T23:13:20Z");
 
     // Near the call's end the credentials stop with the call (at least a minute, though).
@@ -676,7 +759,34 @@ async fn ending_a_call_revokes_its_credential_group() {
     r.ok(StatusCode::OK);
     let group = api.stored_call(id).await.cred_group;
     let revoked = api.revoker.0.lock().unwrap().clone();
-    assert_eq!(revoked, vec![(group, T0 / 1000 + 100 + CRED_TTL_S)]);
+    assert_eq!(revoked, vec![(group.clone(), T0 / 1000 + 100 + CRED_TTL_S)]);
+    let ended = Event::Ended {
+        call: id.to_owned(),
+        reason: "api".to_owned(),
+    };
+    assert_eq!(*api.events.0.lock().unwrap(), vec![ended.clone()]);
+    // Ending again revokes again (re-arming a restarted relay) but signaling heard it once.
+    api.clock.advance(Duration::from_secs(1));
+    let r = api
+        .call("POST", &format!("/v1/calls/{id}/end"), Some(&key), None)
+        .await;
+    assert_eq!(r.ok(StatusCode::OK)["ended_at"], "2023-11-14T22:15:00Z");
+    assert_eq!(api.revoker.0.lock().unwrap().len(), 2);
+    assert_eq!(*api.events.0.lock().unwrap(), vec![ended]);
+    // A call that merely expired is not "ended now" by an end request either.
+    let short = api.new_call(&key, json!({ "ttl": 60 })).await;
+    let short_id = short["id"].as_str().unwrap();
+    api.clock.advance(Duration::from_secs(60));
+    let r = api
+        .call(
+            "POST",
+            &format!("/v1/calls/{short_id}/end"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(r.ok(StatusCode::OK)["state"], "ended");
+    assert_eq!(api.events.0.lock().unwrap().len(), 1);
     // Tokens for an ended call are refused.
     let r = api
         .call(
@@ -687,6 +797,190 @@ async fn ending_a_call_revokes_its_credential_group() {
         )
         .await;
     r.error(StatusCode::CONFLICT, "call_ended");
+}
+
+#[tokio::test]
+async fn kicking_a_participant_frees_the_seat_and_revokes_only_theirs() {
+    let api = api();
+    let (_, key) = api.new_app("A").await;
+    let call = api.new_call(&key, json!({ "max_participants": 2 })).await;
+    let id = call["id"].as_str().unwrap().to_owned();
+    let code = call["join_code"].as_str().unwrap().to_owned();
+    let a = api.join_code(ip(2), &code).await.ok(StatusCode::OK).clone();
+    let b = api.join_code(ip(3), &code).await.ok(StatusCode::OK).clone();
+    let (peer_a, peer_b) = (
+        a["peer_id"].as_str().unwrap().to_owned(),
+        b["peer_id"].as_str().unwrap().to_owned(),
+    );
+    api.join_code(ip(4), &code)
+        .await
+        .error(StatusCode::CONFLICT, "call_full");
+    let group = api.stored_call(&id).await.cred_group;
+
+    api.clock.advance(Duration::from_secs(10));
+    let kick = format!("/v1/calls/{id}/participants/{peer_a}");
+    api.store.take_ops();
+    let r = api.call("DELETE", &kick, Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    assert!(r.bytes.is_empty());
+    assert_eq!(
+        api.store.take_ops(),
+        vec!["app_for_key", "get_call", "kick"]
+    );
+    // Only this participant's credentials: `CALLGROUP.PEERID`, until every one of them expired.
+    let until = T0 / 1000 + 10 + CRED_TTL_S;
+    assert_eq!(
+        *api.revoker.0.lock().unwrap(),
+        vec![(format!("{group}.{peer_a}"), until)]
+    );
+    assert_eq!(
+        *api.events.0.lock().unwrap(),
+        vec![Event::Kicked {
+            call: id.clone(),
+            peer: peer_a.clone(),
+        }]
+    );
+
+    // The call shows it; the other participant is untouched.
+    let r = api
+        .call("GET", &format!("/v1/calls/{id}"), Some(&key), None)
+        .await;
+    let v = r.ok(StatusCode::OK);
+    assert_eq!(v["state"], "active");
+    let ps = v["participants"].as_array().unwrap();
+    assert_eq!(ps[0]["peer_id"], peer_a.as_str());
+    assert_eq!(ps[0]["kicked"], true);
+    assert_eq!(ps[0]["left_at"], "2023-11-14T22:13:30Z");
+    assert_eq!(ps[1]["peer_id"], peer_b.as_str());
+    assert_eq!(ps[1]["kicked"], false);
+    assert_eq!(ps[1]["left_at"], Value::Null);
+    assert_eq!(ps[1]["quality"], Value::Null);
+
+    // The seat is free.
+    api.join_code(ip(4), &code).await.ok(StatusCode::OK);
+
+    // Kicking again: 204 again, nothing changes (the kick's time stays), and the revocation and
+    // the notice are repeated (finishing what a crash after the store write may have left).
+    api.clock.advance(Duration::from_secs(5));
+    let r = api.call("DELETE", &kick, Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    let stored = api.stored_call(&id).await;
+    assert_eq!(stored.participants[0].left_at, Some(T0 + 10_000));
+    assert!(stored.participants[0].kicked);
+    assert_eq!(api.revoker.0.lock().unwrap().len(), 2);
+    assert_eq!(api.events.0.lock().unwrap().len(), 2);
+
+    // Unknown peers and calls: 404, nothing revoked or told.
+    for path in [
+        format!("/v1/calls/{id}/participants/p_unknown"),
+        format!("/v1/calls/c_unknown/participants/{peer_b}"),
+    ] {
+        api.call("DELETE", &path, Some(&key), None)
+            .await
+            .error(StatusCode::NOT_FOUND, "not_found");
+    }
+    assert_eq!(api.revoker.0.lock().unwrap().len(), 2);
+    assert_eq!(api.events.0.lock().unwrap().len(), 2);
+
+    // Ended: signaling hears of the end; kicking is 409.
+    let r = api
+        .call("POST", &format!("/v1/calls/{id}/end"), Some(&key), None)
+        .await;
+    r.ok(StatusCode::OK);
+    assert_eq!(
+        api.events.0.lock().unwrap().last(),
+        Some(&Event::Ended {
+            call: id.clone(),
+            reason: "api".to_owned(),
+        })
+    );
+    let r = api
+        .call(
+            "DELETE",
+            &format!("/v1/calls/{id}/participants/{peer_b}"),
+            Some(&key),
+            None,
+        )
+        .await;
+    r.error(StatusCode::CONFLICT, "call_ended");
+    assert!(!api.stored_call(&id).await.participants[1].kicked);
+    assert_eq!(api.events.0.lock().unwrap().len(), 3);
+
+    // Expired is ended too.
+    let short = api.new_call(&key, json!({ "ttl": 60 })).await;
+    let short_id = short["id"].as_str().unwrap();
+    let j = api
+        .join_code(ip(5), short["join_code"].as_str().unwrap())
+        .await;
+    let peer = j.ok(StatusCode::OK)["peer_id"].as_str().unwrap().to_owned();
+    api.clock.advance(Duration::from_secs(60));
+    api.call(
+        "DELETE",
+        &format!("/v1/calls/{short_id}/participants/{peer}"),
+        Some(&key),
+        None,
+    )
+    .await
+    .error(StatusCode::CONFLICT, "call_ended");
+}
+
+#[tokio::test]
+async fn participants_show_signalings_quality_summary() {
+    let api = api();
+    let (_, key) = api.new_app("A").await;
+    let call = api.new_call(&key, json!({})).await;
+    let id = call["id"].as_str().unwrap();
+    let j = api
+        .join_code(ip(2), call["join_code"].as_str().unwrap())
+        .await;
+    let peer = j.ok(StatusCode::OK)["peer_id"].as_str().unwrap().to_owned();
+    let quality = Quality {
+        rtt_ms: 42.5,
+        jitter_ms: 3.25,
+        packet_loss: 0.01,
+        bitrate_kbps: Some(850.0),
+        mos: 4.3,
+        candidate_type: "relay".to_owned(),
+        relay_protocol: "udp".to_owned(),
+        reports: 7,
+        updated_at: T0 + 2_500,
+    };
+    // What signaling does.
+    assert!(api
+        .store
+        .inner
+        .set_quality(id, &peer, &quality)
+        .await
+        .unwrap());
+    let media = Media {
+        audio: true,
+        video: true,
+        screen: false,
+    };
+    assert!(api.store.inner.set_media(id, &peer, media).await.unwrap());
+    let r = api
+        .call("GET", &format!("/v1/calls/{id}"), Some(&key), None)
+        .await;
+    let p = &r.ok(StatusCode::OK)["participants"][0];
+    assert_eq!(
+        p["quality"],
+        json!({
+            "rtt_ms": 42.5, "jitter_ms": 3.25, "packet_loss": 0.01, "bitrate_kbps": 850.0,
+            "mos": 4.3, "candidate_type": "relay", "relay_protocol": "udp", "reports": 7,
+            "updated_at": "2023-11-14T22:13:22Z"
+        })
+    );
+    assert_eq!(
+        p["media"],
+        json!({ "audio": true, "video": true, "screen": false })
+    );
+    assert_eq!(p["kicked"], false);
+    // The listing shows the same.
+    let r = api.call("GET", "/v1/calls", Some(&key), None).await;
+    assert_eq!(
+        r.ok(StatusCode::OK)["calls"][0]["participants"][0]["quality"],
+        p["quality"]
+    );
 }
 
 #[tokio::test]
@@ -986,6 +1280,11 @@ async fn forged_other_app_and_disabled_keys() {
     let call = api.new_call(&a_key, json!({})).await;
     let id = call["id"].as_str().unwrap();
     let code = call["join_code"].as_str().unwrap().to_owned();
+    let joined = api.join_code(ip(6), &code).await;
+    let peer = joined.ok(StatusCode::OK)["peer_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
 
     // Unknown keys: 401.
     let forged = format!("tpk_{}", "A".repeat(32));
@@ -1009,6 +1308,11 @@ async fn forged_other_app_and_disabled_keys() {
             format!("/v1/calls/{id}/tokens"),
             Some(json!({ "role": "guest" })),
         ),
+        (
+            "DELETE",
+            format!("/v1/calls/{id}/participants/{peer}"),
+            None,
+        ),
     ] {
         let theirs = api.call(method, &path, Some(&b_key), body.clone()).await;
         theirs.error(StatusCode::NOT_FOUND, "not_found");
@@ -1021,6 +1325,12 @@ async fn forged_other_app_and_disabled_keys() {
         None,
         "B could not end A's call"
     );
+    assert!(
+        !api.stored_call(id).await.participants[0].kicked,
+        "B could not kick from A's call"
+    );
+    assert!(api.revoker.0.lock().unwrap().is_empty());
+    assert!(api.events.0.lock().unwrap().is_empty());
 
     // Disabled: 403 for its keys, its calls cannot be joined; enabled again: back.
     let r = api
@@ -1068,6 +1378,7 @@ async fn unauthenticated_requests_only_reach_the_key_lookup() {
             Some(json!({ "role": "host" })),
         ),
         ("POST", "/v1/turn/credentials".to_owned(), None),
+        ("DELETE", format!("/v1/calls/{id}/participants/p_x"), None),
     ];
     let forged = format!("tpk_{}", "B".repeat(32));
     api.store.take_ops();
@@ -1575,6 +1886,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("get", "/v1/calls/{id}"),
     ("post", "/v1/calls/{id}/end"),
     ("post", "/v1/calls/{id}/tokens"),
+    ("delete", "/v1/calls/{id}/participants/{peer_id}"),
     ("post", "/v1/turn/credentials"),
     ("post", "/v1/join"),
     ("get", "/openapi.json"),
@@ -1607,7 +1919,7 @@ async fn openapi_lists_every_route() {
 
     // ...and the router serves each of them (not the unknown-route fallback, not 405).
     for (method, path) in ROUTES {
-        let uri = path.replace("{id}", "x");
+        let uri = path.replace("{id}", "x").replace("{peer_id}", "y");
         let r = api.call(&method.to_uppercase(), &uri, None, None).await;
         assert!(
             r.status != StatusCode::METHOD_NOT_ALLOWED && r.json["error"]["code"] != "not_found",
@@ -1634,11 +1946,36 @@ async fn openapi_lists_every_route() {
         "CallView",
         "IceServer",
         "CreatedCall",
+        "ParticipantView",
+        "QualityView",
     ] {
         assert!(
             doc["components"]["schemas"].get(schema).is_some(),
             "{schema} missing"
         );
+    }
+    let participant = &doc["components"]["schemas"]["ParticipantView"]["properties"];
+    for field in ["kicked", "quality", "left_at", "media"] {
+        assert!(participant.get(field).is_some(), "ParticipantView.{field}");
+    }
+    let quality = &doc["components"]["schemas"]["QualityView"]["properties"];
+    for field in [
+        "rtt_ms",
+        "jitter_ms",
+        "packet_loss",
+        "bitrate_kbps",
+        "mos",
+        "candidate_type",
+        "relay_protocol",
+        "reports",
+        "updated_at",
+    ] {
+        assert!(quality.get(field).is_some(), "QualityView.{field}");
+    }
+    let kick = &doc["paths"]["/v1/calls/{id}/participants/{peer_id}"]["delete"];
+    assert_eq!(kick["security"][0], json!({ "app_key": [] }));
+    for status in ["204", "404", "409"] {
+        assert!(kick["responses"].get(status).is_some(), "kick {status}");
     }
 }
 
@@ -1853,6 +2190,8 @@ fn clocks() {
     assert!(a > T0);
     assert!(control::api::SystemClock.now_ms() >= a);
     NoRevoker.revoke("g", 1);
+    NoEvents.call_ended("c", "api");
+    NoEvents.peer_kicked("c", "p");
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use control::store::{
     Admission, App, Call, CallState, Cursor, Digest, Media, MemoryStore, Millis, Participant,
-    RedisStore, Role, Store, StoreError, TokenGrant,
+    Quality, RedisStore, Role, Store, StoreError, TokenGrant,
 };
 use serde_json::json;
 use tokio::sync::Barrier;
@@ -77,6 +77,26 @@ fn participant(peer: &str, now: Millis) -> Participant {
         joined_at: now,
         left_at: None,
         media: Media::default(),
+        jti: format!("j_{peer}"),
+        kicked: false,
+        quality: None,
+    }
+}
+
+/// A quality summary whose floats do not survive rounding to 14 digits (Lua's `cjson`): the
+/// store must give them back exactly. Fifteen significant digits, which `serde_json`'s default
+/// (not `float_roundtrip`) parser reads back exactly; seventeen could come back one ulp off.
+fn quality(n: u64, now: Millis) -> Quality {
+    Quality {
+        rtt_ms: 12.345_678_901_234_5,
+        jitter_ms: 0.1,
+        packet_loss: 0.333_333_333_333_333,
+        bitrate_kbps: (n % 2 == 0).then_some(1_234.567_890_123_45),
+        mos: 4.123_456_789_012_34,
+        candidate_type: "relay".to_owned(),
+        relay_protocol: "udp".to_owned(),
+        reports: n,
+        updated_at: now,
     }
 }
 
@@ -595,6 +615,27 @@ async fn hostile_strings(s: S) {
     let Admission::Admitted(after) = s.admit(&id, &p, t + 1).await.unwrap() else {
         panic!("not admitted");
     };
+    assert_eq!(after.participants, vec![p.clone()]);
+    assert_eq!(after.metadata, c.metadata);
+    // Participant changes find the peer by its id, byte for byte, and keep everything else.
+    let media = Media {
+        audio: true,
+        video: true,
+        screen: true,
+    };
+    assert!(s.set_media(&id, nasty, media).await.unwrap());
+    let mut q = quality(1, t + 1);
+    q.candidate_type = nasty.to_owned();
+    assert!(s.set_quality(&id, nasty, &q).await.unwrap());
+    assert!(!s.set_media(&id, &nasty[1..], media).await.unwrap());
+    assert!(!s.set_media(&id, "p:1", media).await.unwrap());
+    assert!(!s.set_media(&id, "1", media).await.unwrap());
+    let after = s.get_call(&id).await.unwrap().unwrap();
+    let p = Participant {
+        media,
+        quality: Some(q),
+        ..p
+    };
     assert_eq!(after.participants, vec![p]);
     assert_eq!(after.metadata, c.metadata);
     let page = s
@@ -632,11 +673,235 @@ async fn hostile_strings(s: S) {
         );
         assert!(!s.set_app_disabled(probe, true).await.unwrap());
         assert!(!s.add_app_key(probe, digest(1003)).await.unwrap());
+        assert!(!s.set_media(probe, probe, Media::default()).await.unwrap());
+        assert!(!s.set_media(&id, probe, Media::default()).await.unwrap());
+        assert_eq!(s.kick(probe, probe, t).await.unwrap(), None);
+        assert_eq!(s.kick(&id, probe, t).await.unwrap(), None);
     }
 }
 
 async fn ping(s: S) {
     s.ping().await.unwrap();
+}
+
+/// `set_left`, `set_media`, `set_quality` and `kick`: each changes its fields only, on known
+/// calls and peers only, and seats follow.
+async fn participant_updates(s: S) {
+    let t = base();
+    s.create_call(&call("c_pu", "app_a", t, 3_600_000, 2), digest(1100))
+        .await
+        .unwrap();
+    let a = participant("p_a", t);
+    let b = participant("p_b", t);
+    for p in [&a, &b] {
+        assert!(matches!(
+            s.admit("c_pu", p, t).await.unwrap(),
+            Admission::Admitted(_)
+        ));
+    }
+    let get = |id: &'static str| {
+        let s = s.clone();
+        async move { s.get_call(id).await.unwrap().unwrap() }
+    };
+
+    // Media.
+    let media = Media {
+        audio: true,
+        video: false,
+        screen: true,
+    };
+    assert!(s.set_media("c_pu", "p_a", media).await.unwrap());
+    let mut want_a = Participant { media, ..a.clone() };
+    assert_eq!(
+        get("c_pu").await.participants,
+        vec![want_a.clone(), b.clone()]
+    );
+
+    // Quality, floats exact.
+    let q = quality(3, t + 5);
+    assert!(s.set_quality("c_pu", "p_a", &q).await.unwrap());
+    want_a.quality = Some(q.clone());
+    assert_eq!(get("c_pu").await.participants[0], want_a);
+    let q2 = quality(4, t + 6);
+    assert!(s.set_quality("c_pu", "p_a", &q2).await.unwrap());
+    want_a.quality = Some(q2);
+    assert_eq!(get("c_pu").await.participants[0], want_a);
+
+    // Leaving frees the seat; coming back (a resumed session) takes it again.
+    assert!(s.set_left("c_pu", "p_b", Some(t + 10)).await.unwrap());
+    let c = get("c_pu").await;
+    assert_eq!(c.participants[1].left_at, Some(t + 10));
+    assert_eq!(c.present(), 1);
+    assert!(s.set_left("c_pu", "p_b", None).await.unwrap());
+    let c = get("c_pu").await;
+    assert_eq!(c.participants[1], b);
+    assert_eq!(c.present(), 2);
+    assert_eq!(
+        s.admit("c_pu", &participant("p_c", t + 11), t + 11)
+            .await
+            .unwrap(),
+        Admission::Full
+    );
+
+    // A kick: kicked, left now, everything else kept; the seat is free.
+    let kicked = s.kick("c_pu", "p_a", t + 20).await.unwrap().unwrap();
+    want_a.kicked = true;
+    want_a.left_at = Some(t + 20);
+    assert_eq!(kicked, want_a);
+    assert_eq!(
+        kicked.jti, "j_p_a",
+        "the caller learns which token to refuse"
+    );
+    let c = get("c_pu").await;
+    assert_eq!(c.participants[0], want_a);
+    assert_eq!(c.present(), 1);
+    // Kicking again changes nothing, the kick's time included.
+    assert_eq!(
+        s.kick("c_pu", "p_a", t + 30).await.unwrap(),
+        Some(want_a.clone())
+    );
+    // A kicked participant stays left at the kick's time, whatever signaling reports later.
+    assert!(s.set_left("c_pu", "p_a", None).await.unwrap());
+    assert!(s.set_left("c_pu", "p_a", Some(t + 40)).await.unwrap());
+    assert_eq!(get("c_pu").await.participants[0], want_a);
+    assert_eq!(get("c_pu").await.present(), 1);
+    // Its seat went to someone else.
+    let c_p = participant("p_c", t + 41);
+    let Admission::Admitted(after) = s.admit("c_pu", &c_p, t + 41).await.unwrap() else {
+        panic!("the kicked participant's seat is not free");
+    };
+    assert_eq!(
+        after.participants,
+        vec![want_a.clone(), b.clone(), c_p.clone()]
+    );
+    assert_eq!(
+        s.admit("c_pu", &participant("p_d", t + 42), t + 42)
+            .await
+            .unwrap(),
+        Admission::Full
+    );
+
+    // Kicking someone who had left already keeps their leaving time.
+    assert!(s.set_left("c_pu", "p_c", Some(t + 50)).await.unwrap());
+    let k = s.kick("c_pu", "p_c", t + 60).await.unwrap().unwrap();
+    assert!(k.kicked);
+    assert_eq!(k.left_at, Some(t + 50));
+
+    // Unknown call or peer: nothing happens, nothing is created.
+    let before = get("c_pu").await;
+    for (call_id, peer_id) in [("c_pu", "p_zz"), ("c_missing", "p_a"), ("c_missing", "")] {
+        assert!(!s.set_left(call_id, peer_id, Some(t)).await.unwrap());
+        assert!(!s.set_left(call_id, peer_id, None).await.unwrap());
+        assert!(!s.set_media(call_id, peer_id, media).await.unwrap());
+        assert!(!s.set_quality(call_id, peer_id, &q).await.unwrap());
+        assert_eq!(s.kick(call_id, peer_id, t).await.unwrap(), None);
+    }
+    assert_eq!(get("c_pu").await, before);
+    assert_eq!(s.get_call("c_missing").await.unwrap(), None);
+
+    // Ended calls still take the last changes (signaling records the leaves), and the
+    // listing shows what `get_call` shows.
+    let ended = s.end_call("c_pu", "api", t + 70).await.unwrap().unwrap();
+    assert!(s.set_left("c_pu", "p_b", Some(t + 71)).await.unwrap());
+    let c = get("c_pu").await;
+    assert_eq!(c.participants[1].left_at, Some(t + 71));
+    assert_eq!(c.ended_at, ended.ended_at);
+    let page = s.list_calls("app_a", None, 10, None, t + 72).await.unwrap();
+    assert_eq!(page.calls, vec![c]);
+
+    // Participants stored with the call at creation are found too.
+    let mut pre = call("c_pre", "app_a", t, 3_600_000, 4);
+    pre.participants = vec![participant("p_x", t), participant("p_y", t)];
+    s.create_call(&pre, digest(1101)).await.unwrap();
+    assert!(s.set_media("c_pre", "p_y", media).await.unwrap());
+    let k = s.kick("c_pre", "p_x", t + 1).await.unwrap().unwrap();
+    assert_eq!(k.left_at, Some(t + 1));
+    let c = get("c_pre").await;
+    assert!(c.participants[0].kicked);
+    assert_eq!(c.participants[1].media, media);
+    assert_eq!(c.present(), 1);
+}
+
+/// Concurrent changes of one participant's different fields never lose one another.
+async fn participant_races(s: S) {
+    let t = base();
+    s.create_call(&call("c_pr", "app_a", t, 3_600_000, 20), digest(1200))
+        .await
+        .unwrap();
+    let rounds = 20usize;
+    for i in 0..rounds {
+        let peer = format!("p_{i}");
+        assert!(matches!(
+            s.admit("c_pr", &participant(&peer, t), t).await.unwrap(),
+            Admission::Admitted(_)
+        ));
+    }
+    let media = Media {
+        audio: true,
+        video: true,
+        screen: false,
+    };
+    // Per participant: a set_media, a kick and a set_quality at once; and other participants'
+    // changes at the same time.
+    let barrier = Arc::new(Barrier::new(rounds * 3));
+    let mut tasks = Vec::new();
+    for i in 0..rounds {
+        let peer = format!("p_{i}");
+        for what in 0..3 {
+            let (s, barrier, peer) = (s.clone(), barrier.clone(), peer.clone());
+            tasks.push(tokio::spawn(async move {
+                barrier.wait().await;
+                match what {
+                    0 => assert!(s.set_media("c_pr", &peer, media).await.unwrap()),
+                    1 => assert!(s.kick("c_pr", &peer, t + 5).await.unwrap().is_some()),
+                    _ => assert!(s
+                        .set_quality("c_pr", &peer, &quality(i as u64, t + 6))
+                        .await
+                        .unwrap()),
+                }
+            }));
+        }
+    }
+    for task in tasks {
+        tokio::time::timeout(NO_HANG, task)
+            .await
+            .expect("a participant change hangs")
+            .unwrap();
+    }
+    let c = s.get_call("c_pr").await.unwrap().unwrap();
+    assert_eq!(c.participants.len(), rounds);
+    for (i, p) in c.participants.iter().enumerate() {
+        let want = Participant {
+            media,
+            kicked: true,
+            left_at: Some(t + 5),
+            quality: Some(quality(i as u64, t + 6)),
+            ..participant(&format!("p_{i}"), t)
+        };
+        assert_eq!(p, &want, "participant {i}");
+    }
+    assert_eq!(c.present(), 0);
+
+    // Many changes of one field race too: the last one written wins, and none is half-applied.
+    let barrier = Arc::new(Barrier::new(10));
+    let tasks: Vec<_> = (0..10u64)
+        .map(|n| {
+            let (s, barrier) = (s.clone(), barrier.clone());
+            tokio::spawn(async move {
+                barrier.wait().await;
+                s.set_quality("c_pr", "p_0", &quality(n, t + n))
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    for task in tasks {
+        assert!(task.await.unwrap());
+    }
+    let c = s.get_call("c_pr").await.unwrap().unwrap();
+    let q = c.participants[0].quality.clone().unwrap();
+    assert_eq!(q, quality(q.reports, t + q.reports));
+    assert!(c.participants[0].kicked && c.participants[0].media == media);
 }
 
 macro_rules! contract {
@@ -675,6 +940,8 @@ contract!(
     live_calls,
     hostile_strings,
     ping,
+    participant_updates,
+    participant_races,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -760,6 +1027,10 @@ async fn every_op(s: &S, t: Millis) -> Vec<Result<(), StoreError>> {
         s.list_calls("app_a", None, 10, None, t).await.map(drop),
         s.call_for_code(digest(3), t).await.map(drop),
         s.admit("c_any", &participant("p", t), t).await.map(drop),
+        s.set_left("c_any", "p", Some(t)).await.map(drop),
+        s.set_media("c_any", "p", Media::default()).await.map(drop),
+        s.set_quality("c_any", "p", &quality(1, t)).await.map(drop),
+        s.kick("c_any", "p", t).await.map(drop),
         s.end_call("c_any", "api", t).await.map(drop),
         s.put_token(digest(4), &grant("c_any", t + 1_000))
             .await
@@ -815,6 +1086,8 @@ async fn redis_killed_is_unavailable_then_recovers() {
         Admission::Gone
     );
     assert_eq!(s.end_call("c_any", "api", t).await.unwrap(), None);
+    assert_eq!(s.kick("c_any", "p", t).await.unwrap(), None);
+    assert!(!s.set_media("c_any", "p", Media::default()).await.unwrap());
     assert_eq!(s.redeem_token(digest(4), t).await.unwrap(), None);
     assert_eq!(s.live_calls(t).await.unwrap(), 0);
     assert_eq!(s.hit("k", 1_000, t).await.unwrap(), (1, 1_000));
@@ -893,6 +1166,16 @@ async fn redis_every_key_has_a_ttl() {
             .await
             .unwrap();
     }
+    let ttl_before: i64 = ::redis::cmd("PTTL")
+        .arg("tp:{c:c_1}:call")
+        .query_async(&mut raw(&server).await)
+        .await
+        .unwrap();
+    // Participant changes rewrite a field of the call hash, which keeps its TTL.
+    assert!(s.set_media("c_1", "p_1", Media::default()).await.unwrap());
+    assert!(s.set_quality("c_1", "p_1", &quality(1, t)).await.unwrap());
+    assert!(s.set_left("c_1", "p_1", Some(t + 11)).await.unwrap());
+    assert!(s.kick("c_1", "p_1", t + 12).await.unwrap().is_some());
     s.end_call("c_0", "api", t + 20).await.unwrap().unwrap();
     s.put_token(digest(200), &grant("c_1", t + 60_000))
         .await
@@ -933,6 +1216,10 @@ async fn redis_every_key_has_a_ttl() {
     assert!(
         (expected - 60_000..=expected + 1_000).contains(&pttl),
         "{pttl} vs {expected}"
+    );
+    assert!(
+        (ttl_before - 60_000..=ttl_before).contains(&pttl),
+        "{pttl} vs {ttl_before} before the participant changes"
     );
     // No secret in clear: keys hold digests only.
     assert!(keys
@@ -979,6 +1266,31 @@ async fn redis_foreign_data_is_corrupt() {
     assert!(corrupt(&s.call_for_code(digest(2), t).await.map(drop)));
     assert!(corrupt(&s.get_app("app_str").await.map(drop)));
     assert!(corrupt(&s.redeem_token(digest(1), t).await.map(drop)));
+    // A participant record that is not one: its changes are refused, nothing is written.
+    ::redis::cmd("HSET")
+        .arg("tp:{c:c_bad}:call")
+        .arg("np")
+        .arg("1")
+        .arg("p:1")
+        .arg("[1, 2]")
+        .arg("pi:p_bad")
+        .arg("1")
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    assert!(corrupt(
+        &s.set_media("c_bad", "p_bad", Media::default())
+            .await
+            .map(drop)
+    ));
+    assert!(corrupt(&s.kick("c_bad", "p_bad", t).await.map(drop)));
+    let left: String = ::redis::cmd("HGET")
+        .arg("tp:{c:c_bad}:call")
+        .arg("p:1")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(left, "[1, 2]");
     // The store still works for everything else.
     s.ping().await.unwrap();
     assert_eq!(s.get_call("c_good").await.unwrap(), None);
@@ -1048,4 +1360,93 @@ async fn redis_long_history_pages() {
     }
     assert_eq!(found, vec![oldest.to_owned()]);
     assert!(after.is_some(), "the first page should have stopped short");
+}
+
+/// Participant records stored before `jti`, `kicked` and `quality` existed still read, with
+/// their defaults.
+#[test]
+fn old_participant_records_read_with_defaults() {
+    let old = r#"{"peer_id":"p_old","role":"guest","name":"Old","user_id":null,
+        "joined_at":5,"left_at":null,"media":{"audio":true,"video":false,"screen":false}}"#;
+    let p: Participant = serde_json::from_str(old).unwrap();
+    let want = Participant {
+        peer_id: "p_old".to_owned(),
+        role: Role::Guest,
+        name: "Old".to_owned(),
+        user_id: None,
+        joined_at: 5,
+        left_at: None,
+        media: Media {
+            audio: true,
+            ..Media::default()
+        },
+        jti: String::new(),
+        kicked: false,
+        quality: None,
+    };
+    assert_eq!(p, want);
+}
+
+/// A call Redis holds from before the peer-id index (no `pi:` fields, no `pix`, participants
+/// without the new fields): read, admitted to and changed like any other.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_calls_from_before_the_index_still_work() {
+    let server = RedisServer::start();
+    let s = redis_store(&server).await;
+    let t = base();
+    let c = call("c_v1", "app_a", t, 3_600_000, 2);
+    let rec = serde_json::to_string(&c).unwrap();
+    let old = |peer: &str| {
+        format!(
+            r#"{{"peer_id":"{peer}","role":"guest","name":"name of {peer}","user_id":null,"joined_at":{t},"left_at":null,"media":{{"audio":false,"video":false,"screen":false}}}}"#
+        )
+    };
+    let mut conn = raw(&server).await;
+    ::redis::cmd("HSET")
+        .arg("tp:{c:c_v1}:call")
+        .arg("rec")
+        .arg(rec)
+        .arg("exp")
+        .arg(c.expires_at.to_string())
+        .arg("max")
+        .arg("2")
+        .arg("code")
+        .arg(digest(1).to_hex())
+        .arg("np")
+        .arg("2")
+        .arg("p:1")
+        .arg(old("p_1"))
+        .arg("p:2")
+        .arg(old("p_2"))
+        .exec_async(&mut conn)
+        .await
+        .unwrap();
+    let no_jti = |peer: &str| Participant {
+        jti: String::new(),
+        ..participant(peer, t)
+    };
+    let got = s.get_call("c_v1").await.unwrap().unwrap();
+    assert_eq!(got.participants, vec![no_jti("p_1"), no_jti("p_2")]);
+
+    let media = Media {
+        audio: true,
+        video: true,
+        screen: false,
+    };
+    assert!(s.set_media("c_v1", "p_2", media).await.unwrap());
+    assert!(!s.set_media("c_v1", "p_3", media).await.unwrap());
+    let k = s.kick("c_v1", "p_1", t + 1).await.unwrap().unwrap();
+    assert!(k.kicked);
+    let got = s.get_call("c_v1").await.unwrap().unwrap();
+    assert_eq!(got.participants[1].media, media);
+    assert_eq!(got.present(), 1);
+    // The kicked one's seat is free; the newcomer is indexed and found.
+    let p3 = participant("p_3", t + 2);
+    assert!(matches!(
+        s.admit("c_v1", &p3, t + 2).await.unwrap(),
+        Admission::Admitted(_)
+    ));
+    assert!(s.set_left("c_v1", "p_3", Some(t + 3)).await.unwrap());
+    let got = s.get_call("c_v1").await.unwrap().unwrap();
+    assert_eq!(got.participants[2].left_at, Some(t + 3));
 }

@@ -10,13 +10,16 @@ use utoipa::{IntoParams, ToSchema};
 
 use super::auth::AppKey;
 use super::error::{ErrorBody, Json, Path, Query};
+use super::join::peer_group;
 use super::metrics::Via;
 use super::util::{display_name, rfc3339_ms, rfc3339_s, short_text, ttl};
 use super::{ApiError, AppState};
 use crate::codes::JoinCode;
 use crate::creds::IceServer;
 use crate::secrets::{self, Domain};
-use crate::store::{App, Call, CallState, Cursor, Media, Participant, Role, TokenGrant};
+use crate::store::{
+    App, Call, CallState, Cursor, Media, Millis, Participant, Quality, Role, TokenGrant,
+};
 
 /// Participants per call: at most 32 (a mesh or small SFU call; more is a broadcast, which
 /// this is not built for), 8 by default.
@@ -76,6 +79,49 @@ pub(crate) struct ParticipantView {
     /// RFC 3339; absent while in the call.
     left_at: Option<String>,
     media: Media,
+    /// Removed with `DELETE /v1/calls/{id}/participants/{peer_id}` (then `left_at` is set too).
+    kicked: bool,
+    /// The latest call-quality summary from signaling; absent until the first report.
+    quality: Option<QualityView>,
+}
+
+/// A participant's call quality, summarised by signaling from the client's reports.
+#[derive(Debug, Serialize, ToSchema)]
+pub(crate) struct QualityView {
+    /// Round-trip time, milliseconds.
+    rtt_ms: f64,
+    /// Jitter, milliseconds.
+    jitter_ms: f64,
+    /// Fraction of packets lost, 0..=1.
+    packet_loss: f64,
+    /// Send bitrate, kbit/s, when reported.
+    bitrate_kbps: Option<f64>,
+    /// Estimated mean opinion score, 1..=4.5.
+    mos: f64,
+    /// ICE candidate type of the selected pair (`host`, `srflx`, `prflx`, `relay`).
+    candidate_type: String,
+    /// Transport to the relay when relayed.
+    relay_protocol: String,
+    /// Reports this summary is built from.
+    reports: u64,
+    /// RFC 3339 (like every time in the API, hence not the store's Unix milliseconds).
+    updated_at: String,
+}
+
+impl From<Quality> for QualityView {
+    fn from(q: Quality) -> Self {
+        Self {
+            rtt_ms: q.rtt_ms,
+            jitter_ms: q.jitter_ms,
+            packet_loss: q.packet_loss,
+            bitrate_kbps: q.bitrate_kbps,
+            mos: q.mos,
+            candidate_type: q.candidate_type,
+            relay_protocol: q.relay_protocol,
+            reports: q.reports,
+            updated_at: rfc3339_ms(q.updated_at),
+        }
+    }
 }
 
 /// A call as the API shows it.
@@ -122,6 +168,8 @@ impl CallView {
                     joined_at: rfc3339_ms(p.joined_at),
                     left_at: p.left_at.map(rfc3339_ms),
                     media: p.media,
+                    kicked: p.kicked,
+                    quality: p.quality.map(QualityView::from),
                 })
                 .collect(),
         }
@@ -216,6 +264,13 @@ async fn own_call(state: &AppState, app: &App, id: &str) -> Result<Call, ApiErro
         Some(call) if call.app_id == app.id => Ok(call),
         _ => Err(ApiError::NotFound),
     }
+}
+
+/// Until when the relay must refuse credentials minted for a call (or one participant of it)
+/// up to `now`: they live at most the minter's TTL from their issue, which was before now, so
+/// now + TTL outlives every one of them.
+fn revoke_until(state: &AppState, now: Millis) -> u64 {
+    now / 1000 + state.settings.minter.ttl_s()
 }
 
 /// Creates a call and its join code.
@@ -360,20 +415,70 @@ pub(crate) async fn end_call(
     State(state): State<AppState>,
     Path(id): Path<String>,
 ) -> Result<axum::Json<CallView>, ApiError> {
-    own_call(&state, &app, &id).await?;
+    let before = own_call(&state, &app, &id).await?;
     let now = state.clock.now_ms();
     let call = state
         .store
         .end_call(&id, "api", now)
         .await?
         .ok_or(ApiError::NotFound)?;
-    // Credentials minted for this call live at most the minter's TTL from their issue, which
-    // was before now: refusing the group until now + TTL outlives every one of them. Repeated
-    // on a repeated end: harmless, and it re-arms a relay that restarted meanwhile.
-    let until = now / 1000 + state.settings.minter.ttl_s();
-    state.revoker.revoke(&call.cred_group, until);
+    // Repeated on a repeated end: harmless, and it re-arms a relay that restarted meanwhile.
+    state
+        .revoker
+        .revoke(&call.cred_group, revoke_until(&state, now));
+    // Signaling only hears of an end that happened now: live before, ended by this request
+    // (not one ended earlier, nor one that merely expired). Two racing ends may both tell it,
+    // which it takes as one.
+    if before.state(now) != CallState::Ended && call.ended_at == Some(now) {
+        state.events.call_ended(&call.id, "api");
+    }
     tracing::info!(call = %call.id, "call ended");
     Ok(axum::Json(CallView::new(call, now)))
+}
+
+/// Removes a participant from a live call: signaling closes their connection and refuses
+/// their signaling token from then on, and the relay revokes their TURN credentials (only
+/// theirs). They no longer hold a seat. Kicking again answers 204 again (and repeats the
+/// revocation and the notice to signaling, which finishes what a crash may have interrupted).
+#[utoipa::path(
+    delete, path = "/v1/calls/{id}/participants/{peer_id}", tag = "calls",
+    security(("app_key" = [])),
+    params(
+        ("id" = String, Path, description = "Call id"),
+        ("peer_id" = String, Path, description = "The participant's `peer_id`"),
+    ),
+    responses(
+        (status = 204, description = "Kicked (or kicked already)"),
+        (status = 401, description = "Missing or unknown app key", body = ErrorBody),
+        (status = 403, description = "App disabled", body = ErrorBody),
+        (status = 404, description = "No such call for this app, or no such participant in it", body = ErrorBody),
+        (status = 409, description = "The call has ended", body = ErrorBody),
+    )
+)]
+pub(crate) async fn kick_participant(
+    AppKey(app): AppKey,
+    State(state): State<AppState>,
+    Path((id, peer_id)): Path<(String, String)>,
+) -> Result<StatusCode, ApiError> {
+    let call = own_call(&state, &app, &id).await?;
+    let now = state.clock.now_ms();
+    if call.state(now) == CallState::Ended {
+        // Nobody is connected any more and ending revoked everyone's credentials already.
+        return Err(ApiError::CallEnded);
+    }
+    let kicked = state
+        .store
+        .kick(&call.id, &peer_id, now)
+        .await?
+        .ok_or(ApiError::NotFound)?;
+    // Credentials first: they are what a kicked peer could keep using without signaling.
+    state.revoker.revoke(
+        &peer_group(&call.cred_group, &kicked.peer_id),
+        revoke_until(&state, now),
+    );
+    state.events.peer_kicked(&call.id, &kicked.peer_id);
+    tracing::info!(call = %call.id, peer = %kicked.peer_id, "participant kicked");
+    Ok(StatusCode::NO_CONTENT)
 }
 
 /// Creates a one-time participant token for a call (for consumers who know who joins: the

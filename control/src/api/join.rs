@@ -211,6 +211,9 @@ async fn lookup_and_admit(
         _ => return Err(ApiError::InvalidOrExpired),
     }
     let peer_id = secrets::new_id("p_");
+    // Stored with the participant: signaling accepts only this token for this peer, and a kick
+    // refuses it for good.
+    let jti = secrets::new_id("j_");
     let participant = Participant {
         peer_id: peer_id.clone(),
         role,
@@ -219,6 +222,9 @@ async fn lookup_and_admit(
         joined_at: now,
         left_at: None,
         media: Default::default(),
+        jti: jti.clone(),
+        kicked: false,
+        quality: None,
     };
     let call = match store.admit(&call.id, &participant, now).await? {
         Admission::Admitted(call) => call,
@@ -231,9 +237,10 @@ async fn lookup_and_admit(
     let cred_expiry = (now_s + settings.minter.ttl_s())
         .min(call.expires_at / 1000)
         .max(now_s + MIN_CRED_TTL_S);
-    let minted = settings
-        .minter
-        .mint(&call.cred_group, now_s, cred_expiry - now_s);
+    // Group `CALL.PEER`: the relay counts such usernames in both `CALL` (ending the call
+    // revokes them) and `CALL.PEER` (kicking this peer revokes only theirs).
+    let group = peer_group(&call.cred_group, &peer_id);
+    let minted = settings.minter.mint(&group, now_s, cred_expiry - now_s);
     let claims = Claims {
         iss: settings.public_url.clone(),
         aud: AUDIENCE.to_owned(),
@@ -244,7 +251,7 @@ async fn lookup_and_admit(
         iat: now_s,
         nbf: now_s,
         exp: now_s + settings.token_ttl.as_secs(),
-        jti: secrets::new_id("j_"),
+        jti,
     };
     let signal_token = settings.jwt.sign(&claims);
     Ok(Joined {
@@ -257,6 +264,12 @@ async fn lookup_and_admit(
         ice_servers_expire_at: rfc3339_s(minted.expires_at),
         expires_at: rfc3339_ms(call.expires_at),
     })
+}
+
+/// The credential group of one participant's TURN credentials: `CALL_GROUP.PEER_ID` (both
+/// from the URL-safe id alphabet, without `.`, so the relay splits them back unambiguously).
+pub(crate) fn peer_group(call_group: &str, peer_id: &str) -> String {
+    format!("{call_group}.{peer_id}")
 }
 
 /// The signaling WebSocket URL: the public URL with `http`→`ws`, `https`→`wss`.

@@ -31,7 +31,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 use axum::extract::{DefaultBodyLimit, Request, State};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
-use axum::routing::{get, patch, post};
+use axum::routing::{delete, get, patch, post};
 use axum::Router;
 
 use crate::store::Store;
@@ -132,6 +132,31 @@ impl Revoker for NoRevoker {
     }
 }
 
+/// Told what the API did to calls, so signaling can act on it (close the call's sockets, drop
+/// a kicked peer): implemented by the binary on top of signaling. Called after the store
+/// change, never while holding anything; implementations must not block.
+pub trait CallEvents: Send + Sync + fmt::Debug {
+    /// Call `call_id` ended now (`reason`: `"api"` for `POST /v1/calls/{id}/end`).
+    fn call_ended(&self, call_id: &str, reason: &str);
+    /// Participant `peer_id` of call `call_id` was kicked
+    /// (`DELETE /v1/calls/{id}/participants/{peer_id}`).
+    fn peer_kicked(&self, call_id: &str, peer_id: &str);
+}
+
+/// [`CallEvents`] that go nowhere (tests, control plane without signaling in the process).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct NoEvents;
+
+impl CallEvents for NoEvents {
+    fn call_ended(&self, call_id: &str, reason: &str) {
+        tracing::debug!(call_id, reason, "no signaling to tell that a call ended");
+    }
+
+    fn peer_kicked(&self, call_id: &str, peer_id: &str) {
+        tracing::debug!(call_id, peer_id, "no signaling to tell about a kick");
+    }
+}
+
 /// Where the API reads the time (Unix milliseconds): injectable so tests expire calls and
 /// tokens without sleeping.
 pub trait Clock: Send + Sync + fmt::Debug {
@@ -186,8 +211,10 @@ pub struct AppState {
     pub settings: Arc<Settings>,
     /// Apps, calls, codes, tokens, rate-limit counters.
     pub store: Arc<dyn Store>,
-    /// Told when a call ends.
+    /// Told when a call ends or a participant is kicked (their TURN credentials).
     pub revoker: Arc<dyn Revoker>,
+    /// Told when a call ends or a participant is kicked (signaling).
+    pub events: Arc<dyn CallEvents>,
     /// The time.
     pub clock: Arc<dyn Clock>,
     /// The API's Prometheus collectors.
@@ -229,6 +256,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/calls/{id}", get(calls::get_call))
         .route("/v1/calls/{id}/end", post(calls::end_call))
         .route("/v1/calls/{id}/tokens", post(calls::create_token))
+        .route(
+            "/v1/calls/{id}/participants/{peer_id}",
+            delete(calls::kick_participant),
+        )
         .route("/v1/turn/credentials", post(calls::turn_credentials))
         .route("/v1/join", post(join::join))
         .route("/openapi.json", get(openapi::openapi_json))
@@ -252,13 +283,24 @@ pub async fn serve(
     state: AppState,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
+    let head_timeout = state.settings.request_timeout;
+    serve_app(listener, router(state), head_timeout, shutdown).await
+}
+
+/// [`serve`] for a router made elsewhere: the control plane's [`router`] with signaling (or
+/// pages) merged in, sharing the listener. `head_timeout`: how long a connection may take to
+/// deliver a request head.
+pub async fn serve_app(
+    listener: tokio::net::TcpListener,
+    app: Router,
+    head_timeout: Duration,
+    shutdown: impl Future<Output = ()> + Send + 'static,
+) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
     use hyper_util::server::conn::auto::Builder;
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt as _;
 
-    let head_timeout = state.settings.request_timeout;
-    let app = router(state);
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {

@@ -25,6 +25,7 @@ use super::{admin, calls, join, AppState};
         calls::list_calls,
         calls::get_call,
         calls::end_call,
+        calls::kick_participant,
         calls::create_token,
         calls::turn_credentials,
         join::join,

@@ -18,8 +18,8 @@ use std::sync::{Mutex, MutexGuard, PoisonError};
 use async_trait::async_trait;
 
 use super::{
-    Admission, App, Call, CallState, Cursor, Digest, Millis, Page, Participant, Store, StoreError,
-    TokenGrant,
+    Admission, App, Call, CallState, Cursor, Digest, Media, Millis, Page, Participant, Quality,
+    Store, StoreError, TokenGrant,
 };
 
 /// How long a call stays in history after it ended or expired: 7 days, long enough for a
@@ -110,6 +110,28 @@ fn purge_at(call: &Call) -> Millis {
         .ended_at
         .map_or(call.expires_at, |e| e.min(call.expires_at));
     end.saturating_add(HISTORY_MS)
+}
+
+impl MemoryStore {
+    /// Applies `change` to participant `peer_id` of call `call_id` under the lock (so it is
+    /// atomic) and returns the participant as changed; `None` if either is unknown.
+    fn update_participant(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        change: impl FnOnce(&mut Participant),
+    ) -> Option<Participant> {
+        let mut inner = self.lock();
+        let stored = inner.calls.get_mut(call_id)?;
+        // The first of that id, like `Call::participant` (and the Redis backend's index).
+        let p = stored
+            .call
+            .participants
+            .iter_mut()
+            .find(|p| p.peer_id == peer_id)?;
+        change(p);
+        Some(p.clone())
+    }
 }
 
 impl Inner {
@@ -422,6 +444,48 @@ impl Store for MemoryStore {
         call.participants.push(participant.clone());
         let call = call.clone();
         Ok(Admission::Admitted(call))
+    }
+
+    async fn set_left(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        left_at: Option<Millis>,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .update_participant(call_id, peer_id, |p| p.apply_left(left_at))
+            .is_some())
+    }
+
+    async fn set_media(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        media: Media,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .update_participant(call_id, peer_id, |p| p.media = media)
+            .is_some())
+    }
+
+    async fn set_quality(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        quality: &Quality,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .update_participant(call_id, peer_id, |p| p.quality = Some(quality.clone()))
+            .is_some())
+    }
+
+    async fn kick(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError> {
+        Ok(self.update_participant(call_id, peer_id, |p| p.apply_kick(now)))
     }
 
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError> {

@@ -96,8 +96,36 @@ pub struct Media {
     pub screen: bool,
 }
 
+/// A participant's call quality as signaling last summarised it from the client's reports
+/// (`GET /v1/calls/{id}` shows it).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct Quality {
+    /// Round-trip time, milliseconds.
+    pub rtt_ms: f64,
+    /// Jitter, milliseconds.
+    pub jitter_ms: f64,
+    /// Fraction of packets lost, 0..=1.
+    pub packet_loss: f64,
+    /// Send bitrate, kbit/s, when the client reported one.
+    pub bitrate_kbps: Option<f64>,
+    /// Estimated mean opinion score, 1..=4.5.
+    pub mos: f64,
+    /// ICE candidate type of the selected pair (`host`, `srflx`, `prflx`, `relay`).
+    pub candidate_type: String,
+    /// Transport to the relay when relayed (`udp`, `tcp`, `tls`), else empty or `none`.
+    pub relay_protocol: String,
+    /// How many reports this summary is built from.
+    pub reports: u64,
+    /// When it was last updated.
+    pub updated_at: Millis,
+}
+
 /// One participant of a call.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+///
+/// Fields added after the first release carry `#[serde(default)]`, so records stored by an
+/// older version still read.
+// Not `Eq`: `quality` holds floats.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Participant {
     /// `p_` + random: the JWT `sub`, the signaling address.
     pub peer_id: String,
@@ -113,6 +141,37 @@ pub struct Participant {
     pub left_at: Option<Millis>,
     /// Their media state (signaling).
     pub media: Media,
+    /// The `jti` of the signaling token issued with this admission: signaling accepts only
+    /// that token for this peer. Empty in records from before it was stored.
+    #[serde(default)]
+    pub jti: String,
+    /// Removed through the API ([`Store::kick`]): for good, whatever signaling reports later.
+    #[serde(default)]
+    pub kicked: bool,
+    /// The latest call-quality summary (signaling); `None` until the first report.
+    #[serde(default)]
+    pub quality: Option<Quality>,
+}
+
+impl Participant {
+    /// Whether they hold a seat: neither left nor kicked.
+    pub fn is_present(&self) -> bool {
+        self.left_at.is_none() && !self.kicked
+    }
+
+    /// [`Store::set_left`]'s change. A kicked participant stays left at the kick's time:
+    /// neither a resume nor a later leave report changes that.
+    pub(crate) fn apply_left(&mut self, left_at: Option<Millis>) {
+        if !self.kicked {
+            self.left_at = left_at;
+        }
+    }
+
+    /// [`Store::kick`]'s change: kicked, and left now unless already left.
+    pub(crate) fn apply_kick(&mut self, now: Millis) {
+        self.kicked = true;
+        self.left_at = self.left_at.or(Some(now));
+    }
 }
 
 /// A call.
@@ -155,12 +214,15 @@ impl Call {
         }
     }
 
-    /// Participants who have not left.
+    /// Participants who hold a seat: not left and not kicked (what `max_participants`
+    /// limits).
     pub fn present(&self) -> usize {
-        self.participants
-            .iter()
-            .filter(|p| p.left_at.is_none())
-            .count()
+        self.participants.iter().filter(|p| p.is_present()).count()
+    }
+
+    /// The participant `peer_id` (the first, should a retried create have stored it twice).
+    pub fn participant(&self, peer_id: &str) -> Option<&Participant> {
+        self.participants.iter().find(|p| p.peer_id == peer_id)
     }
 }
 
@@ -282,6 +344,40 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         participant: &Participant,
         now: Millis,
     ) -> Result<Admission, StoreError>;
+
+    /// Sets when participant `peer_id` left (`Some`), or that they are present again (`None`,
+    /// a resumed session). `Ok(false)` for an unknown call or peer. A kicked participant's
+    /// `left_at` stays the kick's time (`Ok(true)` all the same: the participant exists).
+    /// Works on ended calls too, so the last leaves are still recorded.
+    async fn set_left(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        left_at: Option<Millis>,
+    ) -> Result<bool, StoreError>;
+    /// Sets a participant's media state; `Ok(false)` for an unknown call or peer.
+    async fn set_media(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        media: Media,
+    ) -> Result<bool, StoreError>;
+    /// Sets a participant's call-quality summary; `Ok(false)` for an unknown call or peer.
+    async fn set_quality(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        quality: &Quality,
+    ) -> Result<bool, StoreError>;
+    /// Kicks a participant: `kicked`, and `left_at = now` unless already left, so they no
+    /// longer hold a seat. Returns the participant as it is now (its `jti` names the token to
+    /// refuse); `None` for an unknown call or peer. Kicking again changes nothing.
+    async fn kick(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError>;
 
     /// Counts a hit on a fixed-window rate-limit counter `key` (window starting at the first
     /// hit) and returns the hits in the current window including this one, and the milliseconds

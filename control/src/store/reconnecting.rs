@@ -9,8 +9,8 @@ use async_trait::async_trait;
 use tokio::sync::OnceCell;
 
 use super::{
-    Admission, App, Call, CallState, Cursor, Digest, Millis, Page, Participant, RedisStore, Store,
-    StoreError, TokenGrant,
+    Admission, App, Call, CallState, Cursor, Digest, Media, Millis, Page, Participant, Quality,
+    RedisStore, Store, StoreError, TokenGrant,
 };
 
 /// [`RedisStore`], connected on first use; every operation before that tries to connect once
@@ -114,6 +114,41 @@ impl Store for Reconnecting {
         now: Millis,
     ) -> Result<Admission, StoreError> {
         self.get().await?.admit(call_id, participant, now).await
+    }
+    async fn set_left(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        left_at: Option<Millis>,
+    ) -> Result<bool, StoreError> {
+        self.get().await?.set_left(call_id, peer_id, left_at).await
+    }
+    async fn set_media(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        media: Media,
+    ) -> Result<bool, StoreError> {
+        self.get().await?.set_media(call_id, peer_id, media).await
+    }
+    async fn set_quality(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        quality: &Quality,
+    ) -> Result<bool, StoreError> {
+        self.get()
+            .await?
+            .set_quality(call_id, peer_id, quality)
+            .await
+    }
+    async fn kick(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError> {
+        self.get().await?.kick(call_id, peer_id, now).await
     }
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError> {
         self.get().await?.hit(key, window_ms, now).await

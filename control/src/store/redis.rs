@@ -21,15 +21,23 @@
 //!
 //! The call hash holds `rec` (the [`Call`] as created, without participants or end), `exp`
 //! (`expires_at`), `max` (`max_participants`), `code` (the join code digest, hex), `np` (the
-//! number of participants), `p:1` … `p:NP` (each participant's JSON, in join order), and, once
+//! number of participants), `p:1` … `p:NP` (each participant's JSON, in join order), `pi:PEER`
+//! (the `N` of the first `p:N` with that peer id), `pix` (`1`: every participant is in the
+//! `pi:` index; calls stored before the index have none and are searched instead), and, once
 //! ended, `ended_at` and `end_reason`. It is a hash rather than one JSON string because the
 //! atomic operations run as Lua scripts, and Lua's `cjson` cannot write a call back unchanged:
 //! it turns empty arrays into objects and rounds numbers to 14 digits, which would corrupt the
-//! consumer's `metadata`. So the scripts only *append* fields written by Rust (`serde_json`) and
-//! read the few numbers they need from their own fields.
+//! consumer's `metadata` (and a participant's quality figures). So the scripts only write fields
+//! serialized by Rust (`serde_json`) and read the few values they need from their own fields.
+//!
+//! A participant changes (left, media, quality, kicked) by compare-and-set of its one `p:N`
+//! field: Rust reads the field (`FIND`), decodes, changes and re-encodes it, and `CAS` writes
+//! it only if the field still holds what was read, else Rust reads again. Two concurrent
+//! changes of one participant thus never lose each other's fields, no script edits JSON, and
+//! the hash keeps its TTL (`HSET` on an existing key does not touch it).
 //!
 //! All keys of one call share the hash tag `{c:ID}`, so each call lives in one Redis Cluster
-//! slot and the scripts touching it (`admit`, `end`) only take keys of that slot. Where an
+//! slot and the scripts touching it (`admit`, `end`, `find`, `cas`) only take keys of that slot. Where an
 //! operation spans slots (ending a call deletes its code key and removes it from `tp:live`),
 //! the slot-local script runs first and marks the call ended; the rest follows as separate
 //! commands. A crash in between leaves a code key pointing at an ended call, which grants
@@ -52,7 +60,7 @@
 //! data this code cannot read becomes [`StoreError::Corrupt`]; nothing Redis returns can make it
 //! panic. The connection is a [`ConnectionManager`], which reconnects by itself.
 
-use std::collections::{BTreeSet, HashMap};
+use std::collections::{BTreeSet, HashMap, HashSet};
 use std::fmt;
 use std::future::Future;
 use std::time::Duration;
@@ -62,8 +70,8 @@ use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::{ErrorKind, RedisError, Script};
 
 use super::{
-    Admission, App, Call, CallState, Cursor, Digest, Millis, Page, Participant, Store, StoreError,
-    TokenGrant,
+    Admission, App, Call, CallState, Cursor, Digest, Media, Millis, Page, Participant, Quality,
+    Store, StoreError, TokenGrant,
 };
 
 /// How long a call stays in history after it ended or expired: 7 days. The same value as the
@@ -95,7 +103,13 @@ const LIST_BATCH: usize = 100;
 /// adds, so an app's history index shrinks back to what is still in history.
 const HISTORY_CLEANUP: isize = 2;
 
-/// Appends a participant if the call is live and not full. Returns `{status, HGETALL}`.
+/// Rounds of read and compare-and-set one participant change tries before giving up. Only
+/// signaling (one node per peer) and the API's kick write a participant, so two rounds almost
+/// always do; the bound keeps a pathological race from spinning, answering 503 instead.
+const CAS_ATTEMPTS: usize = 16;
+
+/// Appends a participant (JSON ARGV[2], peer id ARGV[3]) if the call is live and not full,
+/// indexing its peer id unless an earlier participant has it. Returns `{status, HGETALL}`.
 const ADMIT: &str = r"
 local f = redis.call('HMGET', KEYS[1], 'exp', 'max', 'ended_at', 'np')
 if not f[1] then
@@ -113,8 +127,10 @@ for i = 1, np do
   local p = redis.call('HGET', KEYS[1], 'p:' .. i)
   if p then
     local ok, v = pcall(cjson.decode, p)
-    -- Unreadable counts as present: never admit past the limit on doubt.
-    if not ok or type(v) ~= 'table' or v['left_at'] == nil or v['left_at'] == cjson.null then
+    -- Unreadable counts as present: never admit past the limit on doubt. A kicked one has
+    -- left too, but is not counted even if its left_at were missing (`Call::present`).
+    if not ok or type(v) ~= 'table'
+      or ((v['left_at'] == nil or v['left_at'] == cjson.null) and v['kicked'] ~= true) then
       present = present + 1
     end
   end
@@ -122,7 +138,37 @@ end
 if present >= max then return {'full', {}} end
 np = np + 1
 redis.call('HSET', KEYS[1], 'p:' .. np, ARGV[2], 'np', tostring(np))
+redis.call('HSETNX', KEYS[1], 'pi:' .. ARGV[3], tostring(np))
 return {'ok', redis.call('HGETALL', KEYS[1])}
+";
+
+/// Finds participant ARGV[1] (peer id): `{field, JSON}` of its `p:N`, or `{}` when the call or
+/// the peer is unknown. By the `pi:` index; a call stored before the index (no `pix`) is
+/// searched, decoding only to compare the peer id (nothing is written back).
+const FIND: &str = r"
+local i = redis.call('HGET', KEYS[1], 'pi:' .. ARGV[1])
+if i then
+  local p = redis.call('HGET', KEYS[1], 'p:' .. i)
+  if p then return {'p:' .. i, p} end
+end
+if redis.call('HEXISTS', KEYS[1], 'pix') == 1 then return {} end
+local np = tonumber(redis.call('HGET', KEYS[1], 'np') or '0') or 0
+for j = 1, np do
+  local p = redis.call('HGET', KEYS[1], 'p:' .. j)
+  if p then
+    local ok, v = pcall(cjson.decode, p)
+    if ok and type(v) == 'table' and v['peer_id'] == ARGV[1] then return {'p:' .. j, p} end
+  end
+end
+return {}
+";
+
+/// Compare-and-set of one field: writes ARGV[3] to field ARGV[1] if it holds exactly ARGV[2]
+/// (so a missing field or call is never created). Returns 1 if written, 0 if not.
+const CAS: &str = r"
+if redis.call('HGET', KEYS[1], ARGV[1]) ~= ARGV[2] then return 0 end
+redis.call('HSET', KEYS[1], ARGV[1], ARGV[3])
+return 1
 ";
 
 /// Ends a live call at `now` (ARGV[1]) with a reason (ARGV[2]) and moves its expiry to its
@@ -187,6 +233,8 @@ pub struct RedisStore {
     conn: ConnectionManager,
     admit: Script,
     end: Script,
+    find: Script,
+    cas: Script,
     del_if_eq: Script,
     hit: Script,
     put_app: Script,
@@ -223,6 +271,8 @@ impl RedisStore {
             conn,
             admit: Script::new(ADMIT),
             end: Script::new(END),
+            find: Script::new(FIND),
+            cas: Script::new(CAS),
             del_if_eq: Script::new(DEL_IF_EQ),
             hit: Script::new(HIT),
             put_app: Script::new(PUT_APP),
@@ -627,9 +677,18 @@ impl RedisStore {
                 call.participants.len().to_string().into_bytes(),
             ),
         ];
+        // The index points at the first participant of each id, as `admit`'s HSETNX does.
+        let mut indexed = HashSet::new();
         for (i, p) in call.participants.iter().enumerate() {
             fields.push((format!("p:{}", i + 1), to_json(p)?));
+            if indexed.insert(p.peer_id.as_str()) {
+                fields.push((
+                    format!("pi:{}", p.peer_id),
+                    (i + 1).to_string().into_bytes(),
+                ));
+            }
         }
+        fields.push(("pix".to_owned(), b"1".to_vec()));
         if let Some(ended_at) = call.ended_at {
             fields.push(("ended_at".to_owned(), ended_at.to_string().into_bytes()));
             let reason = call.end_reason.clone().unwrap_or_default();
@@ -995,6 +1054,7 @@ impl RedisStore {
             .key(call_key(call_id))
             .arg(now)
             .arg(to_json(participant)?)
+            .arg(&participant.peer_id)
             .invoke_async(&mut conn)
             .await
             .map_err(map_err)?;
@@ -1007,6 +1067,56 @@ impl RedisStore {
             "gone" => Ok(Admission::Gone),
             _ => Err(corrupt("call record unreadable")),
         }
+    }
+
+    /// Applies `change` to participant `peer_id` of call `call_id` by compare-and-set (see the
+    /// module doc) and returns it as changed; `None` if the call or peer is unknown.
+    async fn update_participant_op(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        change: impl Fn(&mut Participant),
+    ) -> Result<Option<Participant>, StoreError> {
+        let mut conn = self.conn();
+        let key = call_key(call_id);
+        for _ in 0..CAS_ATTEMPTS {
+            let found: Vec<Vec<u8>> = self
+                .find
+                .key(&key)
+                .arg(peer_id)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(map_err)?;
+            let mut found = found.into_iter();
+            let (field, raw) = match (found.next(), found.next(), found.next()) {
+                (None, _, _) => return Ok(None),
+                (Some(field), Some(raw), None) => (field, raw),
+                _ => return Err(corrupt("participant lookup answered something else")),
+            };
+            let mut participant: Participant = json(&raw, "participant")?;
+            change(&mut participant);
+            let new = to_json(&participant)?;
+            if new == raw {
+                // Nothing to write (a repeated kick, the same media again).
+                return Ok(Some(participant));
+            }
+            let written: i64 = self
+                .cas
+                .key(&key)
+                .arg(field)
+                .arg(raw)
+                .arg(new)
+                .invoke_async(&mut conn)
+                .await
+                .map_err(map_err)?;
+            if written == 1 {
+                return Ok(Some(participant));
+            }
+            // Someone changed it since we read it: read their version and apply ours to it.
+        }
+        Err(StoreError::Unavailable(
+            "participant update kept conflicting".to_owned(),
+        ))
     }
 
     async fn hit_op(
@@ -1141,6 +1251,46 @@ impl Store for RedisStore {
         now: Millis,
     ) -> Result<Admission, StoreError> {
         timed(self.admit_op(call_id, participant, now)).await
+    }
+
+    async fn set_left(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        left_at: Option<Millis>,
+    ) -> Result<bool, StoreError> {
+        let op = self.update_participant_op(call_id, peer_id, |p| p.apply_left(left_at));
+        Ok(timed(op).await?.is_some())
+    }
+
+    async fn set_media(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        media: Media,
+    ) -> Result<bool, StoreError> {
+        let op = self.update_participant_op(call_id, peer_id, |p| p.media = media);
+        Ok(timed(op).await?.is_some())
+    }
+
+    async fn set_quality(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        quality: &Quality,
+    ) -> Result<bool, StoreError> {
+        let op =
+            self.update_participant_op(call_id, peer_id, |p| p.quality = Some(quality.clone()));
+        Ok(timed(op).await?.is_some())
+    }
+
+    async fn kick(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError> {
+        timed(self.update_participant_op(call_id, peer_id, |p| p.apply_kick(now))).await
     }
 
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError> {

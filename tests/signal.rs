@@ -1,0 +1,194 @@
+//! Signaling through the binary: `turnpike serve` serves `/v1/signal` on the control listener;
+//! two WebSocket clients joined by code hold an offer/answer/candidate exchange and their stats
+//! show in `/metrics` on the admin port. With Redis, two `turnpike serve` processes carry one
+//! call between their peers; killing one reports its peers left; restarting Redis recovers.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod common;
+#[path = "../control/tests/common/redis.rs"]
+mod redis;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use common::serve::{http, raw_http, Serve, ADMIN, SECRET, WAIT};
+use futures_util::{SinkExt as _, StreamExt as _};
+use serde_json::{json, Value};
+use tokio_tungstenite::tungstenite::Message;
+
+/// The JWT issuer every node shares (several nodes behind one name).
+const PUBLIC_URL: &str = "http://turnpike.test";
+
+fn config(name: &str, store: &str, node_timeout: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("turnpike-signal-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let path = dir.join("turnpike.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[relay]
+realm = "example.org"
+listen = ["udp://127.0.0.1:0"]
+relay-ip = "127.0.0.1"
+secrets = ["{SECRET}"]
+threads = 1
+
+[control]
+listen = "127.0.0.1:0"
+public-url = "{PUBLIC_URL}"
+admin-token = "{ADMIN}"
+hash-key = "signal-e2e-hash-key-0123456789"
+jwt-keys = [{{ kid = "k1", secret = "signal-e2e-jwt-secret-0123456789abcdef" }}]
+
+[signal]
+node-timeout = "{node_timeout}"
+resume-window = "0s"
+
+{store}
+
+[admin]
+listen = "127.0.0.1:0"
+"#
+        ),
+    )
+    .unwrap();
+    path
+}
+
+type Ws = tokio_tungstenite::WebSocketStream<
+    tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>,
+>;
+
+async fn send(ws: &mut Ws, v: Value) {
+    ws.send(Message::Text(v.to_string().into())).await.unwrap();
+}
+
+async fn recv_type(ws: &mut Ws, t: &str) -> Value {
+    loop {
+        let m = tokio::time::timeout(WAIT, ws.next())
+            .await
+            .unwrap_or_else(|_| panic!("no {t} in time"))
+            .expect("socket ended")
+            .unwrap();
+        if let Message::Text(text) = m {
+            let v: Value = serde_json::from_str(&text).unwrap();
+            if v["type"] == t {
+                return v;
+            }
+        }
+    }
+}
+
+/// Connects to `control`'s `/v1/signal` and authenticates: (socket, welcome).
+async fn connect(control: SocketAddr, token: &str) -> (Ws, Value) {
+    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{control}/v1/signal"))
+        .await
+        .unwrap();
+    send(&mut ws, json!({"v":1,"type":"auth","token":token})).await;
+    let w = recv_type(&mut ws, "welcome").await;
+    (ws, w)
+}
+
+/// An app, a call and two joins through `serve`'s API: (key, call id, two join answers).
+fn call_with_two(serve: &Serve) -> (String, String, Value, Value) {
+    let (s, app) = serve.api("POST", "/v1/apps", Some(ADMIN), Some(json!({"name":"e2e"})));
+    assert_eq!(s, 201, "{app}");
+    let key = app["key"].as_str().unwrap().to_owned();
+    let (s, call) = serve.api("POST", "/v1/calls", Some(&key), Some(json!({})));
+    assert_eq!(s, 201, "{call}");
+    let code = call["join_code"].as_str().unwrap();
+    let join = |name: &str| {
+        let (s, j) = serve.api("POST", "/v1/join", None, Some(json!({"code":code,"name":name})));
+        assert_eq!(s, 200, "{j}");
+        j
+    };
+    let (a, b) = (join("Ada"), join("Bob"));
+    assert_eq!(a["signal_url"], format!("ws://turnpike.test/v1/signal"));
+    (key, call["id"].as_str().unwrap().to_owned(), a, b)
+}
+
+/// A offers, B answers, both trade a candidate.
+async fn exchange(a: &mut Ws, ida: &str, b: &mut Ws, idb: &str) {
+    send(a, json!({"v":1,"type":"offer","to":idb,"sdp":"v=0 offer"})).await;
+    let offer = recv_type(b, "offer").await;
+    assert_eq!(offer["from"], ida);
+    send(b, json!({"v":1,"type":"answer","to":ida,"sdp":"v=0 answer"})).await;
+    assert_eq!(recv_type(a, "answer").await["from"], idb);
+    let cand = json!({"candidate":"candidate:1 1 udp 1 192.0.2.1 9 typ relay","sdpMid":"0"});
+    send(a, json!({"v":1,"type":"candidate","to":idb,"candidate":cand})).await;
+    assert_eq!(recv_type(b, "candidate").await["candidate"], cand);
+    send(b, json!({"v":1,"type":"candidate","to":ida,"candidate":cand})).await;
+    assert_eq!(recv_type(a, "candidate").await["from"], idb);
+}
+
+fn s(v: &Value) -> &str {
+    v.as_str().unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn serve_carries_a_call_and_its_stats_reach_metrics() {
+    let serve = Serve::with_config(&config("one", "", "15s"));
+    let (_, _, ja, jb) = call_with_two(&serve);
+    let (mut a, wa) = connect(serve.control, s(&ja["signal_token"])).await;
+    let (mut b, wb) = connect(serve.control, s(&jb["signal_token"])).await;
+    let (ida, idb) = (s(&wa["peer_id"]).to_owned(), s(&wb["peer_id"]).to_owned());
+    assert_eq!(recv_type(&mut a, "peer_joined").await["peer"]["peer_id"], idb.as_str());
+    exchange(&mut a, &ida, &mut b, &idb).await;
+    send(&mut a, json!({"v":1,"type":"stats","rtt_ms":35,"jitter_ms":2,"packet_loss":0.0,
+        "candidate_type":"relay","relay_protocol":"udp"}))
+    .await;
+    send(&mut a, json!({"v":1,"type":"ping"})).await;
+    recv_type(&mut a, "pong").await;
+    serve.wait_metric("turnpike_signal_connections_active", 2.0);
+    serve.wait_metric("turnpike_call_rtt_seconds_count", 1.0);
+    serve.wait_metric("turnpike_call_mos_count", 1.0);
+    serve.wait_metric(
+        "turnpike_call_connections_total{candidate_type=\"relay\",relay_protocol=\"udp\"}",
+        1.0,
+    );
+    let (_, body) = raw_http(serve.admin, "GET", "/metrics", None, None);
+    assert!(!body.contains(&ida), "no peer id in metrics");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_nodes_on_redis_carry_one_call_and_a_dead_node_reports_its_peers_left() {
+    let mut redis = redis::RedisServer::start();
+    let store = format!("[store]\nredis-url = \"{}\"", redis.url);
+    let node_a = Serve::with_config(&config("a", &store, "3s"));
+    let node_b = Serve::with_config(&config("b", &store, "3s"));
+    let (key, call, ja, jb) = call_with_two(&node_a);
+    // Ada on node A, Bob on node B.
+    let (mut a, wa) = connect(node_a.control, s(&ja["signal_token"])).await;
+    let (mut b, wb) = connect(node_b.control, s(&jb["signal_token"])).await;
+    let (ida, idb) = (s(&wa["peer_id"]).to_owned(), s(&wb["peer_id"]).to_owned());
+    assert_eq!(wb["peers"][0]["peer_id"], ida.as_str(), "B sees A through presence");
+    assert_eq!(recv_type(&mut a, "peer_joined").await["peer"]["peer_id"], idb.as_str());
+    exchange(&mut a, &ida, &mut b, &idb).await;
+    send(&mut b, json!({"v":1,"type":"media","audio":true,"video":true,"screen":false})).await;
+    assert_eq!(recv_type(&mut a, "media").await["from"], idb.as_str());
+
+    // Redis restarts empty: both nodes resubscribe and re-announce by themselves.
+    redis.restart();
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        send(&mut a, json!({"v":1,"type":"offer","to":idb,"sdp":"after restart"})).await;
+        let got = tokio::time::timeout(Duration::from_millis(500), recv_type(&mut b, "offer")).await;
+        if let Ok(offer) = got {
+            assert_eq!(offer["sdp"], "after restart");
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "no recovery after a Redis restart");
+    }
+    send(&mut b, json!({"v":1,"type":"answer","to":ida,"sdp":"still here"})).await;
+    assert_eq!(recv_type(&mut a, "answer").await["sdp"], "still here");
+
+    // Node B dies: A hears Bob left once B's heartbeat lapses.
+    drop(node_b);
+    let left = recv_type(&mut a, "peer_left").await;
+    assert_eq!(left["peer_id"], idb.as_str());
+    assert_eq!(left["reason"], "node_lost");
+    let (_, v) = http(node_a.control, "GET", &format!("/v1/calls/{call}"), Some(&key), None);
+    assert_eq!(v["state"], "active");
+}
