@@ -173,7 +173,7 @@ pub(crate) async fn run(
             let signal = signal::Signal::new(
                 state.clone(),
                 signal_settings(&config.signal),
-                open_bus(&config),
+                open_bus(&config)?,
                 signal::metrics::SignalMetrics::new(&registry)
                     .context("registering signaling's metrics")?,
             );
@@ -278,9 +278,20 @@ fn signal_settings(s: &conf::Signal) -> signal::Settings {
 }
 
 /// How this node meets the others: alone in memory, or on the store's Redis.
-fn open_bus(config: &conf::Config) -> Arc<dyn signal::bus::Bus> {
+fn open_bus(config: &conf::Config) -> anyhow::Result<Arc<dyn signal::bus::Bus>> {
+    // Random per process: a restarted node is a new node, its old peers are reported left.
     let node = control::secrets::new_id("n_");
-    Arc::new(signal::bus::LocalBus::new(node))
+    Ok(match &config.store.redis_url {
+        None => Arc::new(signal::bus::LocalBus::new(node)),
+        Some(url) => {
+            let opts = signal::redis_bus::RedisBusOptions {
+                node_timeout: config.signal.node_timeout,
+                ..Default::default()
+            };
+            signal::redis_bus::RedisBus::new(url.expose(), node, opts)
+                .context("store.redis-url for signaling")?
+        }
+    })
 }
 
 /// The configured store: Redis when `[store] redis-url` is set (connecting in the background

@@ -127,10 +127,7 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
         kill_rx,
         pending,
         peer: None,
-        bucket: Bucket::new(
-            shared.settings.message_rate,
-            shared.settings.message_burst,
-        ),
+        bucket: Bucket::new(shared.settings.message_rate, shared.settings.message_burst),
         last_quality_store: None,
         connection_type_counted: None,
     };
@@ -284,9 +281,8 @@ enum Read {
 
 impl Conn {
     fn send(&self, msg: &ServerMsg) {
-        if let Err(mpsc::error::TrySendError::Full(_)) = self
-            .tx
-            .try_send(Outbound::Text(msg.to_text(), msg.label()))
+        if let Err(mpsc::error::TrySendError::Full(_)) =
+            self.tx.try_send(Outbound::Text(msg.to_text(), msg.label()))
         {
             self.close(Close {
                 code: code::POLICY,
@@ -411,28 +407,28 @@ impl Conn {
     ) -> Result<(String, String, String), DisconnectReason> {
         let app = &self.shared.app;
         let now_ms = app.clock.now_ms();
-        let claims = match app.settings.jwt.verify(
-            token,
-            &app.settings.public_url,
-            now_ms / 1000,
-            LEEWAY_S,
-        ) {
-            Ok(c) => c,
-            Err(e) => {
-                self.shared.metrics.auth_failure(match e {
-                    JwtError::Malformed => AuthFailure::Malformed,
-                    JwtError::Algorithm => AuthFailure::Algorithm,
-                    JwtError::UnknownKey => AuthFailure::UnknownKey,
-                    JwtError::Signature => AuthFailure::Signature,
-                    JwtError::Expired => AuthFailure::Expired,
-                    JwtError::NotYetValid => AuthFailure::NotYetValid,
-                    JwtError::Audience => AuthFailure::Audience,
-                });
-                tracing::debug!(reason = %e, "signal token refused");
-                // One message for every refusal: which check failed is for logs and metrics.
-                return Err(self.unauthorized("invalid or expired token"));
-            }
-        };
+        let claims =
+            match app
+                .settings
+                .jwt
+                .verify(token, &app.settings.public_url, now_ms / 1000, LEEWAY_S)
+            {
+                Ok(c) => c,
+                Err(e) => {
+                    self.shared.metrics.auth_failure(match e {
+                        JwtError::Malformed => AuthFailure::Malformed,
+                        JwtError::Algorithm => AuthFailure::Algorithm,
+                        JwtError::UnknownKey => AuthFailure::UnknownKey,
+                        JwtError::Signature => AuthFailure::Signature,
+                        JwtError::Expired => AuthFailure::Expired,
+                        JwtError::NotYetValid => AuthFailure::NotYetValid,
+                        JwtError::Audience => AuthFailure::Audience,
+                    });
+                    tracing::debug!(reason = %e, "signal token refused");
+                    // One message for every refusal: which check failed is for logs and metrics.
+                    return Err(self.unauthorized("invalid or expired token"));
+                }
+            };
         let call = match app.store.get_call(&claims.call).await {
             Ok(c) => c,
             Err(e) => {

@@ -13,7 +13,7 @@
 //!   to the rooms of the same call on other nodes over the [`bus::Bus`].
 //! - [`protocol`]: the versioned JSON messages (`docs/signaling.md`).
 //! - [`quality`] and [`metrics`]: stats reports, the E-model MOS, Prometheus collectors.
-//! - `redis_bus`: the bus on Redis pub/sub for several nodes; [`bus::LocalBus`] alone.
+//! - [`redis_bus`]: the bus on Redis pub/sub for several nodes; [`bus::LocalBus`] alone.
 //!
 //! # Why axum's WebSocket (tungstenite) and no compression
 //!
@@ -27,7 +27,7 @@ mod conn;
 pub mod metrics;
 pub mod protocol;
 pub mod quality;
-// pub mod redis_bus; (being written)
+pub mod redis_bus;
 mod room;
 
 use std::collections::HashMap;
@@ -307,7 +307,11 @@ async fn upgrade(
         }
     };
     if *shared.shutdown.borrow() {
-        return refuse(StatusCode::SERVICE_UNAVAILABLE, "unavailable", "shutting down");
+        return refuse(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "unavailable",
+            "shutting down",
+        );
     }
     let Some(slot) = conn::Slot::take(&signal.0) else {
         return refuse(

@@ -3,9 +3,7 @@
 //! protocols): never peer ids, call ids, names or addresses. Per-call figures go to
 //! `GET /v1/calls/{id}` instead.
 
-use prometheus::{
-    Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry,
-};
+use prometheus::{Histogram, HistogramOpts, IntCounter, IntCounterVec, IntGauge, Opts, Registry};
 
 use crate::quality::{CandidateType, RelayProtocol, Report};
 
@@ -13,13 +11,31 @@ use crate::quality::{CandidateType, RelayProtocol, Report};
 /// the protocol's types, `unknown` for any other, `invalid` for frames that are not a message,
 /// `rate_limited` for messages refused by the rate limit.
 const IN_TYPES: [&str; 11] = [
-    "auth", "offer", "answer", "candidate", "media", "stats", "leave", "ping", "unknown",
-    "invalid", "rate_limited",
+    "auth",
+    "offer",
+    "answer",
+    "candidate",
+    "media",
+    "stats",
+    "leave",
+    "ping",
+    "unknown",
+    "invalid",
+    "rate_limited",
 ];
 /// Server → client message types.
 const OUT_TYPES: [&str; 11] = [
-    "welcome", "peer_joined", "peer_left", "offer", "answer", "candidate", "media",
-    "ice_servers", "call_ended", "error", "pong",
+    "welcome",
+    "peer_joined",
+    "peer_left",
+    "offer",
+    "answer",
+    "candidate",
+    "media",
+    "ice_servers",
+    "call_ended",
+    "error",
+    "pong",
 ];
 
 /// Why a connection ended (`reason` label of `turnpike_signal_disconnects_total`).
@@ -160,13 +176,23 @@ pub struct SignalMetrics {
     connection_types: IntCounterVec,
 }
 
-fn histogram(registry: &Registry, name: &str, help: &str, buckets: Vec<f64>) -> prometheus::Result<Histogram> {
+fn histogram(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    buckets: Vec<f64>,
+) -> prometheus::Result<Histogram> {
     let h = Histogram::with_opts(HistogramOpts::new(name, help).buckets(buckets))?;
     registry.register(Box::new(h.clone()))?;
     Ok(h)
 }
 
-fn counter_vec(registry: &Registry, name: &str, help: &str, labels: &[&str]) -> prometheus::Result<IntCounterVec> {
+fn counter_vec(
+    registry: &Registry,
+    name: &str,
+    help: &str,
+    labels: &[&str],
+) -> prometheus::Result<IntCounterVec> {
     let c = IntCounterVec::new(Opts::new(name, help), labels)?;
     registry.register(Box::new(c.clone()))?;
     Ok(c)
@@ -272,7 +298,8 @@ impl SignalMetrics {
         }
         for c in CandidateType::ALL {
             for p in RelayProtocol::ALL {
-                m.connection_types.with_label_values(&[c.as_str(), p.as_str()]);
+                m.connection_types
+                    .with_label_values(&[c.as_str(), p.as_str()]);
             }
         }
         Ok(m)
@@ -291,13 +318,21 @@ impl SignalMetrics {
     /// A client message of type label `label` (see `protocol::type_label`); labels outside the
     /// fixed set count as `unknown`.
     pub fn message_in(&self, label: &str) {
-        let label = IN_TYPES.iter().find(|t| **t == label).copied().unwrap_or("unknown");
+        let label = IN_TYPES
+            .iter()
+            .find(|t| **t == label)
+            .copied()
+            .unwrap_or("unknown");
         self.messages_in.with_label_values(&[label]).inc();
     }
 
     /// A server message written.
     pub fn message_out(&self, label: &'static str) {
-        let label = OUT_TYPES.iter().find(|t| **t == label).copied().unwrap_or("error");
+        let label = OUT_TYPES
+            .iter()
+            .find(|t| **t == label)
+            .copied()
+            .unwrap_or("error");
         self.messages_out.with_label_values(&[label]).inc();
     }
 
@@ -308,7 +343,9 @@ impl SignalMetrics {
 
     /// An authentication was refused.
     pub fn auth_failure(&self, reason: AuthFailure) {
-        self.auth_failures.with_label_values(&[reason.as_str()]).inc();
+        self.auth_failures
+            .with_label_values(&[reason.as_str()])
+            .inc();
     }
 
     /// A bus read or write failed.
@@ -359,8 +396,14 @@ mod tests {
             .find(|s| s.get_label()[0].value() == "unknown")
             .unwrap();
         assert_eq!(unknown.get_counter().get_value(), 1.0);
-        assert_eq!(find("turnpike_call_connections_total").get_metric().len(), 16);
-        assert_eq!(find("turnpike_signal_disconnects_total").get_metric().len(), 13);
+        assert_eq!(
+            find("turnpike_call_connections_total").get_metric().len(),
+            16
+        );
+        assert_eq!(
+            find("turnpike_signal_disconnects_total").get_metric().len(),
+            13
+        );
     }
 
     #[test]
@@ -372,12 +415,18 @@ mod tests {
         .unwrap();
         m.observe_report(&r);
         for f in registry.gather() {
-            if f.name().starts_with("turnpike_call_") && f.name() != "turnpike_call_connections_total" {
+            if f.name().starts_with("turnpike_call_")
+                && f.name() != "turnpike_call_connections_total"
+            {
                 let h = f.get_metric()[0].get_histogram();
                 assert_eq!(h.get_sample_count(), 1, "{}", f.name());
             }
         }
-        let rtt = registry.gather().into_iter().find(|f| f.name() == "turnpike_call_rtt_seconds").unwrap();
+        let rtt = registry
+            .gather()
+            .into_iter()
+            .find(|f| f.name() == "turnpike_call_rtt_seconds")
+            .unwrap();
         assert!((rtt.get_metric()[0].get_histogram().get_sample_sum() - 0.04).abs() < 1e-9);
     }
 }

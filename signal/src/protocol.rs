@@ -169,9 +169,15 @@ pub fn parse(text: &str) -> (&'static str, Result<ClientMsg, ParseError>) {
                     return Err(ParseError::Invalid(label, "sdp too long".into()));
                 }
                 Ok(if label == "offer" {
-                    ClientMsg::Offer { to: b.to, sdp: b.sdp }
+                    ClientMsg::Offer {
+                        to: b.to,
+                        sdp: b.sdp,
+                    }
                 } else {
-                    ClientMsg::Answer { to: b.to, sdp: b.sdp }
+                    ClientMsg::Answer {
+                        to: b.to,
+                        sdp: b.sdp,
+                    }
                 })
             }),
         "candidate" => serde_json::from_value::<CandidateBody>(body)
@@ -353,7 +359,11 @@ impl ServerMsg {
             msg: &'a ServerMsg,
         }
         // Strings, numbers, bools and `serde_json::Value`s always serialize.
-        serde_json::to_string(&Out { v: VERSION, msg: self }).unwrap_or_default()
+        serde_json::to_string(&Out {
+            v: VERSION,
+            msg: self,
+        })
+        .unwrap_or_default()
     }
 
     /// The message as JSON, for the bus (the same object [`ServerMsg::to_text`] writes).
@@ -391,13 +401,22 @@ mod tests {
         let cases = [
             (r#"{"v":1,"type":"auth","token":"t"}"#, "auth"),
             (r#"{"v":1,"type":"offer","to":"p_a","sdp":"v=0"}"#, "offer"),
-            (r#"{"v":1,"type":"answer","to":"p_a","sdp":"v=0"}"#, "answer"),
+            (
+                r#"{"v":1,"type":"answer","to":"p_a","sdp":"v=0"}"#,
+                "answer",
+            ),
             (
                 r#"{"v":1,"type":"candidate","to":"p_a","candidate":{"candidate":"x"}}"#,
                 "candidate",
             ),
-            (r#"{"v":1,"type":"candidate","to":"p_a","candidate":null}"#, "candidate"),
-            (r#"{"v":1,"type":"media","audio":true,"video":false,"screen":false}"#, "media"),
+            (
+                r#"{"v":1,"type":"candidate","to":"p_a","candidate":null}"#,
+                "candidate",
+            ),
+            (
+                r#"{"v":1,"type":"media","audio":true,"video":false,"screen":false}"#,
+                "media",
+            ),
             (r#"{"v":1,"type":"stats","rtt_ms":1}"#, "stats"),
             (r#"{"v":1,"type":"leave"}"#, "leave"),
             (r#"{"v":1,"type":"ping"}"#, "ping"),
@@ -420,11 +439,23 @@ mod tests {
             (r#"{"v":2,"type":"ping"}"#, "unsupported_version"),
             (r#"{"v":1,"type":"dance"}"#, "unknown_type"),
             (r#"{"v":1,"type":"offer","to":"p_a"}"#, "invalid_message"),
-            (r#"{"v":1,"type":"offer","to":5,"sdp":"x"}"#, "invalid_message"),
-            (r#"{"v":1,"type":"offer","to":"","sdp":"x"}"#, "invalid_message"),
+            (
+                r#"{"v":1,"type":"offer","to":5,"sdp":"x"}"#,
+                "invalid_message",
+            ),
+            (
+                r#"{"v":1,"type":"offer","to":"","sdp":"x"}"#,
+                "invalid_message",
+            ),
             (r#"{"v":1,"type":"ping","extra":1}"#, "invalid_message"),
-            (r#"{"v":1,"type":"candidate","to":"p","candidate":"str"}"#, "invalid_message"),
-            (r#"{"v":1,"type":"media","audio":"yes","video":false,"screen":false}"#, "invalid_message"),
+            (
+                r#"{"v":1,"type":"candidate","to":"p","candidate":"str"}"#,
+                "invalid_message",
+            ),
+            (
+                r#"{"v":1,"type":"media","audio":"yes","video":false,"screen":false}"#,
+                "invalid_message",
+            ),
         ];
         for (text, code) in cases {
             let (_, r) = parse(text);

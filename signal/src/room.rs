@@ -195,10 +195,11 @@ pub(crate) enum Cmd {
     Kick { peer: String, publish: bool },
     /// The call ended; `publish`: tell the other nodes (it did not come from them).
     End { reason: String, publish: bool },
-    /// Presence as read from the bus (start, resync).
+    /// Presence as read from the bus after a resync: peers to add (never to remove: the table
+    /// may have been emptied by a Redis restart; leaves come from events and liveness).
     Presence(Vec<PeerInfo>),
-    /// Peers of dead nodes, removed from presence by the liveness check.
-    RemoteLost(Vec<String>),
+    /// Nodes of remote peers whose heartbeat is missing (the liveness check's answer).
+    NodesDead(Vec<String>),
 }
 
 /// A room's handle in the hub.
@@ -302,6 +303,8 @@ struct Room {
     /// keep itself alive (the hub's handle is the strong one).
     me: Option<mpsc::WeakSender<Cmd>>,
     last_presence: Instant,
+    /// Nodes whose heartbeat was missing, since when.
+    suspects: HashMap<String, Instant>,
 }
 
 impl Room {
@@ -321,6 +324,7 @@ impl Room {
             publish_rx: Some(publish_rx),
             me: Some(me),
             last_presence: Instant::now(),
+            suspects: HashMap::new(),
         }
     }
 
@@ -332,13 +336,10 @@ impl Room {
                 publish_rx,
             ));
         }
-        match tokio::time::timeout(
-            PRESENCE_READ_LIMIT,
-            self.shared.bus.presence(&self.call_id),
-        )
-        .await
+        match tokio::time::timeout(PRESENCE_READ_LIMIT, self.shared.bus.presence(&self.call_id))
+            .await
         {
-            Ok(Ok(peers)) => self.apply_presence(peers),
+            Ok(Ok(peers)) => self.apply_presence(peers, true),
             Ok(Err(e)) => {
                 self.shared.metrics.bus_error();
                 tracing::warn!(error = %e, "cannot read presence; starting without other nodes");
@@ -370,7 +371,9 @@ impl Room {
                 break;
             }
         }
-        self.shared.rooms.remove(&self.shared, &self.call_id, self.id);
+        self.shared
+            .rooms
+            .remove(&self.shared, &self.call_id, self.id);
         // Commands that raced the end: joins get their reply dropped and retry on a new room;
         // everything else concerned this room's peers, who are being closed.
         rx.close();
@@ -425,20 +428,22 @@ impl Room {
                 let result = self.join(peer, handle);
                 let _ = reply.send(result);
             }
-            Cmd::Signal { from, conn, to, msg } => {
+            Cmd::Signal {
+                from,
+                conn,
+                to,
+                msg,
+            } => {
                 if !self.is_current(&from, conn) {
                     return false;
                 }
                 if to == from {
                     self.reply_error(&from, "invalid_peer", "cannot send to yourself");
                 } else if let Some(target) = self.local.get(&to) {
-                    match &target.conn {
-                        Some(c) => {
-                            c.send(&msg);
-                        }
-                        // Within its resume window: the message is lost, as on a dead socket;
-                        // the peers renegotiate when it is back (docs/signaling.md).
-                        None => {}
+                    // Within its resume window (no connection) the message is lost, as on a
+                    // dead socket; the peers renegotiate when it is back (docs/signaling.md).
+                    if let Some(c) = &target.conn {
+                        c.send(&msg);
                     }
                 } else if self.remote.contains_key(&to) {
                     self.bus(BusOp::Publish(BusEvent::Deliver {
@@ -516,12 +521,8 @@ impl Room {
                 self.end(&reason, publish);
                 return true;
             }
-            Cmd::Presence(peers) => self.apply_presence(peers),
-            Cmd::RemoteLost(ids) => {
-                for id in ids {
-                    self.remote_left(&id, "node_lost");
-                }
-            }
+            Cmd::Presence(peers) => self.apply_presence(peers, false),
+            Cmd::NodesDead(nodes) => self.nodes_dead(nodes),
         }
         false
     }
@@ -631,21 +632,25 @@ impl Room {
         }
     }
 
-    fn apply_presence(&mut self, peers: Vec<PeerInfo>) {
+    /// Learns the other nodes' peers from the presence table; `replace`: also forget remote
+    /// peers missing from it (only when the room starts, with nothing to lose).
+    fn apply_presence(&mut self, peers: Vec<PeerInfo>, replace: bool) {
         let me = self.shared.bus.node_id().to_owned();
         let fresh: HashMap<String, PeerInfo> = peers
             .into_iter()
             .filter(|p| p.node != me && !self.local.contains_key(&p.peer_id))
             .map(|p| (p.peer_id.clone(), p))
             .collect();
-        let gone: Vec<String> = self
-            .remote
-            .keys()
-            .filter(|id| !fresh.contains_key(*id))
-            .cloned()
-            .collect();
-        for id in gone {
-            self.remote_left(&id, "left");
+        if replace {
+            let gone: Vec<String> = self
+                .remote
+                .keys()
+                .filter(|id| !fresh.contains_key(*id))
+                .cloned()
+                .collect();
+            for id in gone {
+                self.remote_left(&id, "left");
+            }
         }
         for (id, p) in fresh {
             if !self.remote.contains_key(&id) {
@@ -712,7 +717,17 @@ impl Room {
                 self.end(&reason, false);
                 return true;
             }
-            BusEvent::Resync => self.spawn_presence_read(),
+            BusEvent::Resync => {
+                // Redis may have restarted empty: put our peers back and announce them again
+                // (rooms that know them already ignore it), then learn who else is there.
+                for l in self.local.values() {
+                    self.bus(BusOp::Put(l.info.clone()));
+                    self.bus(BusOp::Publish(BusEvent::PeerJoined {
+                        peer: l.info.clone(),
+                    }));
+                }
+                self.spawn_presence_read();
+            }
         }
         false
     }
@@ -737,56 +752,66 @@ impl Room {
         });
     }
 
-    /// Checks the nodes of remote peers; peers of dead nodes are removed from presence (by
-    /// exactly one node, which announces it) and from this room.
+    /// Asks the bus which nodes of remote peers have a current heartbeat; the answer comes
+    /// back as [`Cmd::NodesDead`].
     fn spawn_liveness_check(&self) {
         let Some(me) = self.me.clone() else { return };
-        let mut by_node: HashMap<String, Vec<String>> = HashMap::new();
-        for p in self.remote.values() {
-            by_node
-                .entry(p.node.clone())
-                .or_default()
-                .push(p.peer_id.clone());
-        }
+        let mut nodes: Vec<String> = self.remote.values().map(|p| p.node.clone()).collect();
+        nodes.sort();
+        nodes.dedup();
         let bus = Arc::clone(&self.shared.bus);
         let metrics = self.shared.metrics.clone();
-        let call = self.call_id.clone();
         tokio::spawn(async move {
-            let nodes: Vec<String> = by_node.keys().cloned().collect();
-            let alive = match bus.alive(&nodes).await {
-                Ok(a) => a,
+            match bus.alive(&nodes).await {
+                Ok(alive) => {
+                    let dead = nodes
+                        .into_iter()
+                        .zip(alive)
+                        .filter_map(|(n, ok)| (!ok).then_some(n))
+                        .collect();
+                    if let Some(tx) = me.upgrade() {
+                        let _ = tx.send(Cmd::NodesDead(dead)).await;
+                    }
+                }
                 Err(e) => {
                     // Unknown is not dead: keep everyone until the bus answers.
                     metrics.bus_error();
                     tracing::warn!(error = %e, "cannot check other nodes");
-                    return;
-                }
-            };
-            let mut lost = Vec::new();
-            for (node, ok) in nodes.iter().zip(alive) {
-                if ok {
-                    continue;
-                }
-                for peer in by_node.get(node).into_iter().flatten() {
-                    if matches!(bus.presence_remove(&call, peer).await, Ok(true)) {
-                        let event = BusEvent::PeerLeft {
-                            peer_id: peer.clone(),
-                            reason: "node_lost".into(),
-                        };
-                        if bus.publish(&call, &event).await.is_err() {
-                            metrics.bus_error();
-                        }
-                    }
-                    lost.push(peer.clone());
-                }
-            }
-            if !lost.is_empty() {
-                tracing::info!(peers = lost.len(), "peers of a lost node left");
-                if let Some(tx) = me.upgrade() {
-                    let _ = tx.send(Cmd::RemoteLost(lost)).await;
                 }
             }
         });
+    }
+
+    /// A node counts as lost once its heartbeat has been missing for a whole node timeout: a
+    /// Redis restart wipes every heartbeat at once, and live nodes set theirs again within a
+    /// third of the timeout.
+    fn nodes_dead(&mut self, dead: Vec<String>) {
+        let now = Instant::now();
+        let timeout = self.shared.settings.node_timeout;
+        self.suspects.retain(|n, _| dead.contains(n));
+        let mut lost_nodes = Vec::new();
+        for node in dead {
+            let since = *self.suspects.entry(node.clone()).or_insert(now);
+            if now.duration_since(since) >= timeout {
+                lost_nodes.push(node);
+            }
+        }
+        let lost: Vec<String> = self
+            .remote
+            .values()
+            .filter(|p| lost_nodes.contains(&p.node))
+            .map(|p| p.peer_id.clone())
+            .collect();
+        if !lost.is_empty() {
+            tracing::info!(peers = lost.len(), "peers of a lost node left");
+        }
+        for id in lost {
+            self.bus(BusOp::Remove(id.clone()));
+            self.remote_left(&id, "node_lost");
+        }
+        for node in lost_nodes {
+            self.suspects.remove(&node);
+        }
     }
 
     /// Timers; `true` when the room is done.

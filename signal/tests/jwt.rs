@@ -29,7 +29,8 @@ fn claims_of(token: &str) -> Value {
 }
 
 /// A PEM public key, as an attacker would use it for an RS256→HS256 confusion.
-const PUBLIC_KEY: &str = "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n";
+const PUBLIC_KEY: &str =
+    "-----BEGIN PUBLIC KEY-----\nMFkwEwYHKoZIzj0CAQYIKoZIzj0DAQcDQgAE\n-----END PUBLIC KEY-----\n";
 
 async fn refused(node: &Node, token: &str) -> Vec<Value> {
     let mut c = Client::connect(&node.ws_url()).await;
@@ -68,31 +69,103 @@ async fn every_bad_token_is_refused_before_the_call_changes() {
     };
     let none_header = B64.encode(json!({"alg":"none","typ":"JWT","kid":JWT_KID}).to_string());
     let cases: Vec<(&str, String, &str)> = vec![
-        ("alg none, no signature", format!("{none_header}.{p}."), "algorithm"),
-        ("alg none, old signature", format!("{none_header}.{p}.{sig}"), "algorithm"),
-        ("wrong key", sign(&hs, &claims, b"another-secret-another-secret-123"), "signature"),
-        ("HS256 with a public key", sign(&json!({"alg":"HS256","kid":JWT_KID}), &claims, PUBLIC_KEY.as_bytes()), "signature"),
-        ("RS256 header", sign(&json!({"alg":"RS256","kid":JWT_KID}), &claims, JWT_SECRET), "algorithm"),
+        (
+            "alg none, no signature",
+            format!("{none_header}.{p}."),
+            "algorithm",
+        ),
+        (
+            "alg none, old signature",
+            format!("{none_header}.{p}.{sig}"),
+            "algorithm",
+        ),
+        (
+            "wrong key",
+            sign(&hs, &claims, b"another-secret-another-secret-123"),
+            "signature",
+        ),
+        (
+            "HS256 with a public key",
+            sign(
+                &json!({"alg":"HS256","kid":JWT_KID}),
+                &claims,
+                PUBLIC_KEY.as_bytes(),
+            ),
+            "signature",
+        ),
+        (
+            "RS256 header",
+            sign(&json!({"alg":"RS256","kid":JWT_KID}), &claims, JWT_SECRET),
+            "algorithm",
+        ),
         ("expired", with("exp", json!(now - 3600)), "expired"),
-        ("not yet valid", with("nbf", json!(now + 3600)), "not_yet_valid"),
+        (
+            "not yet valid",
+            with("nbf", json!(now + 3600)),
+            "not_yet_valid",
+        ),
         ("no exp", without("exp"), "malformed"),
         ("no sub", without("sub"), "malformed"),
         ("wrong aud", with("aud", json!("someone-else")), "audience"),
-        ("wrong iss", with("iss", json!("https://evil.example")), "audience"),
-        ("unknown kid", sign(&json!({"alg":"HS256","kid":"k9"}), &claims, JWT_SECRET), "unknown_key"),
-        ("kid path", sign(&json!({"alg":"HS256","kid":"../../dev/null"}), &claims, b""), "unknown_key"),
-        ("oversized kid", sign(&json!({"alg":"HS256","kid":"k".repeat(10_000)}), &claims, JWT_SECRET), "malformed"),
-        ("no kid", sign(&json!({"alg":"HS256"}), &claims, JWT_SECRET), "unknown_key"),
-        ("jku ignored", sign(&json!({"alg":"HS256","kid":"k9","jku":"http://127.0.0.1:1/jwks"}), &claims, JWT_SECRET), "unknown_key"),
+        (
+            "wrong iss",
+            with("iss", json!("https://evil.example")),
+            "audience",
+        ),
+        (
+            "unknown kid",
+            sign(&json!({"alg":"HS256","kid":"k9"}), &claims, JWT_SECRET),
+            "unknown_key",
+        ),
+        (
+            "kid path",
+            sign(&json!({"alg":"HS256","kid":"../../dev/null"}), &claims, b""),
+            "unknown_key",
+        ),
+        (
+            "oversized kid",
+            sign(
+                &json!({"alg":"HS256","kid":"k".repeat(10_000)}),
+                &claims,
+                JWT_SECRET,
+            ),
+            "malformed",
+        ),
+        (
+            "no kid",
+            sign(&json!({"alg":"HS256"}), &claims, JWT_SECRET),
+            "unknown_key",
+        ),
+        (
+            "jku ignored",
+            sign(
+                &json!({"alg":"HS256","kid":"k9","jku":"http://127.0.0.1:1/jwks"}),
+                &claims,
+                JWT_SECRET,
+            ),
+            "unknown_key",
+        ),
         ("2 segments", format!("{h}.{p}"), "malformed"),
         ("4 segments", format!("{good}.{sig}"), "malformed"),
         ("bad base64 header", format!("{h}!!.{p}.{sig}"), "malformed"),
-        ("bad base64 signature", format!("{h}.{p}.{sig}!!"), "malformed"),
+        (
+            "bad base64 signature",
+            format!("{h}.{p}.{sig}!!"),
+            "malformed",
+        ),
         // The signature covers the payload as sent: tampering fails there first.
-        ("bad base64 payload", format!("{h}.{p}!!.{sig}"), "signature"),
+        (
+            "bad base64 payload",
+            format!("{h}.{p}!!.{sig}"),
+            "signature",
+        ),
         ("1 MB token", "a".repeat(60_000), "malformed"),
         ("not a token", "hello".into(), "malformed"),
-        ("other participant's jti", with("jti", json!("j_forged")), "revoked"),
+        (
+            "other participant's jti",
+            with("jti", json!("j_forged")),
+            "revoked",
+        ),
         ("unknown peer", with("sub", json!("p_nobody")), "revoked"),
     ];
     for (what, token, reason) in &cases {
@@ -130,7 +203,10 @@ async fn the_first_message_must_be_auth_and_arrive_in_time() {
     let (end, _) = c.until_end().await;
     assert_eq!(end, End::Closed(4001, "unauthorized".into()));
     assert_eq!(
-        node.metric("turnpike_signal_disconnects_total", &[("reason", "auth_timeout")]),
+        node.metric(
+            "turnpike_signal_disconnects_total",
+            &[("reason", "auth_timeout")]
+        ),
         1.0
     );
 }

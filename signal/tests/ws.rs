@@ -26,7 +26,7 @@ async fn two_peers_exchange_offer_answer_and_candidates() {
     assert_eq!(wa["call_id"], call.as_str());
     assert_eq!(wa["peer_id"], ja["peer_id"]);
     assert_eq!(wa["peers"], json!([]));
-    assert!(wa["ice_servers"].as_array().unwrap().len() >= 1);
+    assert!(!wa["ice_servers"].as_array().unwrap().is_empty());
     assert!(wa["ping_interval_ms"].as_u64().unwrap() > 0);
     let a_id = s(&wa["peer_id"]).to_owned();
 
@@ -38,30 +38,41 @@ async fn two_peers_exchange_offer_answer_and_candidates() {
     assert_eq!(joined["peer"]["peer_id"], b_id.as_str());
     assert_eq!(joined["peer"]["name"], "Bob");
 
-    a.send(json!({"v":1,"type":"offer","to":b_id,"sdp":"v=0 offer"})).await;
+    a.send(json!({"v":1,"type":"offer","to":b_id,"sdp":"v=0 offer"}))
+        .await;
     let offer = b.recv_type("offer").await;
     assert_eq!(offer["from"], a_id.as_str());
     assert_eq!(offer["sdp"], "v=0 offer");
 
-    b.send(json!({"v":1,"type":"answer","to":a_id,"sdp":"v=0 answer"})).await;
+    b.send(json!({"v":1,"type":"answer","to":a_id,"sdp":"v=0 answer"}))
+        .await;
     let answer = a.recv_type("answer").await;
     assert_eq!(answer["from"], b_id.as_str());
     assert_eq!(answer["sdp"], "v=0 answer");
 
     let cand = json!({"candidate":"candidate:1 1 udp 1 127.0.0.1 5000 typ host","sdpMid":"0"});
-    a.send(json!({"v":1,"type":"candidate","to":b_id,"candidate":cand})).await;
-    b.send(json!({"v":1,"type":"candidate","to":a_id,"candidate":null})).await;
+    a.send(json!({"v":1,"type":"candidate","to":b_id,"candidate":cand}))
+        .await;
+    b.send(json!({"v":1,"type":"candidate","to":a_id,"candidate":null}))
+        .await;
     let got = b.recv_type("candidate").await;
     assert_eq!(got["candidate"], cand);
     assert_eq!(got["from"], a_id.as_str());
     let got = a.recv_type("candidate").await;
     assert_eq!(got["candidate"], serde_json::Value::Null);
 
-    b.send(json!({"v":1,"type":"media","audio":true,"video":false,"screen":true})).await;
+    b.send(json!({"v":1,"type":"media","audio":true,"video":false,"screen":true}))
+        .await;
     let media = a.recv_type("media").await;
     assert_eq!(media["from"], b_id.as_str());
-    assert_eq!((media["audio"].clone(), media["video"].clone(), media["screen"].clone()),
-        (json!(true), json!(false), json!(true)));
+    assert_eq!(
+        (
+            media["audio"].clone(),
+            media["video"].clone(),
+            media["screen"].clone()
+        ),
+        (json!(true), json!(false), json!(true))
+    );
 
     a.send(json!({"v":1,"type":"ping"})).await;
     a.recv_type("pong").await;
@@ -76,7 +87,9 @@ async fn two_peers_exchange_offer_answer_and_candidates() {
     // The call shows both participants: Bob left, with his last media state.
     let deadline = tokio::time::Instant::now() + harness::PATIENCE;
     loop {
-        let (_, v) = node.http("GET", &format!("/v1/calls/{call}"), Some(&key), None).await;
+        let (_, v) = node
+            .http("GET", &format!("/v1/calls/{call}"), Some(&key), None)
+            .await;
         let bob = v["participants"]
             .as_array()
             .unwrap()
@@ -85,11 +98,17 @@ async fn two_peers_exchange_offer_answer_and_candidates() {
             .cloned()
             .unwrap();
         if bob["left_at"].is_string() {
-            assert_eq!(bob["media"], json!({"audio": true, "video": false, "screen": true}));
+            assert_eq!(
+                bob["media"],
+                json!({"audio": true, "video": false, "screen": true})
+            );
             assert_eq!(v["state"], "active");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "left_at not recorded: {v}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "left_at not recorded: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
@@ -107,8 +126,10 @@ async fn three_peers_each_message_reaches_only_its_addressee() {
     a.recv_type("peer_joined").await;
     b.recv_type("peer_joined").await;
 
-    a.send(json!({"v":1,"type":"offer","to":idc,"sdp":"for c"})).await;
-    b.send(json!({"v":1,"type":"offer","to":idc,"sdp":"from b"})).await;
+    a.send(json!({"v":1,"type":"offer","to":idc,"sdp":"for c"}))
+        .await;
+    b.send(json!({"v":1,"type":"offer","to":idc,"sdp":"from b"}))
+        .await;
     let first = c.recv_type("offer").await;
     let second = c.recv_type("offer").await;
     let mut froms = vec![s(&first["from"]).to_owned(), s(&second["from"]).to_owned()];
@@ -118,7 +139,8 @@ async fn three_peers_each_message_reaches_only_its_addressee() {
     assert_eq!(froms, want);
 
     // Media goes to both others; a ping round trip then proves B saw no offer meant for C.
-    c.send(json!({"v":1,"type":"media","audio":false,"video":true,"screen":false})).await;
+    c.send(json!({"v":1,"type":"media","audio":false,"video":true,"screen":false}))
+        .await;
     assert_eq!(a.recv_type("media").await["from"], idc);
     b.send(json!({"v":1,"type":"ping"})).await;
     let mut seen = Vec::new();
@@ -140,13 +162,15 @@ async fn messages_to_strangers_and_before_auth_are_refused() {
     let (_, _, other_code) = node.call(8).await;
     let (mut a, _, _) = enter(&node, &code, "A").await;
     let (_stranger, ws, _) = enter(&node, &other_code, "S").await;
-    a.send(json!({"v":1,"type":"offer","to":s(&ws["peer_id"]),"sdp":"x"})).await;
+    a.send(json!({"v":1,"type":"offer","to":s(&ws["peer_id"]),"sdp":"x"}))
+        .await;
     let e = a.recv_type("error").await;
     assert_eq!(e["code"], "unknown_peer");
 
     // Not authenticated: an offer as first message closes with 4001.
     let mut c = Client::connect(&node.ws_url()).await;
-    c.send(json!({"v":1,"type":"offer","to":"p_x","sdp":"x"})).await;
+    c.send(json!({"v":1,"type":"offer","to":"p_x","sdp":"x"}))
+        .await;
     let (end, seen) = c.until_end().await;
     assert_eq!(end, End::Closed(4001, "unauthorized".into()));
     assert_eq!(seen[0]["code"], "unauthorized");
@@ -158,9 +182,11 @@ async fn stats_move_the_quality_histograms() {
     let (_, _, code) = node.call(8).await;
     let (mut a, _, _) = enter(&node, &code, "A").await;
     assert_eq!(node.histogram_count("turnpike_call_rtt_seconds"), 0);
-    a.send(json!({"v":1,"type":"stats","rtt_ms":42.0,"jitter_ms":3.0,"packet_loss":0.01,
-        "bitrate_kbps":900.0,"candidate_type":"relay","relay_protocol":"tcp"}))
-        .await;
+    a.send(
+        json!({"v":1,"type":"stats","rtt_ms":42.0,"jitter_ms":3.0,"packet_loss":0.01,
+        "bitrate_kbps":900.0,"candidate_type":"relay","relay_protocol":"tcp"}),
+    )
+    .await;
     a.send(json!({"v":1,"type":"ping"})).await;
     a.recv_type("pong").await;
     for h in [
@@ -179,9 +205,11 @@ async fn stats_move_the_quality_histograms() {
         1.0
     );
     // A bad report is refused with an error and observes nothing.
-    a.send(json!({"v":1,"type":"stats","rtt_ms":-1,"jitter_ms":3.0,"packet_loss":2,
-        "candidate_type":"relay","relay_protocol":"tcp"}))
-        .await;
+    a.send(
+        json!({"v":1,"type":"stats","rtt_ms":-1,"jitter_ms":3.0,"packet_loss":2,
+        "candidate_type":"relay","relay_protocol":"tcp"}),
+    )
+    .await;
     assert_eq!(a.recv_type("error").await["code"], "invalid_message");
     assert_eq!(node.histogram_count("turnpike_call_rtt_seconds"), 1);
 }
@@ -195,7 +223,12 @@ async fn kick_closes_the_socket_and_revokes_the_token() {
     let idb = s(&wb["peer_id"]).to_owned();
     a.recv_type("peer_joined").await;
     let (status, v) = node
-        .http("DELETE", &format!("/v1/calls/{call}/participants/{idb}"), Some(&key), None)
+        .http(
+            "DELETE",
+            &format!("/v1/calls/{call}/participants/{idb}"),
+            Some(&key),
+            None,
+        )
         .await;
     assert_eq!(status.as_u16(), 204, "{v}");
     let (end, _) = b.until_end().await;
@@ -204,7 +237,9 @@ async fn kick_closes_the_socket_and_revokes_the_token() {
     assert_eq!(left["reason"], "kicked");
     // The old token no longer opens a socket.
     let mut again = Client::connect(&node.ws_url()).await;
-    again.send(json!({"v":1,"type":"auth","token":jb["signal_token"]})).await;
+    again
+        .send(json!({"v":1,"type":"auth","token":jb["signal_token"]}))
+        .await;
     let (end, _) = again.until_end().await;
     assert_eq!(end, End::Closed(4001, "unauthorized".into()));
 }
@@ -222,7 +257,11 @@ async fn ending_the_call_closes_everyone() {
     for c in [&mut a, &mut b] {
         let (end, seen) = c.until_end().await;
         assert_eq!(end, End::Closed(4000, "call_ended".into()));
-        assert!(seen.iter().any(|m| m["type"] == "call_ended" && m["reason"] == "api"), "{seen:?}");
+        assert!(
+            seen.iter()
+                .any(|m| m["type"] == "call_ended" && m["reason"] == "api"),
+            "{seen:?}"
+        );
     }
 }
 
@@ -273,13 +312,18 @@ async fn an_empty_call_ends_after_the_empty_timeout() {
     a.until_end().await;
     let deadline = tokio::time::Instant::now() + harness::PATIENCE;
     loop {
-        let (_, v) = node.http("GET", &format!("/v1/calls/{call}"), Some(&key), None).await;
+        let (_, v) = node
+            .http("GET", &format!("/v1/calls/{call}"), Some(&key), None)
+            .await;
         if v["state"] == "ended" {
             assert!(v["participants"][0]["left_at"].is_string(), "{v}");
             assert_eq!(v["end_reason"], "empty");
             break;
         }
-        assert!(tokio::time::Instant::now() < deadline, "call not ended: {v}");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "call not ended: {v}"
+        );
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
@@ -320,7 +364,12 @@ async fn a_call_at_max_participants_refuses_the_next_socket() {
     let (_b, _, _) = enter(&node, &code, "B").await;
     // /v1/join itself says 409 for the third.
     let (status, v) = node
-        .http("POST", "/v1/join", None, Some(json!({"code": code, "name": "C"})))
+        .http(
+            "POST",
+            "/v1/join",
+            None,
+            Some(json!({"code": code, "name": "C"})),
+        )
         .await;
     assert_eq!(status.as_u16(), 409, "{v}");
 }
@@ -366,7 +415,13 @@ async fn a_one_megabyte_frame_is_closed_with_1009() {
     let (mut b, _, _) = enter(&node, &code, "B").await;
     b.send(json!({"v":1,"type":"ping"})).await;
     b.recv_type("pong").await;
-    assert_eq!(node.metric("turnpike_signal_disconnects_total", &[("reason", "too_large")]), 1.0);
+    assert_eq!(
+        node.metric(
+            "turnpike_signal_disconnects_total",
+            &[("reason", "too_large")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -378,13 +433,20 @@ async fn malformed_and_unknown_messages_get_errors_and_the_socket_stays() {
         ("{not json", "invalid_message"),
         (r#"{"v":1,"type":"teleport"}"#, "unknown_type"),
         (r#"{"v":9,"type":"ping"}"#, "unsupported_version"),
-        (r#"{"v":1,"type":"offer","to":["x"],"sdp":1}"#, "invalid_message"),
+        (
+            r#"{"v":1,"type":"offer","to":["x"],"sdp":1}"#,
+            "invalid_message",
+        ),
     ];
     for (text, code) in cases {
         a.send_raw(text).await;
         assert_eq!(a.recv_type("error").await["code"], code, "{text}");
     }
-    let deep = format!(r#"{{"v":1,"type":"media","x":{}{}}}"#, "[".repeat(5000), "]".repeat(5000));
+    let deep = format!(
+        r#"{{"v":1,"type":"media","x":{}{}}}"#,
+        "[".repeat(5000),
+        "]".repeat(5000)
+    );
     a.send_raw(&deep).await;
     assert_eq!(a.recv_type("error").await["code"], "invalid_message");
     a.send(json!({"v":1,"type":"ping"})).await;
@@ -412,7 +474,10 @@ async fn a_thousand_messages_a_second_are_limited_and_others_unaffected() {
     assert_eq!(end, End::Closed(1008, "rate_limited".into()));
     assert!(seen.iter().any(|m| m["code"] == "rate_limited"));
     let pongs = seen.iter().filter(|m| m["type"] == "pong").count();
-    assert!((50..=200).contains(&pongs), "{pongs} pongs: the burst, not all 1000");
+    assert!(
+        (50..=200).contains(&pongs),
+        "{pongs} pongs: the burst, not all 1000"
+    );
     calm.send(json!({"v":1,"type":"ping"})).await;
     calm.recv_type("pong").await;
 }
@@ -438,8 +503,14 @@ async fn a_reader_that_never_reads_is_dropped_not_buffered() {
     // Large offers until the sleeper's TCP window and send queue are full.
     let sdp = "a".repeat(60_000);
     let mut sent = 0;
-    while node.metric("turnpike_signal_disconnects_total", &[("reason", "slow_reader")]) < 1.0 {
-        talker.send(json!({"v":1,"type":"offer","to":to,"sdp":sdp})).await;
+    while node.metric(
+        "turnpike_signal_disconnects_total",
+        &[("reason", "slow_reader")],
+    ) < 1.0
+    {
+        talker
+            .send(json!({"v":1,"type":"offer","to":to,"sdp":sdp}))
+            .await;
         sent += 1;
         assert!(sent < 5_000, "never dropped the slow reader");
         if sent % 50 == 0 {
@@ -476,7 +547,9 @@ async fn sockets_that_never_authenticate_are_capped_per_address_and_closed_at_th
         let mut wave = Vec::new();
         for _ in 0..100 {
             let url = node.ws_url();
-            wave.push(tokio::spawn(async move { tokio_tungstenite::connect_async(url).await }));
+            wave.push(tokio::spawn(async move {
+                tokio_tungstenite::connect_async(url).await
+            }));
         }
         for h in wave {
             match h.await.unwrap() {
@@ -502,7 +575,9 @@ async fn sockets_that_never_authenticate_are_capped_per_address_and_closed_at_th
         .unwrap();
     legit
         .send(Message::Text(
-            json!({"v":1,"type":"auth","token":j["signal_token"]}).to_string().into(),
+            json!({"v":1,"type":"auth","token":j["signal_token"]})
+                .to_string()
+                .into(),
         ))
         .await
         .unwrap();

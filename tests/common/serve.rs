@@ -238,4 +238,3 @@ pub(crate) fn http(
     let v = serde_json::from_str(&text).unwrap_or_else(|e| panic!("{method} {path}: {e}: {text}"));
     (status, v)
 }
-

@@ -186,7 +186,12 @@ impl Node {
     /// A new app's key.
     pub async fn app_key(&self) -> String {
         let (s, v) = self
-            .http("POST", "/v1/apps", Some(ADMIN), Some(json!({"name": "tests"})))
+            .http(
+                "POST",
+                "/v1/apps",
+                Some(ADMIN),
+                Some(json!({"name": "tests"})),
+            )
             .await;
         assert_eq!(s, StatusCode::CREATED, "{v}");
         v["key"].as_str().unwrap().to_owned()
@@ -214,7 +219,12 @@ impl Node {
     /// `/v1/join` by code: the whole answer.
     pub async fn join(&self, code: &str, name: &str) -> Value {
         let (s, v) = self
-            .http("POST", "/v1/join", None, Some(json!({"code": code, "name": name})))
+            .http(
+                "POST",
+                "/v1/join",
+                None,
+                Some(json!({"code": code, "name": name})),
+            )
             .await;
         assert_eq!(s, StatusCode::OK, "{v}");
         v
@@ -291,11 +301,17 @@ impl Client {
     }
 
     pub async fn send(&mut self, v: Value) {
-        self.ws.send(Message::Text(v.to_string().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(v.to_string().into()))
+            .await
+            .unwrap();
     }
 
     pub async fn send_raw(&mut self, text: &str) {
-        self.ws.send(Message::Text(text.to_owned().into())).await.unwrap();
+        self.ws
+            .send(Message::Text(text.to_owned().into()))
+            .await
+            .unwrap();
     }
 
     /// The next text message as JSON; panics on close or after [`PATIENCE`].
@@ -338,7 +354,10 @@ impl Client {
                     return (End::Closed(u16::from(f.code), f.reason.to_string()), seen)
                 }
                 Some(Ok(Message::Close(None))) => {
-                    return (End::Closed(u16::from(CloseCode::Status), String::new()), seen)
+                    return (
+                        End::Closed(u16::from(CloseCode::Status), String::new()),
+                        seen,
+                    )
                 }
                 Some(Ok(_)) => continue,
                 Some(Err(_)) | None => return (End::Dropped, seen),
@@ -349,7 +368,8 @@ impl Client {
     /// Connects and authenticates with `token`; returns the `welcome`.
     pub async fn joined(url: &str, token: &str) -> (Client, Value) {
         let mut c = Client::connect(url).await;
-        c.send(json!({"v": 1, "type": "auth", "token": token})).await;
+        c.send(json!({"v": 1, "type": "auth", "token": token}))
+            .await;
         let w = c.recv().await;
         assert_eq!(w["type"], "welcome", "{w}");
         (c, w)
