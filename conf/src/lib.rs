@@ -694,7 +694,7 @@ pub struct Signal {
     /// refused with 503. Default 10000 (1 to 1000000).
     pub max_connections: u32,
     /// Sockets from one IP that have not authenticated yet; above it new
-    /// upgrades from that IP are refused with 503. Default 64 (1 to
+    /// upgrades from that IP are refused with 429. Default 64 (1 to
     /// 100000).
     pub max_unauthenticated_per_ip: u32,
 }

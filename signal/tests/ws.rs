@@ -598,3 +598,84 @@ async fn sockets_that_never_authenticate_are_capped_per_address_and_closed_at_th
     })
     .await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_silent_socket_is_closed_at_the_idle_timeout() {
+    let node = Node::start(Options {
+        signal: Settings {
+            ping_interval: Duration::from_millis(200),
+            idle_timeout: Duration::from_millis(600),
+            ..Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, w, _) = enter(&node, &code, "A").await;
+    assert_eq!(w["ping_interval_ms"], 200);
+    let (end, _) = a.until_end().await;
+    assert_eq!(end, End::Closed(4008, "idle_timeout".into()));
+    assert_eq!(
+        node.metric(
+            "turnpike_signal_disconnects_total",
+            &[("reason", "idle_timeout")]
+        ),
+        1.0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn compression_is_never_negotiated() {
+    let node = Node::start(Options::default()).await;
+    let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(
+        node.ws_url(),
+    )
+    .unwrap();
+    req.headers_mut().insert(
+        "sec-websocket-extensions",
+        "permessage-deflate; client_max_window_bits"
+            .parse()
+            .unwrap(),
+    );
+    let (_, resp) = tokio_tungstenite::connect_async(req).await.unwrap();
+    assert!(
+        resp.headers().get("sec-websocket-extensions").is_none(),
+        "{:?}",
+        resp.headers()
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_huge_handshake_header_is_refused() {
+    use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
+    let node = Node::start(Options::default()).await;
+    let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
+    let head = format!(
+        "GET /v1/signal HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
+         Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Big: "
+    );
+    s.write_all(head.as_bytes()).await.unwrap();
+    // 20 MB of header: the server stops reading long before (hyper's head limit).
+    let chunk = vec![b'a'; 64 * 1024];
+    let mut refused = false;
+    for _ in 0..320 {
+        if s.write_all(&chunk).await.is_err() {
+            refused = true;
+            break;
+        }
+    }
+    if !refused {
+        let mut buf = vec![0; 1024];
+        let n = tokio::time::timeout(harness::PATIENCE, s.read(&mut buf))
+            .await
+            .unwrap()
+            .unwrap_or(0);
+        let text = String::from_utf8_lossy(&buf[..n]);
+        assert!(n == 0 || text.starts_with("HTTP/1.1 431"), "{text}");
+    }
+    // Still serving.
+    let (_, _, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    a.send(json!({"v":1,"type":"ping"})).await;
+    a.recv_type("pong").await;
+}
