@@ -650,7 +650,7 @@ async fn a_huge_handshake_header_is_refused() {
     use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
     let node = Node::start(Options::default()).await;
     let mut s = tokio::net::TcpStream::connect(node.addr).await.unwrap();
-    let head = format!(
+    let head = concat!(
         "GET /v1/signal HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n\
          Sec-WebSocket-Version: 13\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nX-Big: "
     );
