@@ -139,6 +139,63 @@ async fn exchange(a: &mut Ws, ida: &str, b: &mut Ws, idb: &str) {
     assert_eq!(recv_type(a, "candidate").await["from"], idb);
 }
 
+/// The join code of a call is only shown at creation; a participant token works as well.
+fn call_code(serve: &Serve, key: &str, call: &str) -> String {
+    let path = format!("/v1/calls/{call}/tokens");
+    let (st, t) = serve.api("POST", &path, Some(key), Some(json!({"role":"guest"})));
+    assert_eq!(st, 201, "{t}");
+    t["token"].as_str().unwrap().to_owned()
+}
+
+/// A running `turnpike signal`, killed on drop.
+struct SignalNode {
+    child: std::process::Child,
+    addr: SocketAddr,
+}
+
+impl SignalNode {
+    fn start(config: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(common::serve::BIN)
+            .args(["signal", "--config", config.to_str().unwrap()])
+            .env_remove("TURNPIKE_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        let (tx, rx) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        let mut addr = None;
+        loop {
+            let line = rx.recv_timeout(WAIT).expect("signal prints its addresses");
+            if let Some(a) = line.strip_prefix("turnpike: signal listening on http://") {
+                addr = Some(a.parse().unwrap());
+            }
+            if line.starts_with("turnpike: admin listening on") {
+                break;
+            }
+        }
+        Self {
+            child,
+            addr: addr.expect("a signal listener"),
+        }
+    }
+}
+
+impl Drop for SignalNode {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 fn s(v: &Value) -> &str {
     v.as_str().unwrap()
 }
@@ -179,11 +236,12 @@ async fn two_nodes_on_redis_carry_one_call_and_a_dead_node_reports_its_peers_lef
     let mut redis = redis::RedisServer::start();
     let store = format!("[store]\nredis-url = \"{}\"", redis.url);
     let node_a = Serve::with_config(&config("a", &store, "3s"));
-    let node_b = Serve::with_config(&config("b", &store, "3s"));
+    // Node B runs signaling alone (`turnpike signal`), like a deployment with separate tiers.
+    let node_b = SignalNode::start(&config("b", &store, "3s"));
     let (key, call, ja, jb) = call_with_two(&node_a);
     // Ada on node A, Bob on node B.
     let (mut a, wa) = connect(node_a.control, s(&ja["signal_token"])).await;
-    let (mut b, wb) = connect(node_b.control, s(&jb["signal_token"])).await;
+    let (mut b, wb) = connect(node_b.addr, s(&jb["signal_token"])).await;
     let (ida, idb) = (s(&wa["peer_id"]).to_owned(), s(&wb["peer_id"]).to_owned());
     assert_eq!(
         wb["peers"][0]["peer_id"],
@@ -201,6 +259,42 @@ async fn two_nodes_on_redis_carry_one_call_and_a_dead_node_reports_its_peers_lef
     )
     .await;
     assert_eq!(recv_type(&mut a, "media").await["from"], idb.as_str());
+
+    // A kick through node A's API closes Carol's socket on node B.
+    let code = call_code(&node_a, &key, &call);
+    let (st, jc) = node_a.api(
+        "POST",
+        "/v1/join",
+        None,
+        Some(json!({"token":code,"name":"Carol"})),
+    );
+    assert_eq!(st, 200, "{jc}");
+    let (mut c, wc) = connect(node_b.addr, s(&jc["signal_token"])).await;
+    let idc = s(&wc["peer_id"]).to_owned();
+    assert_eq!(
+        recv_type(&mut a, "peer_joined").await["peer"]["peer_id"],
+        idc.as_str()
+    );
+    let path = format!("/v1/calls/{call}/participants/{idc}");
+    let (st, _) = raw_http(node_a.control, "DELETE", &path, Some(&key), None);
+    assert_eq!(st, 204);
+    let closed = tokio::time::timeout(WAIT, async {
+        loop {
+            match c.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                Some(Ok(_)) => continue,
+                _ => return 0,
+            }
+        }
+    })
+    .await
+    .unwrap();
+    assert_eq!(closed, 4003, "kicked on the other node");
+    let left = recv_type(&mut a, "peer_left").await;
+    assert_eq!(
+        (left["peer_id"].clone(), left["reason"].clone()),
+        (json!(idc), json!("kicked"))
+    );
 
     // Redis restarts empty: both nodes resubscribe and re-announce by themselves.
     redis.restart();
