@@ -305,6 +305,8 @@ struct Room {
     last_presence: Instant,
     /// Nodes whose heartbeat was missing, since when.
     suspects: HashMap<String, Instant>,
+    /// Since when no peer of this call is connected here (while others are elsewhere).
+    local_empty_since: Option<Instant>,
 }
 
 impl Room {
@@ -325,6 +327,7 @@ impl Room {
             me: Some(me),
             last_presence: Instant::now(),
             suspects: HashMap::new(),
+            local_empty_since: None,
         }
     }
 
@@ -347,7 +350,9 @@ impl Room {
             Err(_) => tracing::warn!("presence read timed out; starting without other nodes"),
         }
 
-        let mut tick = tokio::time::interval(TICK);
+        // The first tick a whole TICK after the start, not at once: the join that started the
+        // room comes first.
+        let mut tick = tokio::time::interval_at(Instant::now() + TICK, TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shared.shutdown.clone();
         loop {
@@ -850,10 +855,15 @@ impl Room {
                 return true;
             }
         } else if self.local.is_empty() {
-            // Everyone is on other nodes: their rooms carry the call on.
-            return true;
+            // Everyone is on other nodes: their rooms carry the call on. Not on the first tick
+            // without local peers, so a join racing the decision still finds this room.
+            let since = *self.local_empty_since.get_or_insert(now);
+            if now.duration_since(since) >= TICK {
+                return true;
+            }
         } else {
             self.empty_since = None;
+            self.local_empty_since = None;
         }
         false
     }

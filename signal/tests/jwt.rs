@@ -202,11 +202,11 @@ async fn the_first_message_must_be_auth_and_arrive_in_time() {
     c.send_raw("{{{").await;
     let (end, _) = c.until_end().await;
     assert_eq!(end, End::Closed(4001, "unauthorized".into()));
-    assert_eq!(
+    harness::eventually("auth_timeout counted", || {
         node.metric(
             "turnpike_signal_disconnects_total",
-            &[("reason", "auth_timeout")]
-        ),
-        1.0
-    );
+            &[("reason", "auth_timeout")],
+        ) == 1.0
+    })
+    .await;
 }

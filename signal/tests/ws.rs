@@ -415,13 +415,14 @@ async fn a_one_megabyte_frame_is_closed_with_1009() {
     let (mut b, _, _) = enter(&node, &code, "B").await;
     b.send(json!({"v":1,"type":"ping"})).await;
     b.recv_type("pong").await;
-    assert_eq!(
+    // Counted once the server side of the socket is done (just after the client saw the close).
+    eventually("too_large counted", || {
         node.metric(
             "turnpike_signal_disconnects_total",
-            &[("reason", "too_large")]
-        ),
-        1.0
-    );
+            &[("reason", "too_large")],
+        ) == 1.0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -615,13 +616,13 @@ async fn a_silent_socket_is_closed_at_the_idle_timeout() {
     assert_eq!(w["ping_interval_ms"], 200);
     let (end, _) = a.until_end().await;
     assert_eq!(end, End::Closed(4008, "idle_timeout".into()));
-    assert_eq!(
+    harness::eventually("idle_timeout counted", || {
         node.metric(
             "turnpike_signal_disconnects_total",
-            &[("reason", "idle_timeout")]
-        ),
-        1.0
-    );
+            &[("reason", "idle_timeout")],
+        ) == 1.0
+    })
+    .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
