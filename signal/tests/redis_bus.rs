@@ -3,7 +3,7 @@
 
 #![allow(clippy::unwrap_used)]
 
-#[path = "common/redis.rs"]
+#[path = "../../control/tests/common/redis.rs"]
 mod redis_server;
 
 use std::sync::Arc;
