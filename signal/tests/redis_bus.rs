@@ -170,3 +170,29 @@ async fn a_redis_restart_resubscribes_and_resyncs() {
     }
     assert_eq!(next(&mut brx).await.event, left("p1"));
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_pubsub_connection_is_noticed_and_resubscribed_while_commands_work() {
+    let redis = redis_server::RedisServer::start();
+    let (a, b) = (bus(&redis.url, "A"), bus(&redis.url, "B"));
+    let (btx, mut brx) = mpsc::channel(16);
+    b.subscribe("c1", btx);
+    b.wait_subscribed("c1").await;
+    // Only the pub/sub connections are killed; command connections stay.
+    let out = std::process::Command::new("redis-cli")
+        .args([
+            "-p",
+            &redis.port.to_string(),
+            "CLIENT",
+            "KILL",
+            "TYPE",
+            "pubsub",
+        ])
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{out:?}");
+    assert_eq!(next(&mut brx).await.event, BusEvent::Resync);
+    b.wait_subscribed("c1").await;
+    a.publish("c1", &left("p1")).await.unwrap();
+    assert_eq!(next(&mut brx).await.event, left("p1"));
+}

@@ -679,3 +679,49 @@ async fn a_huge_handshake_header_is_refused() {
     a.send(json!({"v":1,"type":"ping"})).await;
     a.recv_type("pong").await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn fragments_are_capped_by_the_message_size() {
+    use tokio_tungstenite::tungstenite::protocol::frame::coding::{Data, OpCode};
+    use tokio_tungstenite::tungstenite::protocol::frame::Frame;
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    // 10 000 one-byte fragments make one 10 KB message: taken, and refused as not JSON.
+    a.ws.send(Message::Frame(Frame::message(
+        b"x".to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    for i in 1..10_000 {
+        let last = i == 9_999;
+        a.ws.feed(Message::Frame(Frame::message(
+            b"x".to_vec(),
+            OpCode::Data(Data::Continue),
+            last,
+        )))
+        .await
+        .unwrap();
+    }
+    a.ws.flush().await.unwrap();
+    assert_eq!(a.recv_type("error").await["code"], "invalid_message");
+    // Fragments past the 64 KiB message limit close the socket with 1009.
+    a.ws.send(Message::Frame(Frame::message(
+        b"x".to_vec(),
+        OpCode::Data(Data::Text),
+        false,
+    )))
+    .await
+    .unwrap();
+    for _ in 0..70_000 {
+        let frame = Frame::message(b"x".to_vec(), OpCode::Data(Data::Continue), false);
+        if a.ws.feed(Message::Frame(frame)).await.is_err() {
+            break;
+        }
+    }
+    let _ = a.ws.flush().await;
+    let (end, _) = a.until_end().await;
+    assert_eq!(end, End::Closed(1009, "too_large".into()));
+}
