@@ -1,9 +1,15 @@
 //! `iceServers` with TURN REST credentials, in the exact shape `RTCPeerConnection` takes.
 //!
-//! The username is `EXPIRY:GROUP.RANDOM`: the expiry the relay checks, the call's credential
-//! group (the relay revokes by it) and a random part per issue — no personal data. The password
-//! is `relay_proto::rest_password` of the username under the relay's first (signing) secret,
-//! the very function the relay verifies with.
+//! The username is `EXPIRY:GROUP.RANDOM`: the expiry the relay checks, a credential group (the
+//! relay revokes by it) and a random part per issue — no personal data. The group is the call's
+//! `CALLGROUP` for credentials handed out for the call as a whole, and `CALLGROUP.PEERID` for a
+//! participant joined through `/v1/join` (`PEERID` is `p_` + URL-safe base64, never a `.`), so
+//! that participant's username is `EXPIRY:CALLGROUP.PEERID.RANDOM`. The relay's groups are
+//! hierarchical (`relay_proto::auth::rest_groups`): such a username belongs to both
+//! `CALLGROUP` and `CALLGROUP.PEERID`, so revoking `CALLGROUP.PEERID` kicks that participant
+//! alone while revoking `CALLGROUP` ends the call for everyone. [`Minter::mint`] takes either
+//! group as is. The password is `relay_proto::rest_password` of the username under the relay's
+//! first (signing) secret, the very function the relay verifies with.
 
 use serde::Serialize;
 
@@ -86,11 +92,13 @@ impl Minter {
         self.ttl_s
     }
 
-    /// Credentials in `group` valid for `ttl_s` from `now_s` (Unix seconds).
+    /// Credentials in `group` (`CALLGROUP`, or `CALLGROUP.PEERID` for one participant; see the
+    /// module doc) valid for `ttl_s` from `now_s` (Unix seconds).
     pub fn mint(&self, group: &str, now_s: u64, ttl_s: u64) -> Minted {
         let expires_at = now_s.saturating_add(ttl_s);
         // `GROUP.RANDOM`: the id alphabet (URL-safe base64) has no `.` or `:`, so the relay
-        // splits `EXPIRY:` and `GROUP.` unambiguously.
+        // splits `EXPIRY:` and each group (every prefix before a `.`) unambiguously, and the
+        // random part is never mistaken for a group.
         let user = format!("{group}.{}", secrets::new_id(""));
         // The very function the relay verifies with: `EXPIRY:user` and its HMAC.
         let (username, credential) = relay_proto::rest_credentials(&self.secret, &user, expires_at);
@@ -217,6 +225,36 @@ mod tests {
         assert_ne!(
             turn_entry(&second).credential,
             turn_entry(&first).credential
+        );
+    }
+
+    #[test]
+    fn a_participant_username_has_the_call_group_and_its_own() {
+        let minted = minter().mint("g1.p_abc", NOW, TTL);
+        let username = turn_entry(&minted).username.as_deref().unwrap();
+        let groups: Vec<&str> = relay_proto::auth::rest_groups(username.as_bytes()).collect();
+        assert_eq!(groups, ["g1", "g1.p_abc"], "{username}");
+        assert_eq!(
+            relay_proto::auth::rest_group(username.as_bytes()),
+            Some("g1")
+        );
+        for g in &groups {
+            assert!(relay_proto::auth::is_valid_group(g), "{g}");
+        }
+        // The call-wide credentials of the same call have the call group alone.
+        let minted = minter().mint("g1", NOW, TTL);
+        let username = turn_entry(&minted).username.as_deref().unwrap();
+        let groups: Vec<&str> = relay_proto::auth::rest_groups(username.as_bytes()).collect();
+        assert_eq!(groups, ["g1"], "{username}");
+        // With the control plane's real ids the participant group is well within the relay's
+        // bound, so it stays revocable on its own.
+        let group = format!("{}.{}", secrets::new_id("g"), secrets::new_id("p_"));
+        assert!(group.len() <= relay_proto::auth::MAX_GROUP_LEN, "{group}");
+        let minted = minter().mint(&group, NOW, TTL);
+        let username = turn_entry(&minted).username.as_deref().unwrap();
+        assert_eq!(
+            relay_proto::auth::rest_groups(username.as_bytes()).last(),
+            Some(group.as_str())
         );
     }
 

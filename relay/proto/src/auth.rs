@@ -50,60 +50,83 @@ pub fn parse_rest_username(raw: &[u8]) -> Result<RestUsername<'_>, UsernameError
     Ok(RestUsername { expiry, user })
 }
 
-/// Longest credential group (all its segments and dots): the control plane's call group and
-/// peer id together are under 60 characters; the cap keeps the revocation table's entries
-/// small whatever a caller hands in.
-pub const MAX_GROUP_LEN: usize = 96;
+/// Longest credential group, all its segments and dots counted. Unchanged since groups had a
+/// single segment (so the first group of a username is cut exactly as before): the control
+/// plane's longest, a participant's `CALL.PEER`, is 36 characters (`g` + 16 and `p_` + 16 id
+/// characters and the dot), and the cap keeps the revocation table's entries small whatever
+/// a caller hands in.
+pub const MAX_GROUP_LEN: usize = 64;
 
-/// Most segments a group has: a call (`CALL`) and one participant of it (`CALL.PEER`). The
-/// bound also caps the work an Allocate's revocation check does for a hostile username with
-/// many dots.
+/// Most segments a group has: a call (`CALL`) and one participant of it (`CALL.PEER`), all the
+/// control plane mints. The bound also caps the work of an Allocate's revocation check at that
+/// many table lookups, however many dots a hostile username has. Raising it makes deeper
+/// nesting revocable with no other change.
 pub const MAX_GROUP_SEGMENTS: usize = 2;
 
-fn is_segment(s: &str) -> bool {
+/// One segment of a group: non-empty, `[A-Za-z0-9_-]` (no `.`, no `:`).
+fn is_segment(s: &[u8]) -> bool {
     !s.is_empty()
-        && s.bytes()
-            .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
+        && s.iter()
+            .all(|&b| b.is_ascii_alphanumeric() || b == b'_' || b == b'-')
 }
 
-/// Whether `group` is a credential group: 1 to [`MAX_GROUP_SEGMENTS`] segments of
-/// `[A-Za-z0-9_-]` joined by `.`, at most [`MAX_GROUP_LEN`] characters in all. No `:`, so a
-/// group can always be cut back out of the username it was minted into.
+/// Whether `group` is a credential group: 1 to [`MAX_GROUP_SEGMENTS`] non-empty segments of
+/// `[A-Za-z0-9_-]` joined by `.`, at most [`MAX_GROUP_LEN`] characters in all (`a`, `a.b`;
+/// not `a..b`, `a.`, `.a`, nor `a.b.c` with two segments at most). No `:`, so a group can
+/// always be cut back out of the username it was minted into. Exactly the groups
+/// [`RestUsername::groups`] can yield, so anything else can match no username.
 pub fn is_valid_group(group: &str) -> bool {
     (1..=MAX_GROUP_LEN).contains(&group.len())
         && group.split('.').count() <= MAX_GROUP_SEGMENTS
-        && group.split('.').all(is_segment)
+        && group.split('.').all(|s| is_segment(s.as_bytes()))
 }
 
 impl<'a> RestUsername<'a> {
-    /// The credential group of the user part `GROUP.RANDOM`: everything up to the first `.`.
-    /// `None` without a `.`, or when that prefix is not a valid group ([`is_valid_group`]):
-    /// such credentials cannot be revoked by group.
+    /// The widest credential group of the user part, the call's: everything up to the first
+    /// `.` (see [`RestUsername::groups`]). `None` without a `.`, or when that prefix is not a
+    /// valid group ([`is_valid_group`]): such credentials cannot be revoked by group.
     pub fn group(&self) -> Option<&'a str> {
         self.groups().next()
     }
 
-    /// Every credential group of the user part, widest first: `A.B.RANDOM` belongs to `A` (a
-    /// call) and `A.B` (one participant of it); `A.RANDOM` to `A`. The last segment is always
-    /// the random part, never a group. At most [`MAX_GROUP_SEGMENTS`] groups; the walk stops at
-    /// the first prefix that is not a valid group.
+    /// Every credential group of the user part, widest first: each prefix ending before a `.`
+    /// that is a valid group. `A.B.RANDOM` belongs to `A` (a call) and `A.B` (one participant
+    /// of it), `A.RANDOM` to `A`, `A` (no dot) to none: the last segment is always the random
+    /// part, never a group. The walk stops at the first prefix that is not a valid group and
+    /// after [`MAX_GROUP_SEGMENTS`] groups, and looks at no more than the first
+    /// [`MAX_GROUP_LEN`] + 1 bytes: one pass, no allocation, whatever the username holds.
     pub fn groups(&self) -> impl Iterator<Item = &'a str> {
         let user = self.user;
-        user.match_indices('.')
+        // A group ends at a `.` no further than MAX_GROUP_LEN bytes in. Bytes, not chars: a
+        // `.` is ASCII, so cutting there always lands on a char boundary.
+        let head = &user.as_bytes()[..user.len().min(MAX_GROUP_LEN + 1)];
+        let mut segment_start = 0;
+        head.iter()
+            .enumerate()
+            .filter(|&(_, &b)| b == b'.')
             .take(MAX_GROUP_SEGMENTS)
-            .map(move |(i, _)| &user[..i])
-            .take_while(|g| is_valid_group(g))
+            .map_while(move |(dot, _)| {
+                let segment = head.get(segment_start..dot)?;
+                segment_start = dot + 1;
+                if is_segment(segment) {
+                    user.get(..dot)
+                } else {
+                    None
+                }
+            })
     }
 }
 
-/// The credential group of a REST username `EXPIRY:GROUP.RANDOM` (see [`RestUsername::group`]);
-/// `None` when `raw` is not a REST username or its user part has no valid group.
+/// The widest credential group of a REST username `EXPIRY:GROUP.RANDOM` or
+/// `EXPIRY:GROUP.PEER.RANDOM`, the call's (see [`RestUsername::group`]); `None` when `raw` is
+/// not a REST username or its user part has no valid group.
 pub fn rest_group(raw: &[u8]) -> Option<&str> {
     parse_rest_username(raw).ok()?.group()
 }
 
-/// Every credential group of a REST username (see [`RestUsername::groups`]); none when `raw` is
-/// not a REST username.
+/// Every credential group of a REST username, widest first (see [`RestUsername::groups`]):
+/// `EXPIRY:CALL.PEER.RANDOM` yields `CALL` then `CALL.PEER`. None when `raw` is not a REST
+/// username or has no group. A username is revoked when any of its groups is.
 pub fn rest_groups(raw: &[u8]) -> impl Iterator<Item = &str> {
     parse_rest_username(raw)
         .ok()
@@ -354,6 +377,69 @@ mod tests {
         let many = format!("5:{}", "a.".repeat(10_000));
         assert_eq!(groups(many.as_bytes()), ["a", "a.a"]);
         assert_eq!(groups(b"no-expiry.x"), Vec::<&str>::new());
+        // A bad participant segment leaves the call group; a bad call segment leaves nothing.
+        assert_eq!(groups(b"5:call.p$x.r"), ["call"]);
+        assert_eq!(groups(b"5:ca ll.p_x.r"), Vec::<&str>::new());
+        assert_eq!(groups(b"5:.p_x.r"), Vec::<&str>::new());
+        // The random part may hold anything, colons and non-ASCII included.
+        assert_eq!(groups("5:call.p_x.ré:.".as_bytes()), ["call", "call.p_x"]);
+        // MAX_GROUP_LEN counts the whole group: a participant group one byte too long leaves
+        // only the call group.
+        let call = "c".repeat(MAX_GROUP_LEN / 2);
+        let fits = format!("{call}.{}", "p".repeat(MAX_GROUP_LEN - call.len() - 1));
+        assert_eq!(fits.len(), MAX_GROUP_LEN);
+        let raw = format!("5:{fits}.r");
+        assert_eq!(groups(raw.as_bytes()), [call.as_str(), fits.as_str()]);
+        let raw = format!("5:{fits}p.r");
+        assert_eq!(groups(raw.as_bytes()), [call.as_str()]);
+        // Multi-byte characters around the MAX_GROUP_LEN cut never split a char (no panic).
+        for pad in 0..4 {
+            let raw = format!(
+                "5:g.{}{}.r",
+                "a".repeat(MAX_GROUP_LEN - 3 + pad),
+                "é".repeat(40)
+            );
+            assert_eq!(groups(raw.as_bytes()), ["g"], "{pad}");
+        }
+    }
+
+    #[test]
+    fn every_group_cut_from_a_username_is_a_valid_group_and_back() {
+        let users = [
+            "a.b.c",
+            "a.b",
+            "a",
+            "a..b",
+            "g1.p_abc.r",
+            "x-y_z.Q-9.rest.more",
+            "a.b:c.d",
+            "a:b.c",
+            "é.x",
+            "a.é.x",
+        ];
+        for user in users {
+            let raw = format!("5:{user}");
+            let got: Vec<&str> = rest_groups(raw.as_bytes()).collect();
+            assert_eq!(rest_group(raw.as_bytes()), got.first().copied(), "{user}");
+            for g in &got {
+                assert!(is_valid_group(g), "{user}: {g}");
+                assert!(user.starts_with(&format!("{g}.")), "{user}: {g}");
+            }
+            // Conversely, every prefix before a dot that is a valid group is among them.
+            for (dot, _) in user.match_indices('.') {
+                let prefix = &user[..dot];
+                assert_eq!(
+                    is_valid_group(prefix),
+                    got.contains(&prefix),
+                    "{user}: {prefix}"
+                );
+            }
+        }
+        // A valid group minted into a username comes back out of it, as its narrowest group.
+        for g in ["g", "g1.p_abc", "a-b.C_d"] {
+            let raw = format!("5:{g}.random");
+            assert_eq!(rest_groups(raw.as_bytes()).last(), Some(g));
+        }
     }
 
     #[test]

@@ -36,18 +36,23 @@
 //! # Revocation
 //!
 //! REST credentials are stateless HMACs, so the control plane cannot un-mint those of a call that
-//! ended. It mints them as `EXPIRY:GROUP.RANDOM` instead, with one random group per call
-//! ([`auth::rest_group`] cuts it back out), and revokes the group: [`Server::handle_revocation`]
-//! deletes the group's allocations at once. Groups nest one level: a participant joined through
-//! the control plane gets `EXPIRY:CALL.PEER.RANDOM`, which belongs to `CALL` and to `CALL.PEER`
-//! ([`auth::rest_groups`]), so kicking one participant revokes `CALL.PEER` alone and ending the
-//! call revokes everyone with `CALL`. [`Server::handle_revocation`] removes them (relay sockets released, quotas given back, counted as
-//! [`DeleteReason::Revoked`]) and refuses new Allocates of the group with 401
-//! ([`AuthFailure::Revoked`]) until the given Unix time, normally the credentials' expiry.
-//! Requests on a torn-down allocation get the usual 437. Each shard keeps its own bounded table
-//! ([`Config::max_revoked_groups`]), forgets entries once their time is over (on
-//! [`Server::handle_wall_clock`]), and must be told of every revocation: an allocation may live on
-//! any shard. Usernames without a group (`expiry:user` with no `.`) are never affected.
+//! ended, nor those of a participant it kicked. It mints them as `EXPIRY:CALL.RANDOM` instead,
+//! with one random credential group per call, or `EXPIRY:CALL.PEER.RANDOM` for a participant
+//! joined through it, and revokes a group. Groups are hierarchical: a username belongs to every
+//! dot-separated prefix of its user part but the whole (the last segment is the random part),
+//! so `CALL.PEER.RANDOM` belongs to `CALL` and `CALL.PEER` ([`auth::rest_groups`];
+//! [`auth::rest_group`] gives the widest, the call's). Revoking `CALL.PEER` kicks that
+//! participant alone; revoking `CALL` ends the call for everyone in it. A group is 1 to
+//! [`auth::MAX_GROUP_SEGMENTS`] segments of `[A-Za-z0-9_-]` ([`auth::is_valid_group`]); anything
+//! else is ignored. [`Server::handle_revocation`] deletes the allocations with that group at
+//! once (relay sockets released, quotas given back, counted as [`DeleteReason::Revoked`]) and
+//! refuses new Allocates with it with 401 ([`AuthFailure::Revoked`]) until the given Unix time,
+//! normally the credentials' expiry; an Allocate's check is one table lookup per group of its
+//! username, and relaying never looks. Requests on a torn-down allocation get the usual 437.
+//! Each shard keeps its own bounded table ([`Config::max_revoked_groups`]), forgets entries once
+//! their time is over (on [`Server::handle_wall_clock`]), and must be told of every revocation:
+//! an allocation may live on any shard. Usernames without a group (`expiry:user` with no `.`)
+//! are never affected.
 //!
 //! # Why not the webrtc-rs `stun`/`turn` crates
 //!

@@ -2,13 +2,18 @@
 //!
 //! REST credentials are stateless HMACs, so ending a call cannot un-mint them; the control plane
 //! instead revokes the call's group, and the relay remembers that until the credentials would
-//! have expired anyway. The table is bounded ([`crate::Config::max_revoked_groups`]): past the
+//! have expired anyway. Groups nest ([`crate::auth::RestUsername::groups`]): kicking one
+//! participant revokes `CALL.PEER`, ending the call revokes `CALL`, and each is one entry here.
+//! A username is refused when any of its groups is held, so an Allocate costs one lookup per
+//! group of its username (at most [`crate::auth::MAX_GROUP_SEGMENTS`]), each on a borrowed
+//! slice of the username. The table is bounded ([`crate::Config::max_revoked_groups`]): past the
 //! bound, the entry that expires soonest goes first, since it protects the least.
 
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-/// Groups and the Unix time (seconds, inclusive) until which each is refused. Two indexes over
+/// Groups (any depth, `CALL` or `CALL.PEER`, as plain strings: the table knows nothing of
+/// nesting) and the Unix time (seconds, inclusive) until which each is refused. Two indexes over
 /// one shared string per group: by name for the lookup on every authenticated request, by
 /// expiry for pruning and eviction without a scan.
 #[derive(Debug)]
@@ -142,6 +147,22 @@ mod tests {
         // Updating a present group never evicts.
         assert_eq!(r.insert("a", 500), 0);
         assert_eq!((r.len(), r.by_until.len()), (3, 3));
+    }
+
+    #[test]
+    fn a_participant_group_and_its_call_group_are_separate_entries() {
+        let mut r = Revocations::new(10);
+        r.insert("call.p_kicked", 100);
+        assert!(r.is_revoked("call.p_kicked", 50));
+        assert!(
+            !r.is_revoked("call", 50),
+            "kicking one does not end the call"
+        );
+        assert!(!r.is_revoked("call.p_other", 50));
+        r.insert("call", 200);
+        assert_eq!(r.len(), 2);
+        assert_eq!(r.prune(101), 1);
+        assert!(r.is_revoked("call", 150));
     }
 
     #[test]

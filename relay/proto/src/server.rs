@@ -622,15 +622,18 @@ impl Server {
         self.revoked.prune(unix);
     }
 
-    /// Revokes the credential group `group` (see [`auth::RestUsername::group`]) until the Unix
-    /// time `until_unix` (inclusive; a later time already held for the group is kept):
+    /// Revokes the credential group `group` until the Unix time `until_unix` (inclusive; a
+    /// later time already held for the group is kept). A username has every group of
+    /// [`auth::RestUsername::groups`]: revoking a call's `CALL` covers `CALL.x` and
+    /// `CALL.PEER.x`, revoking one participant's `CALL.PEER` only `CALL.PEER.x`.
     ///
     /// - every allocation of this shard whose username has that group is deleted at once, as
     ///   an expiry would ([`Output::ReleaseRelay`] for its relay sockets, its quota given back,
     ///   [`DeleteReason::Revoked`]);
     /// - until then, an Allocate with a username of that group is refused with 401.
     ///
-    /// An invalid group ([`auth::is_valid_group`]) can match no username and changes nothing.
+    /// An invalid group ([`auth::is_valid_group`]: an empty segment, too many segments, too
+    /// long, a character outside `[A-Za-z0-9_-.]`) can match no username and changes nothing.
     /// A `until_unix` already past still tears the group's allocations down (their credentials
     /// expired, but allocations outlive that through Refresh) and is not remembered.
     pub fn handle_revocation(&mut self, now: Instant, group: &str, until_unix: u64) {
@@ -670,8 +673,9 @@ impl Server {
         self.revoked.len()
     }
 
-    /// Whether a group of `username` (the call's or the participant's) is revoked at `unix`.
-    /// Usernames without a group never are.
+    /// Whether a group of `username` (the call's or the participant's) is revoked at `unix`:
+    /// at most [`auth::MAX_GROUP_SEGMENTS`] lookups on slices of the username, none at all
+    /// while nothing is revoked. Usernames without a group never are.
     fn is_revoked(&self, username: &[u8], unix: u64) -> bool {
         !self.revoked.is_empty()
             && auth::rest_groups(username).any(|g| self.revoked.is_revoked(g, unix))

@@ -1,6 +1,7 @@
 //! Credential-group revocation with a virtual clock: `Server::handle_revocation` tears down the
 //! group's allocations like an expiry would, and refuses the group's new Allocates until the
-//! revocation ends. Usernames are the control plane's `EXPIRY:GROUP.RANDOM`.
+//! revocation ends. Usernames are the control plane's `EXPIRY:CALL.RANDOM`, and
+//! `EXPIRY:CALL.PEER.RANDOM` for a participant, which has both groups `CALL` and `CALL.PEER`.
 #![allow(clippy::unwrap_used)]
 
 mod common;
@@ -43,6 +44,18 @@ fn relays(h: &mut Harness, secs: u64, c: &Client) -> bool {
     transmits(&outs)
         .iter()
         .any(|(dest, _)| *dest == Dest::Client(c.five))
+}
+
+/// A client on `port` allocated as `user` at `t0` with a permission for `PEER_A`, so
+/// [`relays`] tells whether its allocation still stands.
+fn relaying(h: &mut Harness, port: u16, user: &str) -> Client {
+    let c = h.allocated_as(h.t0, port, creds(user));
+    assert_eq!(
+        class_of(&h.create_permission(h.t0, &c, &[PEER_A])),
+        Class::Success
+    );
+    assert!(relays(h, 0, &c));
+    c
 }
 
 #[test]
@@ -296,16 +309,117 @@ fn a_revocation_already_over_tears_down_but_is_not_remembered() {
 #[test]
 fn invalid_groups_change_nothing() {
     let mut h = Harness::new();
-    let dotted = h.allocated_as(h.t0, 41000, creds("a.b.c.d"));
+    let dotted = relaying(&mut h, 41000, "a.b.c.d");
+    let participant = relaying(&mut h, 41001, "call.p_x.r");
     let long = "g".repeat(relay_proto::auth::MAX_GROUP_LEN + 1);
-    // "a.b.c" has more segments than a group may; "a..b", "a." and ".a" an empty one.
-    for group in ["", "a.b.c", "a..b", "a.", ".a", "a:b", "a b", long.as_str()] {
+    let long_pair = format!("call.{}", "p".repeat(relay_proto::auth::MAX_GROUP_LEN - 4));
+    let groups = [
+        "",
+        // More segments than a group may have.
+        "a.b.c",
+        "a.b.c.d",
+        "call.p_x.r",
+        // An empty segment.
+        "a..b",
+        "call..p_x",
+        "a.",
+        ".a",
+        "call.",
+        ".",
+        // Characters outside [A-Za-z0-9_-].
+        "a:b",
+        "a b",
+        "call.p_x:r",
+        "call.p$x",
+        "cäll.p_x",
+        "call.p_x\n",
+        long.as_str(),
+        long_pair.as_str(),
+    ];
+    for group in groups {
+        assert!(!relay_proto::auth::is_valid_group(group), "{group:?}");
         let outs = h.revoke(h.at(1), group, EXPIRY);
         assert!(outs.is_empty(), "{group:?}: {outs:?}");
     }
-    assert_eq!(h.stats().revocations, 8);
+    assert_eq!(h.stats().revocations, groups.len() as u64);
     assert_eq!(h.server.revoked_groups(), 0);
-    assert_eq!(class_of(&h.refresh(h.at(2), &dotted, None)), Class::Success);
+    assert_eq!(h.stats().deleted[DeleteReason::Revoked.index()], 0);
+    for c in [&dotted, &participant] {
+        assert_eq!(class_of(&h.refresh(h.at(2), c, None)), Class::Success);
+        assert!(relays(&mut h, 2, c));
+    }
+    h.allocated_as(h.at(3), 41002, creds("call.p_x.again"));
+    assert_eq!(revoked_failures(&h), 0);
+}
+
+#[test]
+fn usernames_with_many_dots_are_handled_and_only_their_first_groups_count() {
+    let mut h = Harness::new();
+    // Close to the longest USERNAME (513 bytes): groups `call` and `call.p_x`, then dots only.
+    let user = format!("call.p_x.{}", ".".repeat(400));
+    let dots = relaying(&mut h, 41000, &user);
+    let only_dots = relaying(&mut h, 41001, &".".repeat(480));
+    let segments = relaying(&mut h, 41002, &"a.".repeat(240));
+    assert_eq!(
+        relay_proto::auth::rest_groups(creds(&user).username.as_bytes()).collect::<Vec<_>>(),
+        ["call", "call.p_x"]
+    );
+    // Something is revoked, so every Allocate walks its username's groups.
+    h.revoke(h.at(1), "zzz", EXPIRY);
+    h.allocated_as(
+        h.at(1),
+        41003,
+        creds(&format!("call.p_y.{}", "a.".repeat(200))),
+    );
+    h.allocated_as(h.at(1), 41004, creds(&"..".repeat(240)));
+    // `a.a` is a group of "a.a.a.…" but "a.a.a" is not even a group.
+    let outs = h.revoke(h.at(2), "a.a.a", EXPIRY);
+    assert!(outs.is_empty(), "{outs:?}");
+    let outs = h.revoke(h.at(2), "a.a", EXPIRY);
+    assert_eq!(releases(&outs), vec![segments.relay()]);
+    let outs = h.revoke(h.at(3), "call.p_x", EXPIRY);
+    assert_eq!(releases(&outs), vec![dots.relay()]);
+    let resp = try_allocate(&mut h, 4, 41005, &user);
+    assert_eq!(error_code(&resp), Some(401));
+    assert!(relays(&mut h, 4, &only_dots));
+}
+
+#[test]
+fn a_sibling_or_the_call_wide_username_is_never_covered_by_a_participant_revocation() {
+    let mut h = Harness::new();
+    let call_wide = relaying(&mut h, 41000, "call.r1");
+    let peer = relaying(&mut h, 41001, "call.p_a.r2");
+    // Neither a revoked sibling, nor one whose id the revoked one is a prefix of, nor another
+    // call with the same participant id.
+    let longer = relaying(&mut h, 41002, "call.p_ab.r3");
+    let elsewhere = relaying(&mut h, 41003, "other.p_b.r4");
+    for group in ["call.p_b", "call.p", "call.r1", "other.p_a", "call.p_a.r2"] {
+        let outs = h.revoke(h.at(1), group, EXPIRY);
+        assert!(outs.is_empty(), "{group}: {outs:?}");
+    }
+    assert_eq!(h.server.allocations(), 4);
+    for c in [&call_wide, &peer, &longer, &elsewhere] {
+        assert!(relays(&mut h, 2, c));
+    }
+    // The participant's own group takes it alone; a fresh one of the call still allocates.
+    let outs = h.revoke(h.at(3), "call.p_a", EXPIRY);
+    assert_eq!(releases(&outs), vec![peer.relay()]);
+    for c in [&call_wide, &longer, &elsewhere] {
+        assert!(relays(&mut h, 4, c));
+        assert_eq!(class_of(&h.refresh(h.at(4), c, None)), Class::Success);
+    }
+    h.allocated_as(h.at(5), 41004, creds("call.p_c.r5"));
+    h.allocated_as(h.at(5), 41005, creds("call.r6"));
+    assert_eq!(
+        error_code(&try_allocate(&mut h, 5, 41006, "call.p_a.r7")),
+        Some(401)
+    );
+    // Ending the call leaves the other call alone.
+    let mut gone = releases(&h.revoke(h.at(6), "call", EXPIRY));
+    gone.sort();
+    assert_eq!(gone.len(), 4, "{gone:?}");
+    assert!(gone.contains(&call_wide.relay()) && gone.contains(&longer.relay()));
+    assert!(relays(&mut h, 7, &elsewhere));
 }
 
 #[test]
