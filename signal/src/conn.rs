@@ -157,8 +157,16 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
             .await;
         shared.metrics.connections_active().dec();
     }
-    drop(conn);
+    let mut stream = conn.stream;
+    drop(conn.tx);
     let _ = tokio::time::timeout(CLOSE_FLUSH, writer).await;
+    // The closing handshake (RFC 6455 §7.1.1): read and discard until the client's close (or
+    // the limit), so that frames it sent before seeing ours are not reset away with our close
+    // frame still unread.
+    let _ = tokio::time::timeout(CLOSE_FLUSH, async {
+        while let Some(Ok(_)) = stream.next().await {}
+    })
+    .await;
     shared.metrics.disconnect(metric);
     drop(slot);
 }
@@ -290,6 +298,16 @@ impl Conn {
                 metric: DisconnectReason::SlowReader,
             });
         }
+    }
+
+    /// Queues an answer to this client's own message, waiting while its queue is full: a client
+    /// that floods itself with answers is slowed down, not dropped (a client that never reads
+    /// at all is dropped by the writer's timeout, which ends the queue).
+    async fn reply(&self, msg: &ServerMsg) {
+        let _ = self
+            .tx
+            .send(Outbound::Text(msg.to_text(), msg.label()))
+            .await;
     }
 
     fn close(&self, close: Close) {
@@ -572,7 +590,7 @@ impl Conn {
                 r = self.read(deadline) => r,
                 _ = tokio::time::sleep_until(refresh) => {
                     let msg = self.mint(&group);
-                    self.send(&msg);
+                    self.reply(&msg).await;
                     refresh = self.refresh_at();
                     continue;
                 }
@@ -610,10 +628,11 @@ impl Conn {
                     );
                 }
                 if self.bucket.refused == 1 {
-                    self.send(&ServerMsg::error(
+                    self.reply(&ServerMsg::error(
                         "rate_limited",
                         "too many messages: slow down",
-                    ));
+                    ))
+                    .await;
                 }
                 continue;
             }
@@ -622,7 +641,7 @@ impl Conn {
             let msg = match parsed {
                 Ok(m) => m,
                 Err(e) => {
-                    self.send(&ServerMsg::error(e.code(), e.to_string()));
+                    self.reply(&ServerMsg::error(e.code(), e.to_string())).await;
                     continue;
                 }
             };
@@ -645,14 +664,15 @@ impl Conn {
         let from = peer_id.to_owned();
         let cmd = match msg {
             ClientMsg::Auth { .. } => {
-                self.send(&ServerMsg::error(
+                self.reply(&ServerMsg::error(
                     "already_authenticated",
                     "this connection is authenticated",
-                ));
+                ))
+                .await;
                 return None;
             }
             ClientMsg::Ping => {
-                self.send(&ServerMsg::Pong);
+                self.reply(&ServerMsg::Pong).await;
                 return None;
             }
             ClientMsg::Leave => {
@@ -692,7 +712,7 @@ impl Conn {
             },
             ClientMsg::Media(media) => Cmd::Media { from, conn, media },
             ClientMsg::Stats(body) => {
-                self.stats(body, peer_id, call_id);
+                self.stats(body, peer_id, call_id).await;
                 return None;
             }
         };
@@ -702,11 +722,12 @@ impl Conn {
         None
     }
 
-    fn stats(&mut self, body: serde_json::Value, peer_id: &str, call_id: &str) {
+    async fn stats(&mut self, body: serde_json::Value, peer_id: &str, call_id: &str) {
         let report = match quality::Report::from_json(body) {
             Ok(r) => r,
             Err(e) => {
-                self.send(&ServerMsg::error("invalid_message", e.to_string()));
+                self.reply(&ServerMsg::error("invalid_message", e.to_string()))
+                    .await;
                 return;
             }
         };

@@ -128,6 +128,12 @@ impl ConnHandle {
         }
     }
 
+    /// Queues an answer to the peer's own message (an `error`), dropped when the queue is full:
+    /// a peer flooding itself with refusals is not a slow reader, and the errors are advisory.
+    fn send_lossy(&self, msg: &ServerMsg) {
+        let _ = self.tx.try_send(Outbound::Text(msg.to_text(), msg.label()));
+    }
+
     fn close(&self, close: Close) {
         // Only the first reason counts: a kicked peer that is also slow stays "kicked".
         self.kill.send_if_modified(|current| {
@@ -579,7 +585,7 @@ impl Room {
 
     fn reply_error(&self, to: &str, code: &str, message: &str) {
         if let Some(c) = self.local.get(to).and_then(|l| l.conn.as_ref()) {
-            c.send(&ServerMsg::error(code, message));
+            c.send_lossy(&ServerMsg::error(code, message));
         }
     }
 

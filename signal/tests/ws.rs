@@ -487,7 +487,7 @@ async fn a_thousand_messages_a_second_are_limited_and_others_unaffected() {
 async fn a_reader_that_never_reads_is_dropped_not_buffered() {
     let node = Node::start(Options {
         signal: Settings {
-            send_queue: 16,
+            send_queue: 64,
             message_rate: 10_000,
             message_burst: 10_000,
             // So the others hear of the drop at once rather than after the window.
@@ -499,30 +499,63 @@ async fn a_reader_that_never_reads_is_dropped_not_buffered() {
     .await;
     let (_, _, code) = node.call(8).await;
     let (sleeper, ws, _) = enter(&node, &code, "Sleeper").await;
-    let (mut talker, _, _) = enter(&node, &code, "Talker").await;
+    let (talker, _, _) = enter(&node, &code, "Talker").await;
     let to = s(&ws["peer_id"]).to_owned();
-    // Large offers until the sleeper's TCP window and send queue are full.
+    // The talker reads everything it gets (it is the healthy one), on its own task.
+    let (mut sink, mut stream) = talker.ws.split();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            match m {
+                Message::Text(t) => {
+                    let _ = seen_tx.send(serde_json::from_str(&t).unwrap());
+                }
+                Message::Close(f) => panic!("the talker was closed: {f:?}"),
+                _ => {}
+            }
+        }
+    });
+    // Large offers until the sleeper's TCP window and send queue are full and it is dropped.
     let sdp = "a".repeat(60_000);
+    let offer = json!({"v":1,"type":"offer","to":to,"sdp":sdp}).to_string();
     let mut sent = 0;
-    while node.metric(
-        "turnpike_signal_disconnects_total",
-        &[("reason", "slow_reader")],
-    ) < 1.0
-    {
-        talker
-            .send(json!({"v":1,"type":"offer","to":to,"sdp":sdp}))
-            .await;
+    let left = 'outer: loop {
+        sink.send(Message::Text(offer.clone().into()))
+            .await
+            .unwrap();
         sent += 1;
         assert!(sent < 5_000, "never dropped the slow reader");
+        while let Ok(m) = seen.try_recv() {
+            if m["type"] == "peer_left" {
+                break 'outer m;
+            }
+        }
         if sent % 50 == 0 {
             tokio::task::yield_now().await;
         }
-    }
-    let left = talker.recv_type("peer_left").await;
+    };
     assert_eq!(left["peer_id"], to.as_str());
     assert_eq!(left["reason"], "disconnected");
-    talker.send(json!({"v":1,"type":"ping"})).await;
-    talker.recv_type("pong").await;
+    eventually("slow_reader counted", || {
+        node.metric(
+            "turnpike_signal_disconnects_total",
+            &[("reason", "slow_reader")],
+        ) == 1.0
+    })
+    .await;
+    // The talker was never at risk.
+    sink.send(Message::Text(r#"{"v":1,"type":"ping"}"#.into()))
+        .await
+        .unwrap();
+    loop {
+        let m = tokio::time::timeout(harness::PATIENCE, seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if m["type"] == "pong" {
+            break;
+        }
+    }
     drop(sleeper);
 }
 
