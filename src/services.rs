@@ -27,15 +27,43 @@ pub(crate) struct Which {
     pub(crate) signal: bool,
 }
 
-/// The control plane's revocations, delivered to the relay in this process.
+/// The control plane's revocations, delivered to the relay in this process and, with Redis,
+/// to the relays of every other node (a call's allocations may be on any of them).
 #[derive(Debug)]
-struct RelayRevoker(relay_server::Revoker);
+struct Revocations {
+    relay: Option<relay_server::Revoker>,
+    bus: Option<Arc<dyn signal::bus::Bus>>,
+}
 
-impl control::Revoker for RelayRevoker {
+impl control::Revoker for Revocations {
     fn revoke(&self, group: &str, until_unix: u64) {
-        self.0.revoke(group, until_unix);
+        if let Some(r) = &self.relay {
+            r.revoke(group, until_unix);
+        }
+        if let Some(bus) = &self.bus {
+            let (bus, group) = (Arc::clone(bus), group.to_owned());
+            tokio::spawn(async move {
+                if let Err(e) = bus.publish_revocation(&group, until_unix).await {
+                    // The credentials still expire on their own; this node's relay has it.
+                    tracing::warn!(error = %e, "cannot tell other nodes of a revocation");
+                }
+            });
+        }
     }
 }
+
+/// Applies revocations published by other nodes to this process's relay.
+async fn apply_revocations(
+    relay: relay_server::Revoker,
+    mut rx: tokio::sync::mpsc::Receiver<signal::bus::Revocation>,
+) {
+    while let Some(r) = rx.recv().await {
+        relay.revoke(&r.group, r.until_unix);
+    }
+}
+
+/// Revocations waiting for the relay: they come one per ended call or kick.
+const REVOCATION_QUEUE: usize = 1024;
 
 /// Runs the chosen services until `shutdown` completes, then stops them: the control plane
 /// finishes its requests in flight, the relay drains for its grace period.
@@ -79,6 +107,14 @@ pub(crate) async fn run(
         None
     };
 
+    // With Redis, the nodes meet on it: signaling rooms, and revocations for every relay.
+    let bus = open_bus(&config)?;
+    if let (Some(bus), Some(relay)) = (&bus, &relay) {
+        let (tx, rx) = tokio::sync::mpsc::channel(REVOCATION_QUEUE);
+        bus.on_revocation(tx);
+        tokio::spawn(apply_revocations(relay.revoker(), rx));
+    }
+
     if which.control || which.signal {
         let Some(c) = config.control.as_ref() else {
             anyhow::bail!("the configuration has no [control] section");
@@ -115,16 +151,17 @@ pub(crate) async fn run(
         };
         let settings = settings(&config, c, public_url, turn_urls)?;
         let store = open_store(&config.store).await;
-        let revoker: Arc<dyn control::Revoker> = match &relay {
-            Some(r) => Arc::new(RelayRevoker(r.revoker())),
-            None => {
-                tracing::warn!(
-                    "no relay in this process: ending a call stops its join code and tokens, \
-                     but relays elsewhere keep its live allocations until their credentials expire"
-                );
-                Arc::new(control::api::NoRevoker)
-            }
-        };
+        if relay.is_none() && bus.is_none() {
+            tracing::warn!(
+                "no relay in this process and no Redis: ending a call stops its join code and \
+                 tokens, but relays elsewhere keep its live allocations until their credentials \
+                 expire"
+            );
+        }
+        let revoker: Arc<dyn control::Revoker> = Arc::new(Revocations {
+            relay: relay.as_ref().map(|r| r.revoker()),
+            bus: bus.clone(),
+        });
         // Filled in once signaling exists (it needs this state first).
         let events = Arc::new(signal::LateEvents::default());
         let state = control::AppState {
@@ -173,7 +210,9 @@ pub(crate) async fn run(
             let signal = signal::Signal::new(
                 state.clone(),
                 signal_settings(&config.signal),
-                open_bus(&config)?,
+                bus.clone().unwrap_or_else(|| {
+                    Arc::new(signal::bus::LocalBus::new(control::secrets::new_id("n_")))
+                }),
                 signal::metrics::SignalMetrics::new(&registry)
                     .context("registering signaling's metrics")?,
             );
@@ -277,19 +316,21 @@ fn signal_settings(s: &conf::Signal) -> signal::Settings {
     }
 }
 
-/// How this node meets the others: alone in memory, or on the store's Redis.
-fn open_bus(config: &conf::Config) -> anyhow::Result<Arc<dyn signal::bus::Bus>> {
+/// How this node meets the others: on the store's Redis, or not at all (`None`).
+fn open_bus(config: &conf::Config) -> anyhow::Result<Option<Arc<dyn signal::bus::Bus>>> {
     // Random per process: a restarted node is a new node, its old peers are reported left.
     let node = control::secrets::new_id("n_");
     Ok(match &config.store.redis_url {
-        None => Arc::new(signal::bus::LocalBus::new(node)),
+        None => None,
         Some(url) => {
             let opts = signal::redis_bus::RedisBusOptions {
                 node_timeout: config.signal.node_timeout,
                 ..Default::default()
             };
-            signal::redis_bus::RedisBus::new(url.expose(), node, opts)
-                .context("store.redis-url for signaling")?
+            let bus: Arc<dyn signal::bus::Bus> =
+                signal::redis_bus::RedisBus::new(url.expose(), node, opts)
+                    .context("store.redis-url for signaling")?;
+            Some(bus)
         }
     })
 }

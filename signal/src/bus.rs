@@ -138,6 +138,26 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// For each of `nodes`, whether its heartbeat is current (the bus keeps this node's own
     /// heartbeat fresh by itself).
     async fn alive(&self, nodes: &[String]) -> Result<Vec<bool>, BusError>;
+
+    /// Tells every other node's relay to revoke a credential group (see `relay_proto`'s
+    /// revocation) until `until_unix`: allocations of an ended call or a kicked peer may live on
+    /// any node's relay.
+    async fn publish_revocation(&self, group: &str, until_unix: u64) -> Result<(), BusError>;
+
+    /// Hands every revocation published by other nodes to `tx` (at most one receiver; a later
+    /// call replaces it).
+    fn on_revocation(&self, tx: mpsc::Sender<Revocation>);
+}
+
+/// A revocation from another node.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Revocation {
+    /// The node that published it.
+    pub node: String,
+    /// The credential group (`CALL` or `CALL.PEER`).
+    pub group: String,
+    /// Until when (Unix seconds).
+    pub until_unix: u64,
 }
 
 /// One node alone: nothing to publish to, no presence beyond the room's own peers.
@@ -183,4 +203,10 @@ impl Bus for LocalBus {
     async fn alive(&self, nodes: &[String]) -> Result<Vec<bool>, BusError> {
         Ok(vec![true; nodes.len()])
     }
+
+    async fn publish_revocation(&self, _: &str, _: u64) -> Result<(), BusError> {
+        Ok(())
+    }
+
+    fn on_revocation(&self, _tx: mpsc::Sender<Revocation>) {}
 }

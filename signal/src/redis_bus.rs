@@ -4,6 +4,7 @@
 //! |---|---|---|---|
 //! | `tp:{c:CALL}:sig` | pub/sub channel | [`Envelope`] JSON | — |
 //! | `tp:{c:CALL}:peers` | hash | peer id → [`PeerInfo`] JSON | set on every write (the room's presence TTL) |
+//! | `tp:revoke` | pub/sub channel | [`Revocation`] JSON, for every node's relay | — |
 //! | `tp:node:NODE` | string | `1` while the node lives | `signal.node-timeout`, refreshed every third of it |
 //!
 //! A call's keys share the hash tag `{c:CALL}` with the control plane's call hash, so they live
@@ -25,7 +26,7 @@ use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, watch, Notify, OnceCell};
 
-use crate::bus::{Bus, BusError, BusEvent, Envelope, PeerInfo};
+use crate::bus::{Bus, BusError, BusEvent, Envelope, PeerInfo, Revocation};
 
 /// Options of a [`RedisBus`].
 #[derive(Debug, Clone)]
@@ -65,6 +66,8 @@ pub struct RedisBus {
     changed: Arc<Notify>,
     /// Calls subscribed on the current pub/sub connection (for [`RedisBus::wait_subscribed`]).
     active: watch::Sender<HashSet<String>>,
+    /// Where revocations from other nodes go.
+    revocations: Mutex<Option<mpsc::Sender<Revocation>>>,
     heartbeat: AtomicBool,
     stopped: AtomicBool,
     errors: AtomicU64,
@@ -93,6 +96,10 @@ fn presence_key(call: &str) -> String {
     format!("tp:{{c:{call}}}:peers")
 }
 
+/// The channel every node listens on for revocations (not per call: a call's allocations may
+/// be on relays of nodes that have no room of it).
+const REVOKE_CHANNEL: &str = "tp:revoke";
+
 fn node_key(node: &str) -> String {
     format!("tp:node:{node}")
 }
@@ -116,6 +123,7 @@ impl RedisBus {
             subs: Mutex::new(HashMap::new()),
             changed: Arc::new(Notify::new()),
             active: watch::channel(HashSet::new()).0,
+            revocations: Mutex::new(None),
             heartbeat: AtomicBool::new(true),
             stopped: AtomicBool::new(false),
             errors: AtomicU64::new(0),
@@ -310,6 +318,31 @@ impl Bus for RedisBus {
         Ok(peers)
     }
 
+    async fn publish_revocation(&self, group: &str, until_unix: u64) -> Result<(), BusError> {
+        let r = Revocation {
+            node: self.node.clone(),
+            group: group.to_owned(),
+            until_unix,
+        };
+        let payload = serde_json::to_string(&r).map_err(|e| BusError::Corrupt(e.to_string()))?;
+        self.run(move |mut c| async move {
+            redis::cmd("PUBLISH")
+                .arg(REVOKE_CHANNEL)
+                .arg(payload)
+                .query_async::<i64>(&mut c)
+                .await
+        })
+        .await
+        .map(|_| ())
+    }
+
+    fn on_revocation(&self, tx: mpsc::Sender<Revocation>) {
+        *self
+            .revocations
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner) = Some(tx);
+    }
+
     async fn alive(&self, nodes: &[String]) -> Result<Vec<bool>, BusError> {
         if nodes.is_empty() {
             return Ok(Vec::new());
@@ -386,6 +419,14 @@ async fn pubsub_task(weak: std::sync::Weak<RedisBus>) {
 /// One pub/sub connection's life; returns when it is gone (or the bus is).
 async fn serve_connection(weak: &std::sync::Weak<RedisBus>, ps: redis::aio::PubSub, resync: bool) {
     let (mut sink, mut stream) = ps.split();
+    {
+        let Some(b) = weak.upgrade() else { return };
+        let r = tokio::time::timeout(b.opts.command_timeout, sink.subscribe(REVOKE_CHANNEL));
+        if !matches!(r.await, Ok(Ok(()))) {
+            b.errors.fetch_add(1, Ordering::Relaxed);
+            return;
+        }
+    }
     let mut subscribed: HashSet<String> = HashSet::new();
     let mut resync_pending = resync;
     loop {
@@ -440,6 +481,28 @@ async fn serve_connection(weak: &std::sync::Weak<RedisBus>, ps: redis::aio::PubS
                 tracing::warn!("Redis pub/sub connection lost; reconnecting");
                 b.errors.fetch_add(1, Ordering::Relaxed);
                 return;
+            }
+            Some(Some(msg)) if msg.get_channel_name() == REVOKE_CHANNEL => {
+                match msg
+                    .get_payload::<String>()
+                    .ok()
+                    .and_then(|p| serde_json::from_str::<Revocation>(&p).ok())
+                {
+                    Some(r) if r.node != b.node => {
+                        let tx = b
+                            .revocations
+                            .lock()
+                            .unwrap_or_else(std::sync::PoisonError::into_inner)
+                            .clone();
+                        if let Some(tx) = tx {
+                            if tx.try_send(r).is_err() {
+                                b.dropped.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                    }
+                    Some(_) => {}
+                    None => tracing::warn!("unreadable revocation dropped"),
+                }
             }
             Some(Some(msg)) => {
                 let call = call_of(msg.get_channel_name()).map(str::to_owned);
