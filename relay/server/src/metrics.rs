@@ -39,6 +39,9 @@ pub struct RelayMetrics {
     peers_denied: IntCounterVec,
     binding_requests: IntCounterVec,
     relay_ports_available: IntGaugeVec,
+    relay_ports_total: IntGaugeVec,
+    shard_packets: IntCounterVec,
+    shard_allocations: IntGaugeVec,
     stream_connections: IntGaugeVec,
     stream_closed: IntCounterVec,
     short_circuit: IntCounterVec,
@@ -128,6 +131,24 @@ impl RelayMetrics {
                 "Free relay ports across all shards, by address family.",
                 &["family"],
             )?,
+            relay_ports_total: gauge(
+                r,
+                "turnpike_relay_ports_total",
+                "Relay ports configured across all shards (free or in use), by address family.",
+                &["family"],
+            )?,
+            shard_packets: counter(
+                r,
+                "turnpike_relay_shard_packets_total",
+                "Packets relayed by one shard (relay thread), both directions and every transport: how evenly the load spreads.",
+                &["shard"],
+            )?,
+            shard_allocations: gauge(
+                r,
+                "turnpike_relay_shard_allocations",
+                "Allocations held by one shard (relay thread).",
+                &["shard"],
+            )?,
             stream_connections: gauge(
                 r,
                 "turnpike_relay_stream_connections_active",
@@ -212,6 +233,7 @@ impl RelayMetrics {
         }
         for f in ["ipv4", "ipv6"] {
             m.relay_ports_available.with_label_values(&[f]);
+            m.relay_ports_total.with_label_values(&[f]);
         }
         Ok(m)
     }
@@ -220,6 +242,15 @@ impl RelayMetrics {
     /// a shard: revocations are rare, so the shared atomic costs nothing.
     pub(crate) fn revocation(&self, result: RevocationResult) {
         self.revocations.with_label_values(&[result.as_str()]).inc();
+    }
+
+    /// Adds a shard's relay ports (`[IPv4, IPv6]`) to the configured total, once at its start.
+    pub(crate) fn add_ports(&self, ports: [usize; 2]) {
+        for (n, f) in ports.iter().zip(["ipv4", "ipv6"]) {
+            self.relay_ports_total
+                .with_label_values(&[f])
+                .add(i64::try_from(*n).unwrap_or(i64::MAX));
+        }
     }
 }
 
@@ -237,11 +268,29 @@ pub(crate) struct DriverStats {
 }
 
 /// What one shard has published so far, to turn running totals into increments.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub(crate) struct Publisher {
+    /// The `shard` label: the shard's index (a small, fixed set per process).
+    shard: String,
     last: Stats,
     last_driver: DriverStats,
     last_active: [i64; Transport::COUNT],
+    last_shard_packets: u64,
+    last_shard_allocations: i64,
+}
+
+impl Publisher {
+    /// A publisher for shard number `shard`.
+    pub(crate) fn new(shard: usize) -> Self {
+        Self {
+            shard: shard.to_string(),
+            last: Stats::default(),
+            last_driver: DriverStats::default(),
+            last_active: [0; Transport::COUNT],
+            last_shard_packets: 0,
+            last_shard_allocations: 0,
+        }
+    }
 }
 
 /// Adds `now - last` to the series `labels` and remembers `now`.
@@ -267,6 +316,21 @@ impl Publisher {
         active: [usize; Transport::COUNT],
         d: &DriverStats,
     ) {
+        let shard = [self.shard.as_str()];
+        let packets: u64 = s.packets.iter().flatten().sum();
+        bump(
+            &m.shard_packets,
+            &shard,
+            packets,
+            &mut self.last_shard_packets,
+        );
+        let allocations: usize = active.iter().sum();
+        set(
+            &m.shard_allocations,
+            &shard,
+            allocations as i64,
+            &mut self.last_shard_allocations,
+        );
         let l = &mut self.last;
         for t in Transport::ALL {
             let (ti, ts) = (t.index(), t.as_str());

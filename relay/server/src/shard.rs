@@ -209,6 +209,13 @@ pub(crate) fn run(
                 socket: Rc::new(register(s)?),
             });
         }
+        // Every port of a new pool is free: its size is this shard's share of the capacity.
+        setup.metrics.add_ports(
+            setup
+                .ports
+                .each_ref()
+                .map(|p| p.as_ref().map_or(0, PortPool::available)),
+        );
         let shard = Rc::new(RefCell::new(Shard {
             core: setup.core,
             siblings: setup.siblings,
@@ -227,7 +234,7 @@ pub(crate) fn run(
             handoff_buf: bytes::BytesMut::with_capacity(HANDOFF_BLOCK),
             streams: HashMap::new(),
             stats: DriverStats::default(),
-            publisher: Publisher::default(),
+            publisher: Publisher::new(index),
             metrics: setup.metrics,
         }));
         let mut tasks = Vec::new();
