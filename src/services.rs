@@ -150,7 +150,7 @@ pub(crate) async fn run(
             c.public_url.clone()
         };
         let settings = settings(&config, c, public_url, turn_urls)?;
-        let store = open_store(&config.store).await;
+        let store = open_store(&config.store, &registry)?;
         if relay.is_none() && bus.is_none() {
             tracing::warn!(
                 "no relay in this process and no Redis: ending a call stops its join code and \
@@ -337,14 +337,18 @@ fn open_bus(config: &conf::Config) -> anyhow::Result<Option<Arc<dyn signal::bus:
 
 /// The configured store: Redis when `[store] redis-url` is set (connecting in the background
 /// while it is down), else memory.
-async fn open_store(s: &conf::Store) -> Arc<dyn Store> {
-    match &s.redis_url {
+fn open_store(s: &conf::Store, registry: &prometheus::Registry) -> anyhow::Result<Arc<dyn Store>> {
+    // Registered with either backend, so /metrics exports the same families whatever the
+    // config (dashboards and the metric catalogue rely on that); only Redis feeds them, the
+    // memory store neither waits nor fails.
+    let metrics = store::StoreMetrics::new(registry).context("registering the store's metrics")?;
+    Ok(match &s.redis_url {
         None => Arc::new(store::MemoryStore::new()),
         Some(url) => {
             tracing::info!(url = %url, "using Redis");
-            Arc::new(store::Reconnecting::new(url.expose().to_owned()))
+            Arc::new(store::Reconnecting::new(url.expose().to_owned(), metrics))
         }
-    }
+    })
 }
 
 /// Keeps `/ready` in step with the store and refreshes the control plane's gauges.

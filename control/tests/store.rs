@@ -10,7 +10,7 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use control::store::{
     Admission, App, Call, CallState, Cursor, Digest, Media, MemoryStore, Millis, Participant,
-    Quality, RedisStore, Role, Store, StoreError, TokenGrant,
+    Quality, Reconnecting, RedisStore, Role, Store, StoreError, StoreMetrics, TokenGrant,
 };
 use serde_json::json;
 use tokio::sync::Barrier;
@@ -919,7 +919,7 @@ macro_rules! contract {
                 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
                 async fn $name() {
                     let server = super::RedisServer::start();
-                    let store = control::store::RedisStore::connect(&server.url).await.unwrap();
+                    let store = control::store::RedisStore::connect(&server.url, super::metrics()).await.unwrap();
                     super::$name(std::sync::Arc::new(store)).await;
                 }
             )*
@@ -992,13 +992,18 @@ async fn debug_output_shows_no_contents() {
         assert!(!shown.contains(hidden), "{shown}");
     }
     let server = RedisServer::start();
-    let r = RedisStore::connect(&server.url).await.unwrap();
+    let r = RedisStore::connect(&server.url, metrics()).await.unwrap();
     let shown = format!("{r:?}");
     assert!(!shown.contains(&server.port.to_string()), "{shown}");
 }
 
+/// Store metrics in a registry of their own, for tests that do not look at them.
+fn metrics() -> StoreMetrics {
+    StoreMetrics::new(&prometheus::Registry::new()).unwrap()
+}
+
 async fn redis_store(server: &RedisServer) -> S {
-    Arc::new(RedisStore::connect(&server.url).await.unwrap())
+    Arc::new(RedisStore::connect(&server.url, metrics()).await.unwrap())
 }
 
 /// A raw connection for looking at what the store wrote.
@@ -1130,11 +1135,11 @@ async fn redis_unreachable_at_connect_is_unavailable() {
     let mut server = RedisServer::start();
     let url = server.url.clone();
     server.kill();
-    let r = tokio::time::timeout(NO_HANG, RedisStore::connect(&url))
+    let r = tokio::time::timeout(NO_HANG, RedisStore::connect(&url, metrics()))
         .await
         .expect("connect hangs");
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
-    let r = RedisStore::connect("not a url").await;
+    let r = RedisStore::connect("not a url", metrics()).await;
     assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
 }
 
@@ -1449,4 +1454,131 @@ async fn redis_calls_from_before_the_index_still_work() {
     assert!(s.set_left("c_v1", "p_3", Some(t + 3)).await.unwrap());
     let got = s.get_call("c_v1").await.unwrap().unwrap();
     assert_eq!(got.participants[2].left_at, Some(t + 3));
+}
+
+/// The value of `name` (a counter with `label` = `value`, or a histogram's sample count) in
+/// `registry`; `None` if no such series is registered.
+fn sample(registry: &prometheus::Registry, name: &str, label: Option<(&str, &str)>) -> Option<u64> {
+    let family = registry.gather().into_iter().find(|f| f.name() == name)?;
+    let metric = family.get_metric().iter().find(|m| match label {
+        None => true,
+        Some((k, v)) => m
+            .get_label()
+            .iter()
+            .any(|l| l.name() == k && l.value() == v),
+    })?;
+    Some(match family.get_field_type() {
+        prometheus::proto::MetricType::HISTOGRAM => metric.get_histogram().get_sample_count(),
+        _ => metric.get_counter().get_value() as u64,
+    })
+}
+
+const DURATION: &str = "turnpike_control_store_operation_duration_seconds";
+const ERRORS: &str = "turnpike_control_store_errors_total";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_operations_are_timed_and_errors_exist_at_zero() {
+    let registry = prometheus::Registry::new();
+    let metrics = StoreMetrics::new(&registry).unwrap();
+    // Both kinds are exported before anything failed, so an alert's rate() has a series.
+    for kind in ["unavailable", "corrupt"] {
+        assert_eq!(
+            sample(&registry, ERRORS, Some(("kind", kind))),
+            Some(0),
+            "{kind}"
+        );
+    }
+    assert_eq!(sample(&registry, DURATION, None), Some(0));
+    let server = RedisServer::start();
+    let s = RedisStore::connect(&server.url, metrics).await.unwrap();
+    // Connecting is not an operation: nothing observed yet.
+    assert_eq!(sample(&registry, DURATION, None), Some(0));
+    s.ping().await.unwrap();
+    assert_eq!(sample(&registry, DURATION, None), Some(1));
+    s.get_call("c_none").await.unwrap();
+    s.hit("rl", 1000, base()).await.unwrap();
+    assert_eq!(sample(&registry, DURATION, None), Some(3));
+    for kind in ["unavailable", "corrupt"] {
+        assert_eq!(
+            sample(&registry, ERRORS, Some(("kind", kind))),
+            Some(0),
+            "{kind}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_failures_are_counted_by_kind() {
+    let registry = prometheus::Registry::new();
+    let server = RedisServer::start();
+    let s = RedisStore::connect(&server.url, StoreMetrics::new(&registry).unwrap())
+        .await
+        .unwrap();
+    // Foreign data where a call should be: corrupt, and timed like any operation.
+    let mut conn = raw(&server).await;
+    let _: () = ::redis::cmd("SET")
+        .arg("tp:{c:c_bad}:call")
+        .arg("not a hash")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let r = s.get_call("c_bad").await;
+    assert!(matches!(r, Err(StoreError::Corrupt(_))), "{r:?}");
+    assert_eq!(
+        sample(&registry, ERRORS, Some(("kind", "corrupt"))),
+        Some(1)
+    );
+    assert_eq!(
+        sample(&registry, ERRORS, Some(("kind", "unavailable"))),
+        Some(0)
+    );
+    assert_eq!(sample(&registry, DURATION, None), Some(1));
+    // Redis gone: the failing operation is counted as unavailable (and still timed).
+    drop(server);
+    let r = tokio::time::timeout(NO_HANG, s.ping())
+        .await
+        .expect("ping hangs");
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert_eq!(
+        sample(&registry, ERRORS, Some(("kind", "unavailable"))),
+        Some(1)
+    );
+    assert_eq!(sample(&registry, DURATION, None), Some(2));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_dead_port_counts_unavailable() {
+    let mut server = RedisServer::start();
+    let url = server.url.clone();
+    server.kill();
+    // Connecting directly: one failed attempt, one error.
+    let registry = prometheus::Registry::new();
+    let r = tokio::time::timeout(
+        NO_HANG,
+        RedisStore::connect(&url, StoreMetrics::new(&registry).unwrap()),
+    )
+    .await
+    .expect("connect hangs");
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    assert_eq!(
+        sample(&registry, ERRORS, Some(("kind", "unavailable"))),
+        Some(1)
+    );
+    // Through Reconnecting: every operation retries the connection, and each failure counts.
+    let registry = prometheus::Registry::new();
+    let s = Reconnecting::new(url, StoreMetrics::new(&registry).unwrap());
+    for n in 1..=2 {
+        let r = tokio::time::timeout(NO_HANG, s.ping())
+            .await
+            .expect("ping hangs");
+        assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+        assert_eq!(
+            sample(&registry, ERRORS, Some(("kind", "unavailable"))),
+            Some(n)
+        );
+    }
+    assert_eq!(
+        sample(&registry, ERRORS, Some(("kind", "corrupt"))),
+        Some(0)
+    );
 }

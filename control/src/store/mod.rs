@@ -15,6 +15,7 @@
 //! clock, which keeps expiry testable and the same on every node.
 
 mod memory;
+mod metrics;
 mod reconnecting;
 mod redis;
 
@@ -24,6 +25,7 @@ use async_trait::async_trait;
 use serde::{Deserialize, Serialize};
 
 pub use self::memory::MemoryStore;
+pub use self::metrics::StoreMetrics;
 pub use self::reconnecting::Reconnecting;
 pub use self::redis::RedisStore;
 

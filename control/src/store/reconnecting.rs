@@ -10,13 +10,14 @@ use tokio::sync::OnceCell;
 
 use super::{
     Admission, App, Call, CallState, Cursor, Digest, Media, Millis, Page, Participant, Quality,
-    RedisStore, Store, StoreError, TokenGrant,
+    RedisStore, Store, StoreError, StoreMetrics, TokenGrant,
 };
 
 /// [`RedisStore`], connected on first use; every operation before that tries to connect once
 /// (bounded by the store's command timeout) and answers [`StoreError::Unavailable`] if it can't.
 pub struct Reconnecting {
     url: String,
+    metrics: StoreMetrics,
     store: OnceCell<RedisStore>,
 }
 
@@ -30,10 +31,13 @@ impl std::fmt::Debug for Reconnecting {
 }
 
 impl Reconnecting {
-    /// A store for `url` that has not connected yet.
-    pub fn new(url: String) -> Self {
+    /// A store for `url` that has not connected yet, reporting to `metrics`. Each failed
+    /// connection attempt counts as an `unavailable` error there ([`RedisStore::connect`] counts
+    /// it), so a Redis that was never reachable shows in the error rate like one that went away.
+    pub fn new(url: String, metrics: StoreMetrics) -> Self {
         Self {
             url,
+            metrics,
             store: OnceCell::new(),
         }
     }
@@ -42,7 +46,7 @@ impl Reconnecting {
         // Concurrent callers wait for one attempt; a failed attempt leaves the cell empty, so
         // the next call tries again.
         self.store
-            .get_or_try_init(|| RedisStore::connect(&self.url))
+            .get_or_try_init(|| RedisStore::connect(&self.url, self.metrics.clone()))
             .await
     }
 }

@@ -71,7 +71,7 @@ use redis::{ErrorKind, RedisError, Script};
 
 use super::{
     Admission, App, Call, CallState, Cursor, Digest, Media, Millis, Page, Participant, Quality,
-    Store, StoreError, TokenGrant,
+    Store, StoreError, StoreMetrics, TokenGrant,
 };
 
 /// How long a call stays in history after it ended or expired: 7 days. The same value as the
@@ -231,6 +231,7 @@ return 1
 #[derive(Clone)]
 pub struct RedisStore {
     conn: ConnectionManager,
+    metrics: StoreMetrics,
     admit: Script,
     end: Script,
     find: Script,
@@ -249,8 +250,19 @@ impl fmt::Debug for RedisStore {
 }
 
 impl RedisStore {
-    /// Connects to `url` (`redis://…` or `rediss://…`) and checks that Redis answers.
-    pub async fn connect(url: &str) -> Result<RedisStore, StoreError> {
+    /// Connects to `url` (`redis://…` or `rediss://…`) and checks that Redis answers. Every
+    /// operation is timed and every failure counted in `metrics`; so is a failed connection
+    /// attempt (as `unavailable`): while Redis is down, [`super::Reconnecting`] retries on every
+    /// request, and each of those failures must show in the error rate.
+    pub async fn connect(url: &str, metrics: StoreMetrics) -> Result<RedisStore, StoreError> {
+        let result = Self::connect_uncounted(url, metrics.clone()).await;
+        if let Err(e) = &result {
+            metrics.error(e);
+        }
+        result
+    }
+
+    async fn connect_uncounted(url: &str, metrics: StoreMetrics) -> Result<RedisStore, StoreError> {
         // Not the error's text: it could quote the URL, password included.
         let client = redis::Client::open(url)
             .map_err(|_| StoreError::Unavailable("invalid Redis URL".to_owned()))?;
@@ -261,7 +273,7 @@ impl RedisStore {
             // request fails fast (503) and the next one tries again, so service resumes with
             // the first request after Redis is back instead of after a backoff sleep.
             .set_number_of_retries(0);
-        let conn = timed(async {
+        let conn = bounded(async {
             ConnectionManager::new_with_config(client, config)
                 .await
                 .map_err(map_err)
@@ -269,6 +281,7 @@ impl RedisStore {
         .await?;
         let store = RedisStore {
             conn,
+            metrics,
             admit: Script::new(ADMIT),
             end: Script::new(END),
             find: Script::new(FIND),
@@ -278,7 +291,8 @@ impl RedisStore {
             put_app: Script::new(PUT_APP),
             set_disabled: Script::new(SET_DISABLED),
         };
-        store.ping().await?;
+        // Not `ping()`: a failure here is counted once, by `connect`, as a failed connection.
+        bounded(store.ping_op()).await?;
         Ok(store)
     }
 
@@ -289,10 +303,28 @@ impl RedisStore {
 }
 
 /// Bounds a whole operation by [`OP_TIMEOUT`].
-async fn timed<T>(op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
+async fn bounded<T>(op: impl Future<Output = Result<T, StoreError>>) -> Result<T, StoreError> {
     tokio::time::timeout(OP_TIMEOUT, op)
         .await
         .unwrap_or_else(|_| Err(StoreError::Unavailable("Redis timed out".to_owned())))
+}
+
+impl RedisStore {
+    /// One store operation: bounded by [`OP_TIMEOUT`], its duration observed (timeouts and
+    /// failures included: a slow failing Redis must show in the latency too) and its failure
+    /// counted by kind. Every [`Store`] method goes through here, so the metrics cover them all.
+    async fn timed<T>(
+        &self,
+        op: impl Future<Output = Result<T, StoreError>>,
+    ) -> Result<T, StoreError> {
+        let start = std::time::Instant::now();
+        let result = bounded(op).await;
+        self.metrics.observe(start.elapsed().as_secs_f64());
+        if let Err(e) = &result {
+            self.metrics.error(e);
+        }
+        result
+    }
 }
 
 fn map_err(e: RedisError) -> StoreError {
@@ -1177,35 +1209,35 @@ impl RedisStore {
 #[async_trait]
 impl Store for RedisStore {
     async fn put_app(&self, app: &App, keys: &[Digest]) -> Result<bool, StoreError> {
-        timed(self.put_app_op(app, keys)).await
+        self.timed(self.put_app_op(app, keys)).await
     }
 
     async fn list_apps(&self) -> Result<Vec<App>, StoreError> {
-        timed(self.list_apps_op()).await
+        self.timed(self.list_apps_op()).await
     }
 
     async fn get_app(&self, id: &str) -> Result<Option<App>, StoreError> {
-        timed(self.get_app_op(id)).await
+        self.timed(self.get_app_op(id)).await
     }
 
     async fn set_app_disabled(&self, id: &str, disabled: bool) -> Result<bool, StoreError> {
-        timed(self.set_app_disabled_op(id, disabled)).await
+        self.timed(self.set_app_disabled_op(id, disabled)).await
     }
 
     async fn add_app_key(&self, id: &str, key: Digest) -> Result<bool, StoreError> {
-        timed(self.add_app_key_op(id, key)).await
+        self.timed(self.add_app_key_op(id, key)).await
     }
 
     async fn app_for_key(&self, key: Digest) -> Result<Option<App>, StoreError> {
-        timed(self.app_for_key_op(key)).await
+        self.timed(self.app_for_key_op(key)).await
     }
 
     async fn create_call(&self, call: &Call, code: Digest) -> Result<(), StoreError> {
-        timed(self.create_call_op(call, code)).await
+        self.timed(self.create_call_op(call, code)).await
     }
 
     async fn get_call(&self, id: &str) -> Result<Option<Call>, StoreError> {
-        timed(self.get_call_op(id)).await
+        self.timed(self.get_call_op(id)).await
     }
 
     async fn list_calls(
@@ -1216,11 +1248,12 @@ impl Store for RedisStore {
         after: Option<&Cursor>,
         now: Millis,
     ) -> Result<Page, StoreError> {
-        timed(self.list_calls_op(app_id, state, limit, after, now)).await
+        self.timed(self.list_calls_op(app_id, state, limit, after, now))
+            .await
     }
 
     async fn call_for_code(&self, code: Digest, now: Millis) -> Result<Option<String>, StoreError> {
-        timed(self.call_for_code_op(code, now)).await
+        self.timed(self.call_for_code_op(code, now)).await
     }
 
     async fn end_call(
@@ -1229,11 +1262,11 @@ impl Store for RedisStore {
         reason: &str,
         now: Millis,
     ) -> Result<Option<Call>, StoreError> {
-        timed(self.end_call_op(id, reason, now)).await
+        self.timed(self.end_call_op(id, reason, now)).await
     }
 
     async fn put_token(&self, token: Digest, grant: &TokenGrant) -> Result<(), StoreError> {
-        timed(self.put_token_op(token, grant)).await
+        self.timed(self.put_token_op(token, grant)).await
     }
 
     async fn redeem_token(
@@ -1241,7 +1274,7 @@ impl Store for RedisStore {
         token: Digest,
         now: Millis,
     ) -> Result<Option<TokenGrant>, StoreError> {
-        timed(self.redeem_token_op(token, now)).await
+        self.timed(self.redeem_token_op(token, now)).await
     }
 
     async fn admit(
@@ -1250,7 +1283,7 @@ impl Store for RedisStore {
         participant: &Participant,
         now: Millis,
     ) -> Result<Admission, StoreError> {
-        timed(self.admit_op(call_id, participant, now)).await
+        self.timed(self.admit_op(call_id, participant, now)).await
     }
 
     async fn set_left(
@@ -1260,7 +1293,7 @@ impl Store for RedisStore {
         left_at: Option<Millis>,
     ) -> Result<bool, StoreError> {
         let op = self.update_participant_op(call_id, peer_id, |p| p.apply_left(left_at));
-        Ok(timed(op).await?.is_some())
+        Ok(self.timed(op).await?.is_some())
     }
 
     async fn set_media(
@@ -1270,7 +1303,7 @@ impl Store for RedisStore {
         media: Media,
     ) -> Result<bool, StoreError> {
         let op = self.update_participant_op(call_id, peer_id, |p| p.media = media);
-        Ok(timed(op).await?.is_some())
+        Ok(self.timed(op).await?.is_some())
     }
 
     async fn set_quality(
@@ -1281,7 +1314,7 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let op =
             self.update_participant_op(call_id, peer_id, |p| p.quality = Some(quality.clone()));
-        Ok(timed(op).await?.is_some())
+        Ok(self.timed(op).await?.is_some())
     }
 
     async fn kick(
@@ -1290,18 +1323,19 @@ impl Store for RedisStore {
         peer_id: &str,
         now: Millis,
     ) -> Result<Option<Participant>, StoreError> {
-        timed(self.update_participant_op(call_id, peer_id, |p| p.apply_kick(now))).await
+        self.timed(self.update_participant_op(call_id, peer_id, |p| p.apply_kick(now)))
+            .await
     }
 
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError> {
-        timed(self.hit_op(key, window_ms, now)).await
+        self.timed(self.hit_op(key, window_ms, now)).await
     }
 
     async fn live_calls(&self, now: Millis) -> Result<u64, StoreError> {
-        timed(self.live_calls_op(now)).await
+        self.timed(self.live_calls_op(now)).await
     }
 
     async fn ping(&self) -> Result<(), StoreError> {
-        timed(self.ping_op()).await
+        self.timed(self.ping_op()).await
     }
 }

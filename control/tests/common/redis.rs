@@ -3,7 +3,7 @@
 //! ```ignore
 //! mod common;
 //! let server = common::redis::RedisServer::start();
-//! let store = control::store::RedisStore::connect(&server.url).await?;
+//! let store = control::store::RedisStore::connect(&server.url, metrics).await?;
 //! ```
 #![allow(dead_code, unreachable_pub)] // Each test binary uses a different part of it.
 
