@@ -31,9 +31,9 @@ use crate::Shared;
 /// Clock skew tolerated on `exp` and `nbf`: nodes are NTP-synced, but a token minted by one
 /// node may reach another a moment "early".
 pub const LEEWAY_S: u64 = 30;
-/// Longest one frame may take to leave: a peer whose TCP window stays shut that long is not
-/// reading, and the socket is dropped.
-const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Longest one frame may take to leave by default (`Signal::set_write_timeout`): a peer whose
+/// TCP window stays shut that long is not reading, and the socket is dropped as a slow reader.
+pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the reader waits for the writer to flush a close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// Least time between two stored quality summaries of one peer: stats arrive every few
@@ -118,7 +118,14 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
     let (sink, stream) = socket.split();
     let (tx, rx) = mpsc::channel(shared.settings.send_queue);
     let (kill, kill_rx) = watch::channel(None::<Close>);
-    let writer = tokio::spawn(writer(Arc::clone(&shared), sink, rx, kill_rx.clone()));
+    // The writer's receiver is made here, not in the task: a close requested before the task
+    // first runs must still be seen as a change.
+    let writer = tokio::spawn(writer(
+        Arc::clone(&shared),
+        sink,
+        rx,
+        (kill.clone(), kill_rx.clone()),
+    ));
     let mut conn = Conn {
         shared: Arc::clone(&shared),
         stream,
@@ -159,7 +166,12 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
     }
     let mut stream = conn.stream;
     drop(conn.tx);
-    let _ = tokio::time::timeout(CLOSE_FLUSH, writer).await;
+    let abort = writer.abort_handle();
+    if tokio::time::timeout(CLOSE_FLUSH, writer).await.is_err() {
+        // Still stuck on a peer that does not read: the socket is being dropped anyway, and a
+        // detached writer would hold it (and its buffers) for up to a whole write timeout.
+        abort.abort();
+    }
     // The closing handshake (RFC 6455 §7.1.1): read and discard until the client's close (or
     // the limit), so that frames it sent before seeing ours are not reset away with our close
     // frame still unread.
@@ -173,21 +185,64 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;
 
-/// Writes one frame; false when it failed or could not leave within [`WRITE_TIMEOUT`].
-async fn send(sink: &mut Sink, msg: Message) -> bool {
-    matches!(
-        tokio::time::timeout(WRITE_TIMEOUT, sink.send(msg)).await,
-        Ok(Ok(()))
-    )
+/// How writing one frame went.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Sent {
+    Ok,
+    /// It could not leave within the write timeout: the peer is not reading.
+    TimedOut,
+    /// The socket failed (reset, closed).
+    Failed,
 }
 
-/// Writes queued frames; on a close request, writes what is queued, then the close frame.
+/// Writes one frame within `limit`.
+async fn send(sink: &mut Sink, msg: Message, limit: Duration) -> Sent {
+    match tokio::time::timeout(limit, sink.send(msg)).await {
+        Ok(Ok(())) => Sent::Ok,
+        Ok(Err(_)) => Sent::Failed,
+        Err(_) => Sent::TimedOut,
+    }
+}
+
+/// Ends the connection after a write that did not go through: the reader (which waits on
+/// `kill` beside the socket) stops, and the room hears the peer is gone. Without this a client
+/// that keeps sending but never reads would stay in its call for ever, its writer long gone.
+fn write_failed(kill: &watch::Sender<Option<Close>>, how: Sent) {
+    let close = match how {
+        Sent::Ok => return,
+        // Exactly as a full send queue (the room's `ConnHandle::send_text`): same close, same
+        // metric.
+        Sent::TimedOut => Close {
+            code: code::POLICY,
+            reason: "slow_reader",
+            metric: DisconnectReason::SlowReader,
+        },
+        Sent::Failed => Close {
+            code: code::NORMAL,
+            reason: "closed",
+            metric: DisconnectReason::Closed,
+        },
+    };
+    // The first reason stays (a kicked peer whose close frame cannot leave is still kicked).
+    kill.send_if_modified(|c| {
+        if c.is_none() {
+            *c = Some(close);
+            true
+        } else {
+            false
+        }
+    });
+}
+
+/// Writes queued frames; on a close request, writes what is queued, then the close frame. A
+/// frame that cannot be written ends the connection ([`write_failed`]).
 async fn writer(
     shared: Arc<Shared>,
     mut sink: Sink,
     mut rx: mpsc::Receiver<Outbound>,
-    mut kill: watch::Receiver<Option<Close>>,
+    (kill_tx, mut kill): (watch::Sender<Option<Close>>, watch::Receiver<Option<Close>>),
 ) {
+    let limit = shared.write_timeout();
     loop {
         tokio::select! {
             biased;
@@ -197,7 +252,7 @@ async fn writer(
                 // the close frame), except for a reader too slow to take it.
                 if close.is_some_and(|c| c.metric != DisconnectReason::SlowReader) {
                     while let Ok(Outbound::Text(text, label)) = rx.try_recv() {
-                        if !send(&mut sink, Message::Text(text.into())).await {
+                        if send(&mut sink, Message::Text(text.into()), limit).await != Sent::Ok {
                             return;
                         }
                         shared.metrics.message_out(label);
@@ -208,14 +263,15 @@ async fn writer(
                         code: c.code,
                         reason: Utf8Bytes::from_static(c.reason),
                     };
-                    let _ = send(&mut sink, Message::Close(Some(frame))).await;
+                    let _ = send(&mut sink, Message::Close(Some(frame)), limit).await;
                 }
                 return;
             }
             out = rx.recv() => match out {
                 Some(Outbound::Text(text, label)) => {
-                    if !send(&mut sink, Message::Text(text.into())).await {
-                        // Not reading (or gone): drop the socket.
+                    let sent = send(&mut sink, Message::Text(text.into()), limit).await;
+                    if sent != Sent::Ok {
+                        write_failed(&kill_tx, sent);
                         return;
                     }
                     shared.metrics.message_out(label);

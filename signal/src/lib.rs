@@ -117,6 +117,8 @@ pub struct Shared {
     connections: AtomicUsize,
     pending: Mutex<HashMap<IpAddr, usize>>,
     next_conn: AtomicU64,
+    /// Longest one frame may take to leave (milliseconds); see [`Signal::set_write_timeout`].
+    write_timeout_ms: AtomicU64,
 }
 
 impl Shared {
@@ -129,6 +131,10 @@ impl Shared {
 
     fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
+    }
+
+    fn write_timeout(&self) -> Duration {
+        Duration::from_millis(self.write_timeout_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -156,7 +162,19 @@ impl Signal {
             connections: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
+            write_timeout_ms: AtomicU64::new(conn::WRITE_TIMEOUT.as_millis() as u64),
         }))
+    }
+
+    /// How long one frame may take to leave before its connection counts as a slow reader and
+    /// is dropped (10 s by default). Applies to connections opened afterwards.
+    ///
+    /// Not a field of [`Settings`] (and not in `conf` yet): adding a field there would break
+    /// every place that builds `Settings` field by field. Tests shorten it to reach the path
+    /// without waiting 10 s.
+    pub fn set_write_timeout(&self, limit: Duration) {
+        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
+        self.0.write_timeout_ms.store(ms, Ordering::Relaxed);
     }
 
     /// `GET /v1/signal`. Serve it with `ConnectInfo<SocketAddr>` and upgrades enabled (as

@@ -55,7 +55,7 @@ pub enum DisconnectReason {
     TooLarge,
     /// Kept sending past the rate limit (1008).
     RateLimited,
-    /// Did not read: its send queue filled up.
+    /// Did not read: its send queue filled up, or one frame could not be written in time.
     SlowReader,
     /// Removed through the API.
     Kicked,

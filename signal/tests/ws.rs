@@ -560,6 +560,102 @@ async fn a_reader_that_never_reads_is_dropped_not_buffered() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reader_that_keeps_sending_but_never_reads_is_dropped_at_the_write_timeout() {
+    // A send queue far larger than what this test ever queues: the queue never fills, so only
+    // the write timeout can drop the sleeper (the other path has its own test above).
+    let node = Node::start(Options {
+        signal: Settings {
+            send_queue: 100_000,
+            message_rate: 10_000,
+            message_burst: 10_000,
+            // So the others hear of the drop at once rather than after the window.
+            resume_window: Duration::ZERO,
+            ..Settings::default()
+        },
+        write_timeout: Some(Duration::from_secs(1)),
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    let (sleeper, ws, _) = enter(&node, &code, "Sleeper").await;
+    let (talker, _, _) = enter(&node, &code, "Talker").await;
+    let to = s(&ws["peer_id"]).to_owned();
+    // The sleeper keeps sending (so it is never idle and its reads never fail) but never reads.
+    let (mut sleeper_sink, sleeper_stream) = sleeper.ws.split();
+    let pinger = tokio::spawn(async move {
+        let mut sent = 0u64;
+        let mut every = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            every.tick().await;
+            let ping = Message::Text(r#"{"v":1,"type":"ping"}"#.into());
+            if sleeper_sink.send(ping).await.is_err() {
+                return sent;
+            }
+            sent += 1;
+        }
+    });
+    let (mut sink, mut stream) = talker.ws.split();
+    let (seen_tx, mut seen) = tokio::sync::mpsc::unbounded_channel::<serde_json::Value>();
+    tokio::spawn(async move {
+        while let Some(Ok(m)) = stream.next().await {
+            if let Message::Text(t) = m {
+                let _ = seen_tx.send(serde_json::from_str(&t).unwrap());
+            }
+        }
+    });
+    // Large offers in batches until the sleeper's TCP buffers are full, one frame waits longer
+    // than the write timeout, and the sleeper is dropped. Each batch is followed by a wait for
+    // `peer_left` a little longer than the write timeout.
+    let sdp = "a".repeat(60_000);
+    let offer = json!({"v":1,"type":"offer","to":to,"sdp":sdp}).to_string();
+    let mut sent = 0;
+    let left = 'outer: loop {
+        assert!(sent < 2_000, "the sleeper was never dropped");
+        for _ in 0..50 {
+            sink.send(Message::Text(offer.clone().into()))
+                .await
+                .unwrap();
+            sent += 1;
+        }
+        let until = tokio::time::Instant::now() + Duration::from_secs(2);
+        while let Ok(Some(m)) = tokio::time::timeout_at(until, seen.recv()).await {
+            if m["type"] == "peer_left" {
+                break 'outer m;
+            }
+        }
+    };
+    assert_eq!(left["peer_id"], to.as_str());
+    assert_eq!(left["reason"], "disconnected");
+    eventually("slow_reader counted", || {
+        node.metric(
+            "turnpike_signal_disconnects_total",
+            &[("reason", "slow_reader")],
+        ) == 1.0
+    })
+    .await;
+    // The sleeper's sends stop working once the server dropped it.
+    let pings = tokio::time::timeout(harness::PATIENCE, pinger)
+        .await
+        .expect("the sleeper's socket was never closed")
+        .unwrap();
+    assert!(pings > 0);
+    drop(sleeper_stream);
+    // The talker is still served.
+    sink.send(Message::Text(r#"{"v":1,"type":"ping"}"#.into()))
+        .await
+        .unwrap();
+    loop {
+        let m = tokio::time::timeout(harness::PATIENCE, seen.recv())
+            .await
+            .unwrap()
+            .unwrap();
+        if m["type"] == "pong" {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn sockets_that_never_authenticate_are_capped_per_address_and_closed_at_the_deadline() {
     let node = Node::start(Options {
         signal: Settings {
