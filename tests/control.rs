@@ -376,3 +376,35 @@ fn the_api_walk_through_runs_as_written_on_redis() {
     let redis = redis::RedisServer::start();
     walk_through(&[("TURNPIKE_STORE_REDIS_URL", redis.url.as_str())]);
 }
+
+#[test]
+fn control_metrics_are_on_the_admin_port_only() {
+    let serve = Serve::with_config(&config("metrics-port", ""));
+    serve.wait_ready(200);
+    let (status, _) = serve.api(
+        "POST",
+        "/v1/apps",
+        Some(ADMIN),
+        Some(json!({"name": "Metrics"})),
+    );
+    assert_eq!(status, 201);
+    let (status, body) = raw_http(serve.admin, "GET", "/metrics", None, None);
+    assert_eq!(status, 200);
+    // The request just made, by route template and status class, counted and timed.
+    for series in [
+        r#"turnpike_control_http_requests_total{method="POST",route="/v1/apps",status_class="2xx"} 1"#,
+        r#"turnpike_control_http_request_duration_seconds_count{route="/v1/apps",status_class="2xx"} 1"#,
+        r#"turnpike_control_store_errors_total{kind="unavailable"} 0"#,
+        r#"turnpike_control_store_errors_total{kind="corrupt"} 0"#,
+        "turnpike_control_store_operation_duration_seconds_count 0",
+        "turnpike_control_calls_created_total 0",
+    ] {
+        assert!(body.lines().any(|l| l == series), "{series} not in:\n{body}");
+    }
+    // The public API port exposes none of it: a JSON 404, no metric text.
+    let (status, body) = raw_http(serve.control, "GET", "/metrics", None, None);
+    assert_eq!(status, 404, "{body}");
+    let v: Value = serde_json::from_str(&body).unwrap();
+    assert_eq!(v["error"]["code"], "not_found", "{body}");
+    assert!(!body.contains("turnpike_"), "{body}");
+}

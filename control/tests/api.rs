@@ -2032,12 +2032,23 @@ async fn metrics_move_and_carry_no_identifiers() {
         ),
         2.0
     );
+    // Latency by status class: the one admitted join apart from the two refused.
+    for (class, n) in [("2xx", 1.0), ("4xx", 2.0), ("5xx", 0.0)] {
+        assert_eq!(
+            m(
+                "turnpike_control_http_request_duration_seconds",
+                &[("route", "/v1/join"), ("status_class", class)]
+            ),
+            n,
+            "{class}"
+        );
+    }
     assert_eq!(
         m(
             "turnpike_control_http_request_duration_seconds",
-            &[("route", "/v1/join")]
+            &[("route", "unmatched"), ("status_class", "4xx")]
         ),
-        3.0
+        1.0
     );
     assert_eq!(m("turnpike_control_calls_created_total", &[]), 1.0);
     assert_eq!(m("turnpike_control_calls_active", &[]), 1.0);

@@ -95,9 +95,11 @@ impl ControlMetrics {
             http_duration: HistogramVec::new(
                 HistogramOpts::new(
                     "turnpike_control_http_request_duration_seconds",
-                    "Time to answer an HTTP request (until the response head), by route template.",
+                    "Time to answer an HTTP request (until the response head), by route template and status class.",
                 ),
-                &["route"],
+                // The status class too: fast 4xx refusals would otherwise hide slow successes
+                // (and a brute-force burst would make latency look better than it is).
+                &["route", "status_class"],
             )?,
             calls_created: IntCounter::new(
                 "turnpike_control_calls_created_total",
@@ -151,11 +153,12 @@ impl ControlMetrics {
         status: StatusCode,
         elapsed: Duration,
     ) {
+        let class = status_class(status);
         self.http_requests
-            .with_label_values(&[route, method, status_class(status)])
+            .with_label_values(&[route, method, class])
             .inc();
         self.http_duration
-            .with_label_values(&[route])
+            .with_label_values(&[route, class])
             .observe(elapsed.as_secs_f64());
     }
 
