@@ -399,7 +399,10 @@ fn control_metrics_are_on_the_admin_port_only() {
         "turnpike_control_store_operation_duration_seconds_count 0",
         "turnpike_control_calls_created_total 0",
     ] {
-        assert!(body.lines().any(|l| l == series), "{series} not in:\n{body}");
+        assert!(
+            body.lines().any(|l| l == series),
+            "{series} not in:\n{body}"
+        );
     }
     // The public API port exposes none of it: a JSON 404, no metric text.
     let (status, body) = raw_http(serve.control, "GET", "/metrics", None, None);
