@@ -53,6 +53,8 @@ struct ProbeStore {
     inner: MemoryStore,
     ops: Mutex<Vec<&'static str>>,
     fail: AtomicBool,
+    /// Fails only this operation (a store failure at one step of a request).
+    fail_on: Mutex<Option<&'static str>>,
     hang: AtomicBool,
 }
 
@@ -62,7 +64,7 @@ impl ProbeStore {
         if self.hang.load(Ordering::SeqCst) {
             std::future::pending::<()>().await;
         }
-        if self.fail.load(Ordering::SeqCst) {
+        if self.fail.load(Ordering::SeqCst) || *self.fail_on.lock().unwrap() == Some(op) {
             return Err(StoreError::Unavailable("switched off by the test".into()));
         }
         Ok(())
@@ -145,6 +147,14 @@ impl Store for ProbeStore {
         self.enter("redeem_token").await?;
         self.inner.redeem_token(token, now).await
     }
+    async fn peek_token(
+        &self,
+        token: Digest,
+        now: Millis,
+    ) -> Result<Option<TokenGrant>, StoreError> {
+        self.enter("peek_token").await?;
+        self.inner.peek_token(token, now).await
+    }
     async fn admit(
         &self,
         call_id: &str,
@@ -153,6 +163,18 @@ impl Store for ProbeStore {
     ) -> Result<Admission, StoreError> {
         self.enter("admit").await?;
         self.inner.admit(call_id, participant, now).await
+    }
+    async fn admit_with_token(
+        &self,
+        token: Digest,
+        call_id: &str,
+        participant: &Participant,
+        now: Millis,
+    ) -> Result<Admission, StoreError> {
+        self.enter("admit_with_token").await?;
+        self.inner
+            .admit_with_token(token, call_id, participant, now)
+            .await
     }
     async fn set_left(
         &self,
@@ -1529,6 +1551,75 @@ async fn tokens_are_one_time_and_expire() {
             )
             .await;
         r.error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
+    }
+}
+
+#[tokio::test]
+async fn a_token_refused_for_a_full_call_or_a_store_failure_stays_usable() {
+    let api = api();
+    let (_, key) = api.new_app("A").await;
+    let call = api.new_call(&key, json!({ "max_participants": 1 })).await;
+    let id = call["id"].as_str().unwrap().to_owned();
+    let code = call["join_code"].as_str().unwrap().to_owned();
+    let r = api
+        .call(
+            "POST",
+            &format!("/v1/calls/{id}/tokens"),
+            Some(&key),
+            Some(json!({ "role": "host" })),
+        )
+        .await;
+    let token = r.ok(StatusCode::CREATED)["token"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let first = api.join_code(ip(2), &code).await.ok(StatusCode::OK).clone();
+
+    // Full: 409, and the token is still good.
+    for n in 0..2 {
+        let r = api
+            .join_from(ip(3), json!({ "token": token, "name": "Host" }))
+            .await;
+        r.error(StatusCode::CONFLICT, "call_full");
+        assert_eq!(api.stored_call(&id).await.participants.len(), 1, "{n}");
+    }
+
+    // A seat frees up; the store fails exactly at the admission: 503, token still good.
+    let peer = first["peer_id"].as_str().unwrap();
+    let kick = format!("/v1/calls/{id}/participants/{peer}");
+    let r = api.call("DELETE", &kick, Some(&key), None).await;
+    assert_eq!(r.status, StatusCode::NO_CONTENT, "{r:?}");
+    *api.store.fail_on.lock().unwrap() = Some("admit_with_token");
+    let r = api
+        .join_from(ip(3), json!({ "token": token, "name": "Host" }))
+        .await;
+    r.error(StatusCode::SERVICE_UNAVAILABLE, "unavailable");
+    *api.store.fail_on.lock().unwrap() = None;
+
+    // Now it admits, once.
+    let r = api
+        .join_from(ip(3), json!({ "token": token, "name": "Host" }))
+        .await;
+    assert_eq!(r.ok(StatusCode::OK)["role"], "host");
+    let r = api
+        .join_from(ip(4), json!({ "token": token, "name": "Host" }))
+        .await;
+    r.error(StatusCode::NOT_FOUND, "invalid_or_expired");
+    assert_eq!(api.stored_call(&id).await.participants.len(), 2);
+    for (result, n) in [
+        ("full", 2.0),
+        ("unavailable", 1.0),
+        ("ok", 2.0),
+        ("invalid", 1.0),
+    ] {
+        assert_eq!(
+            api.metric(
+                "turnpike_control_join_attempts_total",
+                &[("result", result)]
+            ),
+            n,
+            "{result}"
+        );
     }
 }
 

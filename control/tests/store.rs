@@ -524,6 +524,141 @@ async fn redeem_race(s: S) {
     assert_eq!(grants, 1);
 }
 
+/// A token is used up by the admission it grants, and only by it: looking does not use it, a
+/// full call leaves it usable, and once it admitted someone it admits nobody else.
+async fn token_admission(s: S) {
+    let t = base();
+    s.create_call(&call("c_ta", "app_a", t, 3_600_000, 1), digest(900))
+        .await
+        .unwrap();
+    let g = grant("c_ta", t + 60_000);
+    s.put_token(digest(901), &g).await.unwrap();
+    assert_eq!(s.peek_token(digest(902), t).await.unwrap(), None);
+    assert_eq!(s.peek_token(digest(901), t).await.unwrap(), Some(g.clone()));
+    assert_eq!(
+        s.peek_token(digest(901), t).await.unwrap(),
+        Some(g.clone()),
+        "looking again"
+    );
+
+    // The only seat taken: full, twice, and the token is untouched.
+    let Admission::Admitted(_) = s.admit("c_ta", &participant("p_a", t), t).await.unwrap() else {
+        panic!("not admitted");
+    };
+    for n in 0..2 {
+        let p = participant("p_tok", t + 1);
+        assert_eq!(
+            s.admit_with_token(digest(901), "c_ta", &p, t + 1)
+                .await
+                .unwrap(),
+            Admission::Full,
+            "{n}"
+        );
+        assert_eq!(
+            s.peek_token(digest(901), t + 1).await.unwrap(),
+            Some(g.clone())
+        );
+    }
+    assert_eq!(
+        s.get_call("c_ta")
+            .await
+            .unwrap()
+            .unwrap()
+            .participants
+            .len(),
+        1
+    );
+
+    // The seat frees up: admitted, and the token is used up.
+    s.set_left("c_ta", "p_a", Some(t + 2)).await.unwrap();
+    let p = participant("p_tok", t + 3);
+    let Admission::Admitted(after) = s
+        .admit_with_token(digest(901), "c_ta", &p, t + 3)
+        .await
+        .unwrap()
+    else {
+        panic!("not admitted");
+    };
+    assert_eq!(after.participants[1], p);
+    assert_eq!(s.peek_token(digest(901), t + 3).await.unwrap(), None);
+    // Used: gone, even with a seat free again.
+    s.set_left("c_ta", "p_tok", Some(t + 4)).await.unwrap();
+    assert_eq!(
+        s.admit_with_token(digest(901), "c_ta", &participant("p_again", t + 5), t + 5)
+            .await
+            .unwrap(),
+        Admission::Gone
+    );
+    assert_eq!(
+        s.get_call("c_ta")
+            .await
+            .unwrap()
+            .unwrap()
+            .participants
+            .len(),
+        2
+    );
+
+    // An ended call: gone, whatever the token.
+    s.put_token(digest(903), &grant("c_ta", t + 60_000))
+        .await
+        .unwrap();
+    s.end_call("c_ta", "api", t + 6).await.unwrap();
+    assert_eq!(
+        s.admit_with_token(digest(903), "c_ta", &participant("p_end", t + 7), t + 7)
+            .await
+            .unwrap(),
+        Admission::Gone
+    );
+    // Expired (checked last: the memory store forgets what expired, and time only goes on).
+    s.put_token(digest(904), &grant("c_ta", t + 60_000))
+        .await
+        .unwrap();
+    assert_eq!(
+        s.peek_token(digest(904), t + 60_000).await.unwrap(),
+        None,
+        "expired"
+    );
+}
+
+/// Many uses of one token at once, with seats for all: exactly one is admitted.
+async fn token_admission_race(s: S) {
+    let t = base();
+    s.create_call(&call("c_tr", "app_a", t, 3_600_000, 32), digest(910))
+        .await
+        .unwrap();
+    s.put_token(digest(911), &grant("c_tr", t + 60_000))
+        .await
+        .unwrap();
+    let barrier = Arc::new(Barrier::new(10));
+    let tasks: Vec<_> = (0..10)
+        .map(|i| {
+            let s = s.clone();
+            let barrier = barrier.clone();
+            tokio::spawn(async move {
+                // Each has looked at the token before any of them uses it.
+                assert!(s.peek_token(digest(911), t + 1).await.unwrap().is_some());
+                barrier.wait().await;
+                let p = participant(&format!("p_{i}"), t + 1);
+                s.admit_with_token(digest(911), "c_tr", &p, t + 1)
+                    .await
+                    .unwrap()
+            })
+        })
+        .collect();
+    let mut admitted = 0;
+    for task in tasks {
+        match task.await.unwrap() {
+            Admission::Admitted(_) => admitted += 1,
+            Admission::Gone => {}
+            Admission::Full => panic!("full"),
+        }
+    }
+    assert_eq!(admitted, 1);
+    let c = s.get_call("c_tr").await.unwrap().unwrap();
+    assert_eq!(c.participants.len(), 1);
+}
+
 async fn hits(s: S) {
     let t = base();
     assert_eq!(s.hit("join:a", 60_000, t).await.unwrap(), (1, 60_000));
@@ -936,6 +1071,8 @@ contract!(
     admit_race,
     admit_rules,
     redeem_race,
+    token_admission,
+    token_admission_race,
     hits,
     live_calls,
     hostile_strings,
@@ -1032,6 +1169,9 @@ async fn every_op(s: &S, t: Millis) -> Vec<Result<(), StoreError>> {
         s.list_calls("app_a", None, 10, None, t).await.map(drop),
         s.call_for_code(digest(3), t).await.map(drop),
         s.admit("c_any", &participant("p", t), t).await.map(drop),
+        s.admit_with_token(digest(4), "c_any", &participant("p_t", t), t)
+            .await
+            .map(drop),
         s.set_left("c_any", "p", Some(t)).await.map(drop),
         s.set_media("c_any", "p", Media::default()).await.map(drop),
         s.set_quality("c_any", "p", &quality(1, t)).await.map(drop),
@@ -1040,6 +1180,7 @@ async fn every_op(s: &S, t: Millis) -> Vec<Result<(), StoreError>> {
         s.put_token(digest(4), &grant("c_any", t + 1_000))
             .await
             .map(drop),
+        s.peek_token(digest(4), t).await.map(drop),
         s.redeem_token(digest(4), t).await.map(drop),
         s.hit("k", 1_000, t).await.map(drop),
         s.live_calls(t).await.map(drop),
@@ -1127,6 +1268,57 @@ async fn redis_paused_times_out_then_recovers() {
     assert_eq!(
         s.app_for_key(digest(1)).await.unwrap().map(|a| a.id),
         Some("app_p".to_owned())
+    );
+}
+
+/// Redis stops answering while a token admits someone: the operation fails (503), and
+/// afterwards the token and the call agree — either the participant is in and the token used
+/// up, or neither. Never a token burned without a seat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_token_admission_cut_off_is_all_or_nothing() {
+    let server = RedisServer::start();
+    let s = redis_store(&server).await;
+    let t = base();
+    s.create_call(&call("c_cut", "app_a", t, 3_600_000, 4), digest(1))
+        .await
+        .unwrap();
+    s.put_token(digest(2), &grant("c_cut", t + 60_000))
+        .await
+        .unwrap();
+    server.pause();
+    let r = tokio::time::timeout(
+        NO_HANG,
+        s.admit_with_token(digest(2), "c_cut", &participant("p_1", t), t),
+    )
+    .await
+    .expect("hangs while Redis is paused");
+    assert!(matches!(r, Err(StoreError::Unavailable(_))), "{r:?}");
+    server.resume();
+    until_up(&s).await;
+    let admitted = s
+        .get_call("c_cut")
+        .await
+        .unwrap()
+        .unwrap()
+        .participants
+        .len();
+    let again = s
+        .admit_with_token(digest(2), "c_cut", &participant("p_2", t + 1), t + 1)
+        .await
+        .unwrap();
+    match admitted {
+        0 => assert!(matches!(again, Admission::Admitted(_)), "{again:?}"),
+        1 => assert_eq!(again, Admission::Gone),
+        n => panic!("{n} participants"),
+    }
+    assert_eq!(
+        s.get_call("c_cut")
+            .await
+            .unwrap()
+            .unwrap()
+            .participants
+            .len(),
+        1
     );
 }
 

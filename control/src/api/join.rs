@@ -189,8 +189,10 @@ async fn lookup_and_admit(
             (call_id, Role::Guest, name, None)
         }
         Secret::Token => {
+            // Only looked at here: the admission below uses it up, so a full call (409) or a
+            // store failure (503) leaves the participant's one link working.
             let grant = store
-                .redeem_token(digest, now)
+                .peek_token(digest, now)
                 .await?
                 .ok_or(ApiError::InvalidOrExpired)?;
             (
@@ -226,7 +228,15 @@ async fn lookup_and_admit(
         kicked: false,
         quality: None,
     };
-    let call = match store.admit(&call.id, &participant, now).await? {
+    let admission = match kind {
+        Secret::Code => store.admit(&call.id, &participant, now).await?,
+        Secret::Token => {
+            store
+                .admit_with_token(digest, &call.id, &participant, now)
+                .await?
+        }
+    };
+    let call = match admission {
         Admission::Admitted(call) => call,
         Admission::Full => return Err(ApiError::CallFull),
         Admission::Gone => return Err(ApiError::InvalidOrExpired),

@@ -135,6 +135,22 @@ impl MemoryStore {
 }
 
 impl Inner {
+    /// Adds a participant if the call is live and has a free seat.
+    fn admit(&mut self, call_id: &str, participant: &Participant, now: Millis) -> Admission {
+        let Some(stored) = self.calls.get_mut(call_id) else {
+            return Admission::Gone;
+        };
+        let call = &mut stored.call;
+        if call.state(now) == CallState::Ended {
+            return Admission::Gone;
+        }
+        if call.present() >= call.max_participants as usize {
+            return Admission::Full;
+        }
+        call.participants.push(participant.clone());
+        Admission::Admitted(call.clone())
+    }
+
     /// Notes `now` and removes up to [`SWEEP_BATCH`] entries of each kind expired by then.
     fn sweep(&mut self, now: Millis) {
         self.clock = self.clock.max(now);
@@ -423,6 +439,20 @@ impl Store for MemoryStore {
         Ok(grant.filter(|g| now < g.expires_at))
     }
 
+    async fn peek_token(
+        &self,
+        token: Digest,
+        now: Millis,
+    ) -> Result<Option<TokenGrant>, StoreError> {
+        let mut inner = self.lock();
+        inner.sweep(now);
+        Ok(inner
+            .tokens
+            .get(&token.0)
+            .filter(|g| now < g.expires_at)
+            .cloned())
+    }
+
     async fn admit(
         &self,
         call_id: &str,
@@ -431,19 +461,33 @@ impl Store for MemoryStore {
     ) -> Result<Admission, StoreError> {
         let mut inner = self.lock();
         inner.sweep(now);
-        let Some(stored) = inner.calls.get_mut(call_id) else {
-            return Ok(Admission::Gone);
-        };
-        let call = &mut stored.call;
-        if call.state(now) == CallState::Ended {
+        Ok(inner.admit(call_id, participant, now))
+    }
+
+    async fn admit_with_token(
+        &self,
+        token: Digest,
+        call_id: &str,
+        participant: &Participant,
+        now: Millis,
+    ) -> Result<Admission, StoreError> {
+        // One lock around the check, the seat and the removal: nothing between them.
+        let mut inner = self.lock();
+        inner.sweep(now);
+        let usable = inner
+            .tokens
+            .get(&token.0)
+            .is_some_and(|g| now < g.expires_at && g.call_id == call_id);
+        if !usable {
             return Ok(Admission::Gone);
         }
-        if call.present() >= call.max_participants as usize {
-            return Ok(Admission::Full);
+        let admission = inner.admit(call_id, participant, now);
+        if let Admission::Admitted(_) = admission {
+            if let Some(g) = inner.tokens.remove(&token.0) {
+                inner.token_exp.remove(&(g.expires_at, token.0));
+            }
         }
-        call.participants.push(participant.clone());
-        let call = call.clone();
-        Ok(Admission::Admitted(call))
+        Ok(admission)
     }
 
     async fn set_left(

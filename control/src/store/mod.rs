@@ -338,10 +338,32 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         now: Millis,
     ) -> Result<Option<TokenGrant>, StoreError>;
 
+    /// A token's grant without using it up: `None` if unknown, used or expired at `now`.
+    async fn peek_token(
+        &self,
+        token: Digest,
+        now: Millis,
+    ) -> Result<Option<TokenGrant>, StoreError>;
+
     /// Adds a participant if the call is live and fewer than `max_participants` are present,
     /// atomically (two joins for the last seat: one gets it).
     async fn admit(
         &self,
+        call_id: &str,
+        participant: &Participant,
+        now: Millis,
+    ) -> Result<Admission, StoreError>;
+
+    /// [`Store::admit`] with participant token `token`, which [`Store::peek_token`] found
+    /// granting `call_id`: the token is used up in the same atomic step as the admission, and
+    /// only by it. A full call or a failed operation leaves the token usable (a participant
+    /// turned away for lack of a seat may try again when one frees up); a token that already
+    /// admitted someone gives [`Admission::Gone`], and of concurrent uses exactly one is
+    /// admitted. (Using it up *before* admitting, as [`Store::redeem_token`] would, burns the
+    /// token on every 409 and 503.)
+    async fn admit_with_token(
+        &self,
+        token: Digest,
         call_id: &str,
         participant: &Participant,
         now: Millis,

@@ -111,6 +111,25 @@ impl Store for Reconnecting {
     ) -> Result<Option<TokenGrant>, StoreError> {
         self.get().await?.redeem_token(token, now).await
     }
+    async fn peek_token(
+        &self,
+        token: Digest,
+        now: Millis,
+    ) -> Result<Option<TokenGrant>, StoreError> {
+        self.get().await?.peek_token(token, now).await
+    }
+    async fn admit_with_token(
+        &self,
+        token: Digest,
+        call_id: &str,
+        participant: &Participant,
+        now: Millis,
+    ) -> Result<Admission, StoreError> {
+        self.get()
+            .await?
+            .admit_with_token(token, call_id, participant, now)
+            .await
+    }
     async fn admit(
         &self,
         call_id: &str,

@@ -10,7 +10,7 @@
 //! |---|---|---|---|
 //! | `tp:{c:ID}:call` | hash | the call (below) | until it ended or expired + [`HISTORY_MS`] |
 //! | `tp:code:HEX` | string | join code digest → call id | until the call expires; deleted when it ends |
-//! | `tp:token:HEX` | string | participant token digest → [`TokenGrant`] JSON | until the grant expires |
+//! | `tp:token:HEX` | string | participant token digest → [`TokenGrant`] JSON | until the grant expires; deleted once it admitted someone |
 //! | `tp:app:ID` | hash | `rec` ([`App`] JSON), `disabled` (`0`/`1`) | [`APP_TTL_MS`], refreshed |
 //! | `tp:appkeys:ID` | set | the app's key digests (hex) | [`APP_TTL_MS`], refreshed |
 //! | `tp:key:HEX` | string | app key digest → app id | [`APP_TTL_MS`], refreshed |
@@ -23,8 +23,10 @@
 //! (`expires_at`), `max` (`max_participants`), `code` (the join code digest, hex), `np` (the
 //! number of participants), `p:1` … `p:NP` (each participant's JSON, in join order), `pi:PEER`
 //! (the `N` of the first `p:N` with that peer id), `pix` (`1`: every participant is in the
-//! `pi:` index; calls stored before the index have none and are searched instead), and, once
-//! ended, `ended_at` and `end_reason`. It is a hash rather than one JSON string because the
+//! `pi:` index; calls stored before the index have none and are searched instead), `t:HEX`
+//! for each participant token that admitted someone (the admission and this mark are one
+//! script, so a token is used up exactly when it admits: a full call leaves it usable), and,
+//! once ended, `ended_at` and `end_reason`. It is a hash rather than one JSON string because the
 //! atomic operations run as Lua scripts, and Lua's `cjson` cannot write a call back unchanged:
 //! it turns empty arrays into objects and rounds numbers to 14 digits, which would corrupt the
 //! consumer's `metadata` (and a participant's quality figures). So the scripts only write fields
@@ -109,7 +111,9 @@ const HISTORY_CLEANUP: isize = 2;
 const CAS_ATTEMPTS: usize = 16;
 
 /// Appends a participant (JSON ARGV[2], peer id ARGV[3]) if the call is live and not full,
-/// indexing its peer id unless an earlier participant has it. Returns `{status, HGETALL}`.
+/// indexing its peer id unless an earlier participant has it. With a participant token's
+/// digest (hex ARGV[4], else empty), only if no one was admitted with it yet, and marks it
+/// used (`t:HEX`) in the same step. Returns `{status, HGETALL}`.
 const ADMIT: &str = r"
 local f = redis.call('HMGET', KEYS[1], 'exp', 'max', 'ended_at', 'np')
 if not f[1] then
@@ -122,6 +126,9 @@ local max = tonumber(f[2])
 local np = tonumber(f[4] or '0')
 if not now or not exp or not max or not np then return {'corrupt', {}} end
 if f[3] or now >= exp then return {'gone', {}} end
+if ARGV[4] ~= '' and redis.call('HEXISTS', KEYS[1], 't:' .. ARGV[4]) == 1 then
+  return {'gone', {}}
+end
 local present = 0
 for i = 1, np do
   local p = redis.call('HGET', KEYS[1], 'p:' .. i)
@@ -139,6 +146,7 @@ if present >= max then return {'full', {}} end
 np = np + 1
 redis.call('HSET', KEYS[1], 'p:' .. np, ARGV[2], 'np', tostring(np))
 redis.call('HSETNX', KEYS[1], 'pi:' .. ARGV[3], tostring(np))
+if ARGV[4] ~= '' then redis.call('HSET', KEYS[1], 't:' .. ARGV[4], '1') end
 return {'ok', redis.call('HGETALL', KEYS[1])}
 ";
 
@@ -1074,10 +1082,29 @@ impl RedisStore {
         Ok((now < grant.expires_at).then_some(grant))
     }
 
+    async fn peek_token_op(
+        &self,
+        token: Digest,
+        now: Millis,
+    ) -> Result<Option<TokenGrant>, StoreError> {
+        let mut conn = self.conn();
+        let raw: Option<Vec<u8>> = redis::cmd("GET")
+            .arg(token_key(token))
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        let Some(raw) = raw else {
+            return Ok(None);
+        };
+        let grant: TokenGrant = json(&raw, "token grant")?;
+        Ok((now < grant.expires_at).then_some(grant))
+    }
+
     async fn admit_op(
         &self,
         call_id: &str,
         participant: &Participant,
+        token: Option<Digest>,
         now: Millis,
     ) -> Result<Admission, StoreError> {
         let mut conn = self.conn();
@@ -1087,18 +1114,33 @@ impl RedisStore {
             .arg(now)
             .arg(to_json(participant)?)
             .arg(&participant.peer_id)
+            .arg(token.map(|t| t.to_hex()).unwrap_or_default())
             .invoke_async(&mut conn)
             .await
             .map_err(map_err)?;
-        match status.as_str() {
+        let admission = match status.as_str() {
             "ok" => match decode_call(&pairs(flat)?)? {
-                Some(call) => Ok(Admission::Admitted(call)),
-                None => Err(corrupt("admitted to an empty call")),
+                Some(call) => Admission::Admitted(call),
+                None => return Err(corrupt("admitted to an empty call")),
             },
-            "full" => Ok(Admission::Full),
-            "gone" => Ok(Admission::Gone),
-            _ => Err(corrupt("call record unreadable")),
+            "full" => Admission::Full,
+            "gone" => Admission::Gone,
+            _ => return Err(corrupt("call record unreadable")),
+        };
+        if let (Admission::Admitted(_), Some(token)) = (&admission, token) {
+            // The token key is in another slot, so it goes after the script (like ending a
+            // call's code). The call's `t:` mark already refuses the token a second time; this
+            // only tidies up, so a failure here must not turn an admission into a 503 (whose
+            // retry would then find the token used).
+            let deleted: Result<(), _> = redis::cmd("DEL")
+                .arg(token_key(token))
+                .exec_async(&mut conn)
+                .await;
+            if let Err(e) = deleted {
+                tracing::warn!(error = %e, "used participant token left to expire");
+            }
         }
+        Ok(admission)
     }
 
     /// Applies `change` to participant `peer_id` of call `call_id` by compare-and-set (see the
@@ -1283,7 +1325,27 @@ impl Store for RedisStore {
         participant: &Participant,
         now: Millis,
     ) -> Result<Admission, StoreError> {
-        self.timed(self.admit_op(call_id, participant, now)).await
+        self.timed(self.admit_op(call_id, participant, None, now))
+            .await
+    }
+
+    async fn peek_token(
+        &self,
+        token: Digest,
+        now: Millis,
+    ) -> Result<Option<TokenGrant>, StoreError> {
+        self.timed(self.peek_token_op(token, now)).await
+    }
+
+    async fn admit_with_token(
+        &self,
+        token: Digest,
+        call_id: &str,
+        participant: &Participant,
+        now: Millis,
+    ) -> Result<Admission, StoreError> {
+        self.timed(self.admit_op(call_id, participant, Some(token), now))
+            .await
     }
 
     async fn set_left(
