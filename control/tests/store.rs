@@ -1774,3 +1774,42 @@ async fn redis_dead_port_counts_unavailable() {
         Some(0)
     );
 }
+
+/// Redis refuses one write of `create_call` (an ACL keeps the store's user off the app's
+/// history index): the call must not exist half-written — no call hash and no join code
+/// pointing at it — because the writes are one MULTI/EXEC transaction, which Redis aborts as a
+/// whole when a queued command is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn redis_create_call_is_all_or_nothing() {
+    let server = RedisServer::start();
+    let mut conn = raw(&server).await;
+    // Every command, every key but `tp:calls:*` (the history index create_call writes last
+    // but one).
+    let _: () = ::redis::cmd("ACL")
+        .arg("SETUSER")
+        .arg("nohistory")
+        .arg("on")
+        .arg(">pw")
+        .arg("+@all")
+        .arg("~tp:{c:*")
+        .arg("~tp:code:*")
+        .arg("~tp:live")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    let url = format!("redis://nohistory:pw@127.0.0.1:{}/", server.port);
+    let s = RedisStore::connect(&url, metrics()).await.unwrap();
+    let t = base();
+    let r = s
+        .create_call(&call("c_half", "app_a", t, 3_600_000, 2), digest(1))
+        .await;
+    assert!(r.is_err(), "{r:?}");
+    let keys: Vec<String> = ::redis::cmd("KEYS")
+        .arg("*")
+        .query_async(&mut conn)
+        .await
+        .unwrap();
+    assert_eq!(keys, Vec::<String>::new(), "half-written: {keys:?}");
+    assert_eq!(s.get_call("c_half").await.unwrap(), None);
+    assert_eq!(s.call_for_code(digest(1), t).await.unwrap(), None);
+}

@@ -736,8 +736,15 @@ impl RedisStore {
         }
         let history = history_key(&call.app_id);
         let mut pipe = redis::pipe();
-        // The call first, then what points at it: a crash in between leaves no pointer to
-        // nothing.
+        // MULTI/EXEC, not a plain pipeline: a pipeline's commands run one by one, so a dropped
+        // connection, a crash or a refused command (ACL, OOM) part-way through would leave a
+        // call without its history entry or a code without a live entry. Redis runs a
+        // transaction whole or, if the connection drops before EXEC or a queued command is
+        // refused, not at all. (This store talks to one Redis, not a Cluster: the transaction
+        // spans the call's slot and the shared indexes, which only one node can do.)
+        pipe.atomic();
+        // The call first, then what points at it (the order still matters if Redis dies
+        // mid-EXEC without an AOF).
         pipe.cmd("DEL").arg(&key).ignore();
         pipe.cmd("HSET").arg(&key).arg(fields).ignore();
         pipe.cmd("PEXPIREAT").arg(&key).arg(purge).ignore();
