@@ -160,6 +160,7 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
                 peer,
                 conn: conn_id,
                 how,
+                done: None,
             })
             .await;
         shared.metrics.connections_active().dec();
@@ -474,6 +475,14 @@ impl Conn {
         )
     }
 
+    /// Refuses the valid token of a participant that left for good. The message says so (the
+    /// token is genuine, so nothing is given away): the client should join again rather than
+    /// retry.
+    fn left(&self) -> DisconnectReason {
+        self.shared.metrics.auth_failure(AuthFailure::Left);
+        self.unauthorized("this peer has left the call: join again (POST /v1/join)")
+    }
+
     /// Verifies the token, checks it against the store and joins the room.
     async fn authenticate(
         &mut self,
@@ -540,6 +549,12 @@ impl Conn {
             self.shared.metrics.auth_failure(AuthFailure::Revoked);
             return Err(self.unauthorized("invalid or expired token"));
         };
+        // Left for good (`leave`, or the resume window ran out): the store no longer counts
+        // the seat, so `/v1/join` may have given it away; letting the token back in would put
+        // one more peer in the call than the store knows of. A fresh join is the way back.
+        if participant.left_at.is_some() {
+            return Err(self.left());
+        }
         let peer = PeerInfo {
             peer_id: claims.sub.clone(),
             name: participant.name.clone(),
@@ -571,6 +586,8 @@ impl Conn {
                     self.welcome(&claims.sub, &call.id, &group, &joined);
                     return Ok((claims.sub.clone(), call.id.clone(), group));
                 }
+                // Gone for good from the room a moment ago, before the store heard of it.
+                Ok(Err(JoinRefused::Left)) => return Err(self.left()),
                 Ok(Err(JoinRefused::Full)) => {
                     return Err(self.refuse(
                         "full",
@@ -732,6 +749,19 @@ impl Conn {
                 return None;
             }
             ClientMsg::Leave => {
+                // The room removes the peer before the close frame goes out: a client that
+                // reconnects the moment it sees the close must find itself gone, not resume
+                // the socket it just left. (`run` reports the end again; the room ignores it.)
+                let (done, removed) = oneshot::channel();
+                let gone = Cmd::Gone {
+                    peer: from,
+                    conn,
+                    how: Gone::Leave,
+                    done: Some(done),
+                };
+                if room.send(gone).await.is_ok() {
+                    let _ = removed.await;
+                }
                 self.close(Close {
                     code: code::NORMAL,
                     reason: "leave",

@@ -127,10 +127,14 @@ pub enum AuthFailure {
     Revoked,
     /// The call ended or does not exist.
     CallGone,
+    /// A valid token of a participant that is gone for good: it sent `leave`, or its resume
+    /// window ran out. Its seat may belong to someone else by now; a fresh `/v1/join` admits
+    /// it again.
+    Left,
 }
 
 impl AuthFailure {
-    const ALL: [Self; 9] = [
+    const ALL: [Self; 10] = [
         Self::Malformed,
         Self::Algorithm,
         Self::UnknownKey,
@@ -140,6 +144,7 @@ impl AuthFailure {
         Self::Audience,
         Self::Revoked,
         Self::CallGone,
+        Self::Left,
     ];
 
     /// The label value.
@@ -154,6 +159,7 @@ impl AuthFailure {
             Self::Audience => "audience",
             Self::Revoked => "revoked",
             Self::CallGone => "call_gone",
+            Self::Left => "left",
         }
     }
 }

@@ -17,7 +17,7 @@
 //! answer (presence after a reconnect, liveness of other nodes) run in spawned tasks that post
 //! their result back to the room as a command.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -161,6 +161,9 @@ pub(crate) struct Joined {
 pub(crate) enum JoinRefused {
     /// `max_participants` peers connected.
     Full,
+    /// The peer left this call for good (leave, resume window over, kicked) while this room
+    /// ran: the store may not show it yet (it is written in the background).
+    Left,
 }
 
 /// How a peer's connection went away.
@@ -195,8 +198,13 @@ pub(crate) enum Cmd {
         conn: u64,
         media: Media,
     },
-    /// `peer`'s connection `conn` ended.
-    Gone { peer: String, conn: u64, how: Gone },
+    /// `peer`'s connection `conn` ended; `done` is dropped once the room has dealt with it.
+    Gone {
+        peer: String,
+        conn: u64,
+        how: Gone,
+        done: Option<oneshot::Sender<()>>,
+    },
     /// Close `peer` (the API kicked it); `publish`: tell the other nodes when it is not here.
     Kick { peer: String, publish: bool },
     /// The call ended; `publish`: tell the other nodes (it did not come from them).
@@ -313,6 +321,10 @@ struct Room {
     suspects: HashMap<String, Instant>,
     /// Since when no peer of this call is connected here (while others are elsewhere).
     local_empty_since: Option<Instant>,
+    /// Peers removed for good here: they may not join again with the same peer id (the store
+    /// says so too, once its `set_left` lands; this closes the gap before). At most every
+    /// participant the call ever had (the store keeps them all too).
+    departed: HashSet<String>,
 }
 
 impl Room {
@@ -334,6 +346,7 @@ impl Room {
             last_presence: Instant::now(),
             suspects: HashMap::new(),
             local_empty_since: None,
+            departed: HashSet::new(),
         }
     }
 
@@ -494,7 +507,14 @@ impl Room {
                     }
                 });
             }
-            Cmd::Gone { peer, conn, how } => {
+            Cmd::Gone {
+                peer,
+                conn,
+                how,
+                // Held (not `_`) so that it drops, answering the waiting connection, only
+                // after the peer is dealt with below.
+                done: _done,
+            } => {
                 if !self.is_current(&peer, conn) {
                     return false;
                 }
@@ -540,6 +560,9 @@ impl Room {
 
     fn join(&mut self, peer: PeerInfo, handle: ConnHandle) -> Result<Joined, JoinRefused> {
         let id = peer.peer_id.clone();
+        if self.departed.contains(&id) {
+            return Err(JoinRefused::Left);
+        }
         if let Some(l) = self.local.get_mut(&id) {
             // The same peer again: a reconnect within the resume window, or a second socket
             // (another tab) that replaces the first. Either way the others see nothing.
@@ -608,6 +631,7 @@ impl Room {
         if self.local.remove(peer).is_none() {
             return;
         }
+        self.departed.insert(peer.to_owned());
         self.broadcast(
             &ServerMsg::PeerLeft {
                 peer_id: peer.to_owned(),

@@ -295,6 +295,134 @@ async fn a_reconnect_within_the_window_resumes_unseen_and_after_it_the_peer_left
     assert_eq!(left["reason"], "timeout");
 }
 
+/// Authenticates with `token` and expects the refusal of a participant that left for good.
+async fn refused_as_left(node: &Node, token: &str) {
+    let before = node.metric("turnpike_signal_auth_failures_total", &[("reason", "left")]);
+    let mut c = Client::connect(&node.ws_url()).await;
+    c.send(json!({"v":1,"type":"auth","token":token})).await;
+    let (end, seen) = c.until_end().await;
+    assert_eq!(end, End::Closed(4001, "unauthorized".into()));
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["type"], "error");
+    assert_eq!(seen[0]["code"], "unauthorized");
+    assert!(
+        s(&seen[0]["message"]).contains("left"),
+        "the client is told why: {seen:?}"
+    );
+    let after = node.metric("turnpike_signal_auth_failures_total", &[("reason", "left")]);
+    assert_eq!(after, before + 1.0, "counted under reason left");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_that_left_cannot_come_back_with_its_old_token_and_its_seat_is_given_away() {
+    let node = Node::start(Options::default()).await;
+    let (key, call, code) = node.call(2).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (mut b, wb, jb) = enter(&node, &code, "B").await;
+    let idb = s(&wb["peer_id"]).to_owned();
+    let token_b = s(&jb["signal_token"]).to_owned();
+    a.recv_type("peer_joined").await;
+    b.send(json!({"v":1,"type":"leave"})).await;
+    let (end, _) = b.until_end().await;
+    assert_eq!(end, End::Closed(1000, "leave".into()));
+    // At once, before anything else: the leave is final even if the store has not heard yet.
+    refused_as_left(&node, &token_b).await;
+    let left = a.recv_type("peer_left").await;
+    assert_eq!(left["peer_id"], idb.as_str());
+    assert_eq!(left["reason"], "leave");
+    // The seat is free for someone else (the call holds 2).
+    let (mut c, wc, _) = enter(&node, &code, "C").await;
+    assert_eq!(a.recv().await["peer"]["peer_id"], wc["peer_id"]);
+    // And B's old token still does not get in (the room would be over max_participants).
+    refused_as_left(&node, &token_b).await;
+    // Nobody saw B come back: A's next message is the answer to its ping.
+    a.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(a.recv().await["type"], "pong");
+    c.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(c.recv().await["type"], "pong");
+    // The store shows B left, and exactly two present.
+    let (_, v) = node
+        .http("GET", &format!("/v1/calls/{call}"), Some(&key), None)
+        .await;
+    let parts = v["participants"].as_array().unwrap();
+    let b_rec = parts.iter().find(|p| p["peer_id"] == idb.as_str()).unwrap();
+    assert!(b_rec["left_at"].is_string(), "{v}");
+    assert_eq!(
+        parts.iter().filter(|p| p["left_at"].is_null()).count(),
+        2,
+        "{v}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn after_the_resume_window_the_old_token_is_refused() {
+    let node = Node::start(Options {
+        signal: Settings {
+            resume_window: Duration::from_millis(300),
+            ..Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (b, wb, jb) = enter(&node, &code, "B").await;
+    a.recv_type("peer_joined").await;
+    drop(b); // gone without leave: resumable for 300 ms
+    let left = a.recv_type("peer_left").await;
+    assert_eq!(left["peer_id"], wb["peer_id"]);
+    assert_eq!(left["reason"], "timeout");
+    refused_as_left(&node, s(&jb["signal_token"])).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_room_remembers_a_leave_the_store_has_not_recorded_yet() {
+    let node = Node::start(Options::default()).await;
+    let (_, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (mut b, wb, jb) = enter(&node, &code, "B").await;
+    let idb = s(&wb["peer_id"]).to_owned();
+    a.recv_type("peer_joined").await;
+    b.send(json!({"v":1,"type":"leave"})).await;
+    b.until_end().await;
+    a.recv_type("peer_left").await;
+    // The room writes the leave to the store in the background: wait for it, then undo it, as
+    // if the write were still on its way (a slow Redis).
+    let store = std::sync::Arc::clone(&node.state.store);
+    let deadline = tokio::time::Instant::now() + harness::PATIENCE;
+    loop {
+        let c = store.get_call(&call).await.unwrap().unwrap();
+        if c.participant(&idb).unwrap().left_at.is_some() {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "leave never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert!(store.set_left(&call, &idb, None).await.unwrap());
+    refused_as_left(&node, s(&jb["signal_token"])).await;
+    a.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(a.recv().await["type"], "pong", "A saw no join");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_token_of_a_participant_the_store_shows_left_is_refused() {
+    // What another node sees after the peer left on this one: no room here remembers it, the
+    // store is all there is.
+    let node = Node::start(Options::default()).await;
+    let (_, call, code) = node.call(8).await;
+    let j = node.join(&code, "B").await;
+    let now = node.state.clock.now_ms();
+    assert!(node
+        .state
+        .store
+        .set_left(&call, s(&j["peer_id"]), Some(now))
+        .await
+        .unwrap());
+    refused_as_left(&node, s(&j["signal_token"])).await;
+    // No room was started for the refused peer.
+    assert_eq!(node.signal.rooms(), 0);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_empty_call_ends_after_the_empty_timeout() {
     let node = Node::start(Options {
