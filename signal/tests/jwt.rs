@@ -8,6 +8,7 @@ mod harness;
 
 use base64::engine::general_purpose::URL_SAFE_NO_PAD as B64;
 use base64::Engine as _;
+use futures_util::SinkExt as _;
 use harness::{enter, Client, End, Node, Options, JWT_KID, JWT_SECRET};
 use hmac::{Hmac, Mac};
 use serde_json::{json, Value};
@@ -159,7 +160,9 @@ async fn every_bad_token_is_refused_before_the_call_changes() {
             format!("{h}.{p}!!.{sig}"),
             "signature",
         ),
-        ("1 MB token", "a".repeat(60_000), "malformed"),
+        // Below the 64 KiB message limit, far above any real token (the 1 MB one has its own
+        // test: it is refused by the message size first).
+        ("60 KB token", "a".repeat(60_000), "malformed"),
         ("not a token", "hello".into(), "malformed"),
         (
             "other participant's jti",
@@ -209,4 +212,232 @@ async fn the_first_message_must_be_auth_and_arrive_in_time() {
         ) == 1.0
     })
     .await;
+}
+
+/// `header` and `claims` are raw JSON text (so keys can repeat), signed with `secret`.
+fn sign_raw(header: &str, claims: &str, secret: &[u8]) -> String {
+    let input = format!("{}.{}", B64.encode(header), B64.encode(claims));
+    let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret).unwrap();
+    mac.update(input.as_bytes());
+    format!("{input}.{}", B64.encode(mac.finalize().into_bytes()))
+}
+
+/// Refused with 4001 and counted under `reason` (exactly once).
+async fn refused_as(node: &Node, what: &str, token: &str, reason: &str) {
+    let before = node.metric("turnpike_signal_auth_failures_total", &[("reason", reason)]);
+    refused(node, token).await;
+    let after = node.metric("turnpike_signal_auth_failures_total", &[("reason", reason)]);
+    assert_eq!(after, before + 1.0, "{what}: counted under {reason}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_keys_in_the_header_or_claims_are_refused() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, wa, _) = enter(&node, &code, "A").await;
+    let j = node.join(&code, "B").await;
+    let good = j["signal_token"].as_str().unwrap().to_owned();
+    let claims = claims_of(&good).to_string();
+    let header = format!(r#"{{"alg":"HS256","typ":"JWT","kid":"{JWT_KID}"}}"#);
+    // Every one correctly signed with the real key: only the repeated key is wrong. A parser
+    // that kept the first or the last value would accept some of them, each differently.
+    let open_claims = claims.strip_suffix('}').unwrap();
+    let open_header = header.strip_suffix('}').unwrap();
+    let cases = [
+        (
+            "sub twice (the second another peer)",
+            sign_raw(
+                &header,
+                &format!(
+                    r#"{open_claims},"sub":"{}"}}"#,
+                    wa["peer_id"].as_str().unwrap()
+                ),
+                JWT_SECRET,
+            ),
+        ),
+        (
+            "sub twice, same value",
+            sign_raw(
+                &header,
+                &format!(r#"{open_claims},"sub":{}}}"#, claims_of(&good)["sub"]),
+                JWT_SECRET,
+            ),
+        ),
+        (
+            "aud twice",
+            sign_raw(
+                &header,
+                &format!(r#"{open_claims},"aud":"other"}}"#),
+                JWT_SECRET,
+            ),
+        ),
+        (
+            "exp twice",
+            sign_raw(&header, &format!(r#"{open_claims},"exp":1}}"#), JWT_SECRET),
+        ),
+        (
+            "alg twice",
+            sign_raw(
+                &format!(r#"{open_header},"alg":"none"}}"#),
+                &claims,
+                JWT_SECRET,
+            ),
+        ),
+        (
+            "kid twice",
+            sign_raw(
+                &format!(r#"{open_header},"kid":"k9"}}"#),
+                &claims,
+                JWT_SECRET,
+            ),
+        ),
+    ];
+    for (what, token) in &cases {
+        refused_as(&node, what, token, "malformed").await;
+    }
+    // Nobody joined meanwhile, and the real token still works.
+    a.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(a.recv().await["type"], "pong");
+    let (_b, w) = Client::joined(&node.ws_url(), &good).await;
+    assert_eq!(w["peer_id"], j["peer_id"]);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_one_megabyte_token_is_refused() {
+    let token = format!(
+        "{}.{}.{}",
+        "a".repeat(500_000),
+        "b".repeat(500_000),
+        "c".repeat(48_576)
+    );
+    let auth = json!({"v":1,"type":"auth","token":token}).to_string();
+    assert!(auth.len() > 1 << 20);
+
+    // With the default 64 KiB message limit: the frame is refused before anything reads it.
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let mut c = Client::connect(&node.ws_url()).await;
+    let _ =
+        c.ws.send(tokio_tungstenite::tungstenite::Message::Text(
+            auth.clone().into(),
+        ))
+        .await;
+    let (end, _) = c.until_end().await;
+    assert_eq!(end, End::Closed(1009, "too_large".into()));
+    let (mut b, _, _) = enter(&node, &code, "B").await;
+    b.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(b.recv().await["type"], "pong");
+
+    // With a limit that lets the message through: the token itself is refused (it is far
+    // above the verifier's length limit), 4001 and counted, and the server goes on.
+    let node = Node::start(Options {
+        signal: signal::Settings {
+            max_message: 2 << 20,
+            ..signal::Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    refused_as(&node, "1 MB token", &token, "malformed").await;
+    // A 1 MB token made of three valid-looking base64url parts with the real header.
+    let j = node.join(&code, "C").await;
+    let good = j["signal_token"].as_str().unwrap();
+    let header = good.split('.').next().unwrap();
+    let padded = format!("{header}.{}.{}", "A".repeat(1 << 20), "A".repeat(43));
+    refused_as(&node, "1 MB payload", &padded, "malformed").await;
+    let (mut c, _) = Client::joined(&node.ws_url(), good).await;
+    c.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(c.recv().await["type"], "pong");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn key_url_and_embedded_key_headers_are_ignored_on_a_valid_token() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    // Where a verifier that followed `jku`/`x5u` would go: nothing may ever connect here.
+    let trap = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    trap.set_nonblocking(true).unwrap();
+    let trap_url = format!("http://{}", trap.local_addr().unwrap());
+    let attacker_secret = b"attacker-chosen-secret-attacker-chosen";
+    let jwk = json!({"kty":"oct","kid":JWT_KID,"k":B64.encode(attacker_secret),"alg":"HS256"});
+    let headers = [
+        (
+            "jku",
+            json!({"alg":"HS256","typ":"JWT","kid":JWT_KID,"jku":format!("{trap_url}/jwks.json")}),
+        ),
+        (
+            "x5u",
+            json!({"alg":"HS256","typ":"JWT","kid":JWT_KID,"x5u":format!("{trap_url}/cert.pem")}),
+        ),
+        (
+            "jwk",
+            json!({"alg":"HS256","typ":"JWT","kid":JWT_KID,"jwk":jwk}),
+        ),
+        (
+            "all three",
+            json!({"alg":"HS256","typ":"JWT","kid":JWT_KID,"jwk":jwk,
+                   "jku":format!("{trap_url}/jwks.json"),"x5u":format!("{trap_url}/cert.pem")}),
+        ),
+    ];
+    let mut clients = Vec::new();
+    for (what, header) in &headers {
+        let j = node.join(&code, what).await;
+        let claims = claims_of(j["signal_token"].as_str().unwrap());
+        // Signed with the configured key: a valid token whatever the extra headers say.
+        let token = sign(header, &claims, JWT_SECRET);
+        let (c, w) = Client::joined(&node.ws_url(), &token).await;
+        assert_eq!(w["peer_id"], j["peer_id"], "{what}");
+        clients.push(c);
+        // The same claims signed with the key the `jwk` header carries: refused.
+        let forged = sign(header, &claims, attacker_secret);
+        refused_as(&node, what, &forged, "signature").await;
+    }
+    // Verification happens before `welcome`: a fetch would have connected by now, and a
+    // completed TCP handshake waits in the backlog whether or not anyone accepted it.
+    match trap.accept() {
+        Err(e) if e.kind() == std::io::ErrorKind::WouldBlock => {}
+        other => panic!("the verifier fetched a key URL: {other:?}"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_wrong_typ_is_refused() {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let j = node.join(&code, "B").await;
+    let good = j["signal_token"].as_str().unwrap().to_owned();
+    let claims = claims_of(&good);
+    let cases = [
+        (
+            "at+jwt",
+            json!({"alg":"HS256","typ":"at+jwt","kid":JWT_KID}),
+            "algorithm",
+        ),
+        (
+            "JWE",
+            json!({"alg":"HS256","typ":"JWE","kid":JWT_KID}),
+            "algorithm",
+        ),
+        (
+            "empty",
+            json!({"alg":"HS256","typ":"","kid":JWT_KID}),
+            "algorithm",
+        ),
+        (
+            "a number",
+            json!({"alg":"HS256","typ":1,"kid":JWT_KID}),
+            "malformed",
+        ),
+    ];
+    for (what, header, reason) in &cases {
+        refused_as(&node, what, &sign(header, &claims, JWT_SECRET), reason).await;
+    }
+    // The same claims with the right `typ` (or none) are fine.
+    let (_b, w) = Client::joined(
+        &node.ws_url(),
+        &sign(&json!({"alg":"HS256","kid":JWT_KID}), &claims, JWT_SECRET),
+    )
+    .await;
+    assert_eq!(w["peer_id"], j["peer_id"]);
 }
