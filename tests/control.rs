@@ -15,7 +15,7 @@ use std::time::{Duration, Instant};
 use relay_proto::stun::{self, attr, method, Class, Encoder, Message};
 use serde_json::{json, Value};
 
-use common::serve::{config, raw_http, Serve, ADMIN, WAIT};
+use common::serve::{config, http, raw_http, Serve, ADMIN, BIN, WAIT};
 
 /// A TURN client over UDP built from the relay's own codec, with the long-term credential
 /// mechanism (401 → realm and nonce → signed request).
@@ -410,4 +410,195 @@ fn control_metrics_are_on_the_admin_port_only() {
     let v: Value = serde_json::from_str(&body).unwrap();
     assert_eq!(v["error"]["code"], "not_found", "{body}");
     assert!(!body.contains("turnpike_"), "{body}");
+}
+
+/// An app declared in config, with two keys (either works) and the STUN/TURN URLs handed out.
+const APP_KEY: &str = "config-app-key-0123456789-first";
+const APP_KEY_2: &str = "config-app-key-0123456789-second";
+const CONFIG_APP: &str = r#"
+turn-urls = ["stun:turn.test:3478", "turn:turn.test:3478?transport=udp", "turns:turn.test:443?transport=tcp"]
+
+[[control.apps]]
+id = "web"
+name = "Web client"
+keys = ["config-app-key-0123456789-first", "config-app-key-0123456789-second"]
+"#;
+
+/// Creates a call with an app key, joins it by code, and checks the join's `ice_servers` are
+/// the configured URLs with TURN credentials; returns the join answer.
+fn config_app_call_and_join(control: SocketAddr) -> Value {
+    // The admin API lists the config app; its keys were never shown, only configured.
+    let (status, apps) = http(control, "GET", "/v1/apps", Some(ADMIN), None);
+    assert_eq!(status, 200, "{apps}");
+    let web = apps["apps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["id"] == "web")
+        .unwrap_or_else(|| panic!("config app not listed: {apps}"));
+    assert_eq!(web["name"], "Web client", "{web}");
+
+    // A key that is not the app's: a JSON 401, no call.
+    let (status, body) = http(
+        control,
+        "POST",
+        "/v1/calls",
+        Some("config-app-key-0123456789-wrong"),
+        Some(json!({})),
+    );
+    assert_eq!(
+        (status, body["error"]["code"].as_str()),
+        (401, Some("unauthorized")),
+        "{body}"
+    );
+
+    // Both configured keys create calls for the app, and each sees the other's (one app).
+    let mut codes = Vec::new();
+    for (key, other) in [(APP_KEY, APP_KEY_2), (APP_KEY_2, APP_KEY)] {
+        let (status, call) = http(
+            control,
+            "POST",
+            "/v1/calls",
+            Some(key),
+            Some(json!({"name": "from config"})),
+        );
+        assert_eq!(status, 201, "{call}");
+        let id = call["id"].as_str().unwrap();
+        let (status, got) = http(
+            control,
+            "GET",
+            &format!("/v1/calls/{id}"),
+            Some(other),
+            None,
+        );
+        assert_eq!(
+            (status, got["state"].as_str(), got["name"].as_str()),
+            (200, Some("waiting"), Some("from config")),
+            "{got}"
+        );
+        codes.push(call["join_code"].as_str().unwrap().to_owned());
+    }
+    let code = &codes[0];
+
+    let (status, join) = http(
+        control,
+        "POST",
+        "/v1/join",
+        None,
+        Some(json!({"code": code, "name": "Ann"})),
+    );
+    assert_eq!(status, 200, "{join}");
+    let servers = join["ice_servers"].as_array().unwrap();
+    let urls: Vec<&str> = servers
+        .iter()
+        .flat_map(|s| s["urls"].as_array().unwrap())
+        .map(|u| u.as_str().unwrap())
+        .collect();
+    assert_eq!(
+        urls,
+        [
+            "stun:turn.test:3478",
+            "turn:turn.test:3478?transport=udp",
+            "turns:turn.test:443?transport=tcp"
+        ],
+        "{join}"
+    );
+    let turn = servers
+        .iter()
+        .find(|s| s.get("username").is_some())
+        .unwrap_or_else(|| panic!("no TURN credentials: {join}"));
+    assert!(!turn["credential"].as_str().unwrap().is_empty(), "{join}");
+    join
+}
+
+#[test]
+fn an_app_from_config_authenticates_and_creates_a_call() {
+    let serve = Serve::with_config(&config("config-app", CONFIG_APP));
+    serve.wait_ready(200);
+    config_app_call_and_join(serve.control);
+}
+
+/// `turnpike control --config F`, killed on drop: the control plane without a relay.
+struct ControlOnly {
+    child: std::process::Child,
+    control: SocketAddr,
+    admin: SocketAddr,
+}
+
+impl ControlOnly {
+    fn start(config: &std::path::Path) -> Self {
+        use std::io::BufRead as _;
+        let mut child = Command::new(BIN)
+            .args(["control", "--config", config.to_str().unwrap()])
+            .env_remove("TURNPIKE_CONFIG")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap();
+        let (tx, lines) = std::sync::mpsc::channel();
+        let out = std::io::BufReader::new(child.stdout.take().unwrap());
+        std::thread::spawn(move || {
+            for l in out.lines().map_while(Result::ok) {
+                if tx.send(l).is_err() {
+                    break;
+                }
+            }
+        });
+        // Readiness: the addresses are printed once bound, the admin listener's last.
+        let mut control = None;
+        let admin = loop {
+            let line = lines
+                .recv_timeout(WAIT)
+                .expect("turnpike control prints its addresses");
+            assert!(!line.contains("relay listening"), "a relay started: {line}");
+            if let Some(a) = line.strip_prefix("turnpike: control listening on http://") {
+                control = Some(a.parse().unwrap());
+            }
+            if let Some(a) = line.strip_prefix("turnpike: admin listening on http://") {
+                break a.parse().unwrap();
+            }
+        };
+        Self {
+            child,
+            control: control.expect("a control listener"),
+            admin,
+        }
+    }
+}
+
+impl Drop for ControlOnly {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+#[test]
+fn control_alone_serves_the_api_and_joins_return_ice_servers() {
+    let path = config("control-only", CONFIG_APP);
+    let node = ControlOnly::start(&path);
+    let deadline = Instant::now() + WAIT;
+    while raw_http(node.admin, "GET", "/ready", None, None).0 != 200 {
+        assert!(Instant::now() < deadline, "/ready never 200");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let join = config_app_call_and_join(node.control);
+    // Signed with the configured relay secret: the TURN password is the relay's HMAC of the
+    // username, so a relay sharing the secret accepts it.
+    let turn = join["ice_servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s.get("username").is_some())
+        .unwrap();
+    let username = turn["username"].as_str().unwrap();
+    let expected = relay_proto::auth::rest_password(common::serve::SECRET.as_bytes(), username);
+    assert_eq!(turn["credential"].as_str().unwrap(), expected);
+    // The relay's UDP port is not served by this process: no relay metrics either.
+    let (_, metrics) = raw_http(node.admin, "GET", "/metrics", None, None);
+    assert!(
+        metrics.contains("turnpike_control_calls_created_total 2"),
+        "{metrics}"
+    );
+    assert!(!metrics.contains("turnpike_relay_allocations"), "{metrics}");
 }

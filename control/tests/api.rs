@@ -1405,14 +1405,23 @@ async fn unauthenticated_requests_only_reach_the_key_lookup() {
     let forged = format!("tpk_{}", "B".repeat(32));
     api.store.take_ops();
     for (method, path, body) in &routes {
-        for auth in [None, Some("not-a-key"), Some(ADMIN)] {
+        // Too short to be any app key: refused without the store.
+        for auth in [
+            None,
+            Some("not-a-key"),
+            Some("tpk_x"),
+            Some("fifteen-bytes-x"),
+        ] {
             let r = api.call(method, path, auth, body.clone()).await;
             r.error(StatusCode::UNAUTHORIZED, "unauthorized");
             assert_eq!(api.store.take_ops(), Vec::<&str>::new(), "{method} {path}");
         }
-        let r = api.call(method, path, Some(&forged), body.clone()).await;
-        r.error(StatusCode::UNAUTHORIZED, "unauthorized");
-        assert_eq!(api.store.take_ops(), vec!["app_for_key"], "{method} {path}");
+        // Long enough (a config app's key need not start with `tpk_`): looked up, unknown.
+        for auth in [forged.as_str(), ADMIN, "sixteen-bytes-xx"] {
+            let r = api.call(method, path, Some(auth), body.clone()).await;
+            r.error(StatusCode::UNAUTHORIZED, "unauthorized");
+            assert_eq!(api.store.take_ops(), vec!["app_for_key"], "{method} {path}");
+        }
     }
     assert_eq!(api.stored_call(id).await.ended_at, None);
 }
@@ -1552,6 +1561,35 @@ async fn tokens_are_one_time_and_expire() {
             .await;
         r.error(StatusCode::UNPROCESSABLE_ENTITY, "invalid_request");
     }
+}
+
+/// An app from `[[control.apps]]`: its keys are whatever the operator wrote (16 bytes or more,
+/// no `tpk_` prefix), and they work like generated ones.
+#[tokio::test]
+async fn a_config_app_key_without_the_tpk_prefix_authenticates() {
+    let api = api();
+    let key = "operator-chosen-key-0001";
+    let digest = api
+        .state
+        .settings
+        .hash_key
+        .digest(control::secrets::Domain::AppKey, key.as_bytes());
+    let app = App {
+        id: "web".to_owned(),
+        name: "Web".to_owned(),
+        disabled: false,
+        from_config: true,
+        created_at: T0,
+    };
+    assert!(api.store.inner.put_app(&app, &[digest]).await.unwrap());
+    let call = api.new_call(key, json!({})).await;
+    assert_eq!(
+        call["id"].as_str().map(|id| id.starts_with("c_")),
+        Some(true),
+        "{call}"
+    );
+    let r = api.call("GET", "/v1/calls", Some(key), None).await;
+    assert_eq!(r.ok(StatusCode::OK)["calls"].as_array().unwrap().len(), 1);
 }
 
 #[tokio::test]

@@ -10,9 +10,10 @@ use super::{ApiError, AppState};
 use crate::secrets::Domain;
 use crate::store::App;
 
-/// Every app key starts with this (`secrets::new_app_key`): anything else is refused without
-/// asking the store.
-const APP_KEY_PREFIX: &str = "tpk_";
+/// No app key is shorter: generated ones are `tpk_` + 32 characters, and config refuses keys
+/// under 16 bytes. Anything shorter is refused without asking the store. (Not the `tpk_`
+/// prefix: keys declared in `[[control.apps]]` may be any secret of 16 bytes or more.)
+const MIN_APP_KEY_BYTES: usize = 16;
 
 /// The bearer token of `Authorization: Bearer <token>` (scheme case-insensitive, RFC 9110).
 fn bearer(headers: &HeaderMap) -> Option<&str> {
@@ -57,7 +58,7 @@ impl FromRequestParts<AppState> for AppKey {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let key = bearer(&parts.headers)
-            .filter(|k| k.starts_with(APP_KEY_PREFIX))
+            .filter(|k| k.len() >= MIN_APP_KEY_BYTES)
             .ok_or(ApiError::Unauthorized)?;
         let digest = state
             .settings

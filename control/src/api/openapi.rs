@@ -52,7 +52,10 @@ impl Modify for BearerSchemes {
                 "admin_token",
                 "The operator's admin token (`[control] admin-token`)",
             ),
-            ("app_key", "An app key (`tpk_…`)"),
+            (
+                "app_key",
+                "An app key (`tpk_…`, or one declared in `[[control.apps]]`)",
+            ),
         ] {
             let scheme = HttpBuilder::new()
                 .scheme(HttpAuthScheme::Bearer)
