@@ -459,8 +459,8 @@ impl Conn {
         };
         self.pending.release();
         self.shared.metrics.connections_active().inc();
-        let (peer_id, call_id, group) = joined;
-        self.main_loop(peer_id, call_id, group).await
+        let (peer_id, call_id, group, refresh) = joined;
+        self.main_loop(peer_id, call_id, group, refresh).await
     }
 
     fn unauthorized(&self, message: &str) -> DisconnectReason {
@@ -487,7 +487,7 @@ impl Conn {
     async fn authenticate(
         &mut self,
         token: &str,
-    ) -> Result<(String, String, String), DisconnectReason> {
+    ) -> Result<(String, String, String, Instant), DisconnectReason> {
         let app = &self.shared.app;
         let now_ms = app.clock.now_ms();
         let claims =
@@ -583,8 +583,8 @@ impl Conn {
                 Ok(Ok(joined)) => {
                     self.peer = Some((claims.sub.clone(), room.tx.clone(), conn_id));
                     let group = format!("{}.{}", call.cred_group, claims.sub);
-                    self.welcome(&claims.sub, &call.id, &group, &joined);
-                    return Ok((claims.sub.clone(), call.id.clone(), group));
+                    let refresh = self.welcome(&claims.sub, &call.id, &group, &joined);
+                    return Ok((claims.sub.clone(), call.id.clone(), group, refresh));
                 }
                 // Gone for good from the room a moment ago, before the store heard of it.
                 Ok(Err(JoinRefused::Left)) => return Err(self.left()),
@@ -614,23 +614,32 @@ impl Conn {
         ))
     }
 
-    fn mint(&self, group: &str) -> ServerMsg {
+    /// Fresh credentials for `group`, and when to push the next ones ([`refresh_delay`]).
+    fn mint(&self, group: &str) -> (ServerMsg, Instant) {
         let app = &self.shared.app;
         let minter = &app.settings.minter;
-        let minted = minter.mint(group, app.clock.now_ms() / 1000, minter.ttl_s());
-        ServerMsg::IceServers {
+        let now_ms = app.clock.now_ms();
+        let minted = minter.mint(group, now_ms / 1000, minter.ttl_s());
+        let next = Instant::now() + refresh_delay(now_ms, minted.expires_at);
+        let msg = ServerMsg::IceServers {
             ice_servers: minted.ice_servers,
             ice_servers_expire_at: minted.expires_at,
-        }
+        };
+        (msg, next)
     }
 
-    fn welcome(&self, peer_id: &str, call_id: &str, group: &str, joined: &Joined) {
-        let ServerMsg::IceServers {
-            ice_servers,
-            ice_servers_expire_at,
-        } = self.mint(group)
+    /// Sends `welcome`; returns when the credentials in it are due for a refresh.
+    fn welcome(&self, peer_id: &str, call_id: &str, group: &str, joined: &Joined) -> Instant {
+        let (
+            ServerMsg::IceServers {
+                ice_servers,
+                ice_servers_expire_at,
+            },
+            refresh,
+        ) = self.mint(group)
         else {
-            return;
+            // `mint` makes nothing else.
+            return Instant::now();
         };
         self.send(&ServerMsg::Welcome {
             peer_id: peer_id.to_owned(),
@@ -641,12 +650,7 @@ impl Conn {
             ping_interval_ms: self.shared.settings.ping_interval.as_millis() as u64,
             resumed: joined.resumed,
         });
-    }
-
-    /// When fresh credentials are due: at 80 % of their lifetime, before they run out mid-call.
-    fn refresh_at(&self) -> Instant {
-        let ttl = self.shared.app.settings.minter.ttl_s();
-        Instant::now() + Duration::from_millis(ttl.saturating_mul(800))
+        refresh
     }
 
     async fn main_loop(
@@ -654,17 +658,17 @@ impl Conn {
         peer_id: String,
         call_id: String,
         group: String,
+        mut refresh: Instant,
     ) -> DisconnectReason {
         let idle = self.shared.settings.idle_timeout;
         let mut deadline = Instant::now() + idle;
-        let mut refresh = self.refresh_at();
         loop {
             let read = tokio::select! {
                 r = self.read(deadline) => r,
                 _ = tokio::time::sleep_until(refresh) => {
-                    let msg = self.mint(&group);
+                    let (msg, next) = self.mint(&group);
                     self.reply(&msg).await;
-                    refresh = self.refresh_at();
+                    refresh = next;
                     continue;
                 }
             };
@@ -842,6 +846,25 @@ impl Conn {
     }
 }
 
+/// Least time between two credential pushes, whatever the lifetime: a zero or sub-second
+/// `ttl` (a misconfiguration) must not become a loop of pushes.
+const MIN_REFRESH: Duration = Duration::from_secs(1);
+
+/// How long after minting, at `now_ms` (Unix ms), credentials that expire at `expires_at_s`
+/// (Unix s) the next ones are pushed: at 80 % of their lifetime, so that the client has them
+/// before the old ones stop working mid-call.
+///
+/// The lifetime is counted from the mint instant to the expiry actually written in the
+/// username, not taken as the configured ttl: the expiry is in whole seconds (rounded down
+/// from `now`), so the real lifetime is up to a second shorter than the ttl, and 80 % of the
+/// ttl could come after it with a short ttl.
+fn refresh_delay(now_ms: u64, expires_at_s: u64) -> Duration {
+    let lifetime_ms = expires_at_s.saturating_mul(1000).saturating_sub(now_ms);
+    // `lifetime_ms * 4 / 5` without overflow for any u64.
+    let delay_ms = lifetime_ms / 5 * 4 + lifetime_ms % 5 * 4 / 5;
+    Duration::from_millis(delay_ms).max(MIN_REFRESH)
+}
+
 /// Whether a read failed because a frame or message exceeded `signal.max-message`.
 fn is_too_big(e: axum::Error) -> bool {
     let inner = e.into_inner();
@@ -851,5 +874,44 @@ fn is_too_big(e: axum::Error) -> bool {
             tracing::debug!(error = ?other, "WebSocket read failed");
             false
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn fresh_credentials_are_due_at_80_percent_of_the_real_lifetime() {
+        // Minted at 1000.9 s with a 10 s ttl: the username says 1010, a lifetime of 9.1 s.
+        assert_eq!(
+            refresh_delay(1_000_900, 1_010),
+            Duration::from_millis(7_280)
+        );
+        // A whole-second mint: 80 % of the ttl exactly.
+        assert_eq!(
+            refresh_delay(1_000_000, 1_000 + 3_600),
+            Duration::from_secs(2_880)
+        );
+        // Always before the expiry, never before 80 % of the lifetime, for every instant
+        // within a second and a few short ttls.
+        for ttl_s in [2_u64, 3, 5, 60] {
+            for frac_ms in (0..1_000).step_by(37) {
+                let now_ms = 1_700_000_000_000 + frac_ms;
+                let expires_at = now_ms / 1000 + ttl_s;
+                let lifetime = expires_at * 1000 - now_ms;
+                let delay = refresh_delay(now_ms, expires_at).as_millis() as u64;
+                assert!(
+                    delay * 5 >= lifetime * 4 - 4,
+                    "{ttl_s} s, +{frac_ms} ms: early"
+                );
+                assert!(delay < lifetime, "{ttl_s} s, +{frac_ms} ms: after expiry");
+            }
+        }
+        // Expired or zero-lifetime credentials: not a loop of pushes.
+        assert_eq!(refresh_delay(5_000, 5), MIN_REFRESH);
+        assert_eq!(refresh_delay(9_000, 5), MIN_REFRESH);
+        // No overflow at the extremes.
+        assert!(refresh_delay(0, u64::MAX) > Duration::ZERO);
     }
 }

@@ -456,32 +456,61 @@ async fn an_empty_call_ends_after_the_empty_timeout() {
     }
 }
 
+fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap()
+        .as_millis() as u64
+}
+
+fn turn_username(v: &serde_json::Value) -> serde_json::Value {
+    v["ice_servers"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find_map(|s| s.get("username").cloned())
+        .unwrap()
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn fresh_credentials_come_before_the_old_ones_expire() {
+async fn fresh_credentials_come_at_80_percent_of_their_lifetime_and_before_expiry() {
+    // 5 s: a lifetime of 4–5 s (the expiry is in whole seconds), so the push is due 3.2–4 s in
+    // and at least 0.8 s before the expiry — room for a loaded machine on the upper bound.
     let node = Node::start(Options {
-        credential_ttl_s: 2,
+        credential_ttl_s: 5,
         ..Options::default()
     })
     .await;
     let (_, _, code) = node.call(8).await;
-    let (mut a, w, _) = enter(&node, &code, "A").await;
-    let first = w["ice_servers_expire_at"].as_u64().unwrap();
-    let old_user = w["ice_servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|s| s.get("username").cloned())
-        .unwrap();
+    let j = node.join(&code, "A").await;
+    let mut a = Client::connect(&node.ws_url()).await;
+    // Before `auth` leaves: no earlier than the server's mint.
+    let sent_auth = tokio::time::Instant::now();
+    a.send(json!({"v":1,"type":"auth","token":j["signal_token"]}))
+        .await;
+    let w = a.recv_type("welcome").await;
+    // After `welcome` arrived: no earlier than the mint either, so the lifetime measured from
+    // here is at most the real one.
+    let welcomed_ms = unix_ms();
+    let expires_ms = w["ice_servers_expire_at"].as_u64().unwrap() * 1000;
+    let lifetime_at_most = Duration::from_millis(expires_ms - welcomed_ms);
     let fresh = a.recv_type("ice_servers").await;
-    // Sent at 80 % of a 2 s lifetime: before the old ones expired.
-    assert!(fresh["ice_servers_expire_at"].as_u64().unwrap() >= first);
-    let new_user = fresh["ice_servers"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find_map(|s| s.get("username").cloned())
-        .unwrap();
-    assert_ne!(old_user, new_user);
+    let elapsed = sent_auth.elapsed();
+    let arrived_ms = unix_ms();
+    // Not early: the server pushed no sooner than 80 % of the lifetime after minting, and the
+    // mint came after `sent_auth`. (A millisecond of slack for mixing the wall clock with the
+    // monotonic one.)
+    assert!(
+        elapsed + Duration::from_millis(1) >= lifetime_at_most * 4 / 5,
+        "pushed after {elapsed:?}, before 80 % of a lifetime of at least {lifetime_at_most:?}"
+    );
+    // Not late: before the old credentials stopped working.
+    assert!(
+        arrived_ms < expires_ms,
+        "arrived at {arrived_ms} ms, the old credentials expired at {expires_ms} ms"
+    );
+    assert!(fresh["ice_servers_expire_at"].as_u64().unwrap() * 1000 > expires_ms);
+    assert_ne!(turn_username(&w), turn_username(&fresh));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
