@@ -16,7 +16,9 @@ use axum::body::{Body, Bytes};
 use axum::extract::connect_info::{ConnectInfo, MockConnectInfo};
 use axum::http::{header, HeaderMap, Request, StatusCode};
 use axum::Router;
-use control::api::{ApiError, Clock, ControlMetrics, Limits, ManualClock, NoEvents, NoRevoker};
+use control::api::{
+    ApiError, Clock, ControlMetrics, Limits, ManualClock, NoEvents, NoRevoker, MAX_PARTICIPANTS,
+};
 use control::codes::ALPHABET;
 use control::creds::Minter;
 use control::jwt::{JwtKey, Keys, AUDIENCE};
@@ -1759,15 +1761,71 @@ async fn wrong_codes_from_one_address_are_rate_limited() {
 async fn attempts_per_address_are_limited_even_when_they_succeed() {
     let api = api();
     let (_, key) = api.new_app("A").await;
-    let call = api.new_call(&key, json!({ "max_participants": 32 })).await;
-    let code = call["join_code"].as_str().unwrap().to_owned();
     let office = ip(30);
-    for _ in 0..Limits::default().join_per_ip {
+    // Full calls of the largest size, one after the other, until the address's limit.
+    let mut joined = 0;
+    let mut code = String::new();
+    while joined < Limits::default().join_per_ip {
+        if joined % u64::from(MAX_PARTICIPANTS) == 0 {
+            let call = api
+                .new_call(&key, json!({ "max_participants": MAX_PARTICIPANTS }))
+                .await;
+            code = call["join_code"].as_str().unwrap().to_owned();
+        }
         api.join_code(office, &code).await.ok(StatusCode::OK);
+        joined += 1;
     }
-    let r = api.join_code(office, &code).await;
+    let call = api.new_call(&key, json!({})).await;
+    let r = api
+        .join_code(office, call["join_code"].as_str().unwrap())
+        .await;
     r.error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
     assert!(r.headers.contains_key(header::RETRY_AFTER));
+}
+
+/// A classroom behind one NAT: the largest call fills from one address, everyone reloads and
+/// joins again, all within a minute — 2 × 32 joins with one code pass. The limit per code
+/// still stops the next one, and two more such calls still fit under the address's limit.
+#[tokio::test]
+async fn a_classroom_behind_one_address_fills_the_largest_call_twice_a_minute() {
+    let api = api();
+    let (_, key) = api.new_app("A").await;
+    let seats = MAX_PARTICIPANTS;
+    assert_eq!(seats, 32, "the API documents 32 seats at most");
+    let call = api
+        .new_call(&key, json!({ "max_participants": seats }))
+        .await;
+    let id = call["id"].as_str().unwrap().to_owned();
+    let code = call["join_code"].as_str().unwrap().to_owned();
+    let school = ip(40);
+    for round in 0..2 {
+        let mut peers = Vec::new();
+        for n in 0..seats {
+            let r = api.join_code(school, &code).await;
+            assert_eq!(r.status, StatusCode::OK, "round {round}, join {n}: {r:?}");
+            peers.push(r.json["peer_id"].as_str().unwrap().to_owned());
+        }
+        // Everyone's tab reloads: they leave (as signaling records it) and join again.
+        for peer in &peers {
+            assert!(api
+                .store
+                .inner
+                .set_left(&id, peer, Some(api.clock.now_ms()))
+                .await
+                .unwrap());
+        }
+    }
+    // One code, 2 × seats attempts: the next is over the per-code limit (brute-force bound).
+    let r = api.join_code(school, &code).await;
+    r.error(StatusCode::TOO_MANY_REQUESTS, "rate_limited");
+    // The address itself is not exhausted: another call of the school's fills too.
+    let other = api
+        .new_call(&key, json!({ "max_participants": seats }))
+        .await;
+    let other = other["join_code"].as_str().unwrap().to_owned();
+    for _ in 0..seats {
+        api.join_code(school, &other).await.ok(StatusCode::OK);
+    }
 }
 
 #[tokio::test]

@@ -23,7 +23,7 @@ use crate::store::{
 
 /// Participants per call: at most 32 (a mesh or small SFU call; more is a broadcast, which
 /// this is not built for), 8 by default.
-const MAX_PARTICIPANTS: u32 = 32;
+pub const MAX_PARTICIPANTS: u32 = 32;
 const DEFAULT_PARTICIPANTS: u32 = 8;
 
 /// A call lives 4 hours unless told otherwise: a long meeting, not a forgotten link.

@@ -37,6 +37,7 @@ use axum::Router;
 use crate::store::Store;
 use crate::{creds, jwt, secrets};
 
+pub use self::calls::MAX_PARTICIPANTS;
 pub use self::error::ApiError;
 pub use self::metrics::ControlMetrics;
 
@@ -100,15 +101,19 @@ pub struct Limits {
 
 impl Default for Limits {
     fn default() -> Self {
+        let seats = u64::from(MAX_PARTICIPANTS);
         Self {
-            // Generous for a household or office behind one NAT joining a few calls a minute.
-            join_per_ip: 30,
+            // A classroom or office behind one NAT fills the largest call and every seat joins
+            // again once (a reload, a switch of device) within a minute, twice over (two such
+            // calls): 4 × 32 = 128. Raising it costs no guessing protection: failures are
+            // capped separately, just below.
+            join_per_ip: 4 * seats,
             // A person mistypes a code a few times; ten failures a minute is already guessing.
             // With 20^10 codes, 10 guesses a minute per address finds nothing in practice.
             join_failures_per_ip: 10,
-            // Bounds guessing of one code spread over many addresses and a crowd joining a
-            // large call at once (32 seats: twice that in a minute is still legitimate).
-            join_per_code: 60,
+            // Bounds guessing of one code spread over many addresses, while the largest call
+            // can fill and every seat join once more within a minute: 2 × 32 = 64.
+            join_per_code: 2 * seats,
             // One minute: short enough that a locked-out user can retry soon.
             window: Duration::from_secs(60),
         }
