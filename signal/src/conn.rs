@@ -180,8 +180,9 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
         while let Some(Ok(_)) = stream.next().await {}
     })
     .await;
-    shared.metrics.disconnect(metric);
+    // The slot first: once a disconnect is counted, its slot is free (tests rely on it).
     drop(slot);
+    shared.metrics.disconnect(metric);
 }
 
 type Sink = futures_util::stream::SplitSink<WebSocket, Message>;

@@ -886,6 +886,132 @@ async fn sockets_that_never_authenticate_are_capped_per_address_and_closed_at_th
     .await;
 }
 
+/// A WebSocket handshake from loopback address `127.0.0.{last}` (all of 127/8 is loopback on
+/// Linux): how a test looks like many clients.
+async fn connect_from(
+    node: &Node,
+    last: u8,
+) -> Result<
+    tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+    tokio_tungstenite::tungstenite::Error,
+> {
+    let sock = tokio::net::TcpSocket::new_v4().unwrap();
+    sock.bind(std::net::SocketAddr::from(([127, 0, 0, last], 0)))
+        .unwrap();
+    let stream = sock.connect(node.addr).await.unwrap();
+    tokio_tungstenite::client_async(node.ws_url(), stream)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+/// Expects the node cap's refusal: 503 with the control plane's error shape.
+fn assert_node_full(
+    r: Result<
+        tokio_tungstenite::WebSocketStream<tokio::net::TcpStream>,
+        tokio_tungstenite::tungstenite::Error,
+    >,
+    what: &str,
+) {
+    match r {
+        Err(tokio_tungstenite::tungstenite::Error::Http(resp)) => {
+            assert_eq!(resp.status(), 503, "{what}");
+            let body: serde_json::Value =
+                serde_json::from_slice(resp.body().as_deref().unwrap_or_default()).unwrap();
+            assert_eq!(body["error"]["code"], "unavailable", "{what}: {body}");
+        }
+        Err(e) => panic!("{what}: {e}"),
+        Ok(_) => panic!("{what}: accepted past the node's cap"),
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sockets_that_never_authenticate_from_many_addresses_hit_the_node_cap() {
+    const CAP: usize = 40;
+    let node = Node::start(Options {
+        signal: Settings {
+            max_connections: CAP,
+            // Far above what any one address opens here: only the node's cap can refuse.
+            max_unauthenticated_per_ip: 64,
+            // Long enough to open them all and try past the cap before the first one closes.
+            auth_timeout: Duration::from_secs(5),
+            ..Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    // One authenticated peer first (from 127.0.0.1): it holds one of the 40.
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    // 39 sockets that never authenticate, 3 from each of 13 addresses (127.0.0.2–14).
+    let mut idle = Vec::new();
+    for i in 0..CAP - 1 {
+        let last = 2 + u8::try_from(i / 3).unwrap();
+        idle.push(connect_from(&node, last).await.unwrap());
+    }
+    assert_eq!(
+        node.metric("turnpike_signal_connections_unauthenticated", &[]),
+        (CAP - 1) as f64
+    );
+    // The node is full: every further socket is refused, from any address (127.0.0.20–29),
+    // whether or not it would have authenticated.
+    for last in 20..30 {
+        assert_node_full(connect_from(&node, last).await, &format!("127.0.0.{last}"));
+    }
+    let j = node.join(&code, "B").await;
+    assert_node_full(connect_from(&node, 30).await, "B before the deadline");
+    // The authenticated peer is still served.
+    a.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(a.recv().await["type"], "pong");
+    // At the auth deadline every idle socket is closed with 4008, which frees their slots.
+    for mut ws in idle {
+        let mut close = None;
+        while let Ok(Some(Ok(m))) = tokio::time::timeout(harness::PATIENCE, ws.next()).await {
+            if let Message::Close(Some(f)) = m {
+                close = Some(u16::from(f.code));
+            }
+        }
+        assert_eq!(close, Some(4008));
+    }
+    // The slots are released once the server side is done with each socket (just after the
+    // client saw the close): B gets in from another address as soon as one is free.
+    eventually("auth_timeout counted for all", || {
+        node.metric(
+            "turnpike_signal_disconnects_total",
+            &[("reason", "auth_timeout")],
+        ) == (CAP - 1) as f64
+    })
+    .await;
+    let mut b = connect_from(&node, 30).await.unwrap();
+    b.send(Message::Text(
+        json!({"v":1,"type":"auth","token":j["signal_token"]})
+            .to_string()
+            .into(),
+    ))
+    .await
+    .unwrap();
+    let w = tokio::time::timeout(harness::PATIENCE, b.next())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    let w: serde_json::Value = serde_json::from_str(w.to_text().unwrap()).unwrap();
+    assert_eq!(w["type"], "welcome", "{w}");
+    assert_eq!(
+        a.recv_type("peer_joined").await["peer"]["peer_id"],
+        w["peer_id"]
+    );
+    // And the cap holds again: 38 more fit (A and B hold two), the next does not.
+    let mut more = Vec::new();
+    for i in 0..CAP - 2 {
+        more.push(
+            connect_from(&node, 40 + u8::try_from(i % 10).unwrap())
+                .await
+                .unwrap(),
+        );
+    }
+    assert_node_full(connect_from(&node, 60).await, "full again");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_silent_socket_is_closed_at_the_idle_timeout() {
     let node = Node::start(Options {
