@@ -29,9 +29,10 @@ REQUIRED_TOOLS=(
     "python3:python3-minimal" # UDP probes inside the namespaces
     "redis-server:redis-server" # control plane: store tests against a real Redis (own port)
     "jq:jq" # docs/api.md's curl walk-through, run as written by tests/control.rs
+    "prometheus:prometheus" # tests/prometheus.rs: dashboards and rules against a real Prometheus
+    "promtool:prometheus" # promtool check metrics / check rules / test rules
     # --- Later issues add their tools here (one line each), e.g.:
-    # "chromium:chromium"           # dashboards / browser tests
-    # "prometheus:prometheus"       # dashboards: rule and scrape checks
+    # "chromium:chromium"           # browser tests
 )
 # ---------------------------------------------------------------------------------------------
 

@@ -65,6 +65,39 @@ async fn apply_revocations(
 /// Revocations waiting for the relay: they come one per ended call or kick.
 const REVOCATION_QUEUE: usize = 1024;
 
+/// The control plane's call events on a node without signaling (`turnpike control` with
+/// Redis): published on the bus, so the signaling nodes that hold the call's sockets close
+/// them (a kicked peer, an ended call).
+#[derive(Debug)]
+struct BusEvents(Arc<dyn signal::bus::Bus>);
+
+impl BusEvents {
+    fn publish(&self, call_id: &str, event: signal::bus::BusEvent) {
+        let (bus, call) = (Arc::clone(&self.0), call_id.to_owned());
+        tokio::spawn(async move {
+            if let Err(e) = bus.publish(&call, &event).await {
+                // Tokens and TURN credentials are revoked regardless; only live sockets stay.
+                tracing::warn!(error = %e, "cannot tell signaling nodes of a call event");
+            }
+        });
+    }
+}
+
+impl control::CallEvents for BusEvents {
+    fn call_ended(&self, call_id: &str, reason: &str) {
+        let reason = reason.to_owned();
+        self.publish(call_id, signal::bus::BusEvent::CallEnded { reason });
+    }
+
+    fn peer_kicked(&self, call_id: &str, peer_id: &str) {
+        let event = signal::bus::BusEvent::Kick {
+            peer_id: peer_id.to_owned(),
+            reason: "kicked".to_owned(),
+        };
+        self.publish(call_id, event);
+    }
+}
+
 /// Runs the chosen services until `shutdown` completes, then stops them: the control plane
 /// finishes its requests in flight, the relay drains for its grace period.
 pub(crate) async fn run(
@@ -85,6 +118,7 @@ pub(crate) async fn run(
     };
 
     let registry = prometheus::Registry::new();
+    build_info(&registry)?;
     let admin = TcpListener::bind(config.admin.listen)
         .await
         .with_context(|| format!("admin listener {}", config.admin.listen))?;
@@ -162,13 +196,18 @@ pub(crate) async fn run(
             relay: relay.as_ref().map(|r| r.revoker()),
             bus: bus.clone(),
         });
-        // Filled in once signaling exists (it needs this state first).
+        // Filled in once signaling exists (it needs this state first). Without signaling in
+        // this process, the events go to the signaling nodes over Redis, or nowhere.
         let events = Arc::new(signal::LateEvents::default());
+        let call_events: Arc<dyn control::CallEvents> = match (&bus, which.signal) {
+            (Some(bus), false) => Arc::new(BusEvents(Arc::clone(bus))),
+            _ => Arc::clone(&events) as Arc<dyn control::CallEvents>,
+        };
         let state = control::AppState {
             settings: Arc::new(settings),
             store: Arc::clone(&store),
             revoker,
-            events: Arc::clone(&events) as Arc<dyn control::CallEvents>,
+            events: call_events,
             clock: Arc::new(control::api::SystemClock),
             metrics: control::api::ControlMetrics::new(&registry)
                 .context("registering the control plane's metrics")?,
@@ -411,4 +450,19 @@ fn now_ms() -> u64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .map_or(0, |d| d.as_millis() as u64)
+}
+
+/// `turnpike_build_info{version} 1`: which build every node runs (joins on other metrics by
+/// `instance`).
+fn build_info(registry: &prometheus::Registry) -> anyhow::Result<()> {
+    let info = prometheus::IntGaugeVec::new(
+        prometheus::Opts::new(
+            "turnpike_build_info",
+            "Always 1; the version label tells which build this process runs.",
+        ),
+        &["version"],
+    )?;
+    registry.register(Box::new(info.clone()))?;
+    info.with_label_values(&[env!("CARGO_PKG_VERSION")]).set(1);
+    Ok(())
 }

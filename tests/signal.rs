@@ -147,17 +147,18 @@ fn call_code(serve: &Serve, key: &str, call: &str) -> String {
     t["token"].as_str().unwrap().to_owned()
 }
 
-/// A running `turnpike signal`, killed on drop.
-struct SignalNode {
+/// A running `turnpike COMMAND --config F`, killed on drop, with the addresses it printed.
+struct Node {
     child: std::process::Child,
-    addr: SocketAddr,
+    /// `(what, address)` of every "turnpike: WHAT listening on SCHEME://ADDRESS" line.
+    listening: Vec<(String, String)>,
 }
 
-impl SignalNode {
-    fn start(config: &std::path::Path) -> Self {
+impl Node {
+    fn start(command: &str, config: &std::path::Path) -> Self {
         use std::io::BufRead as _;
         let mut child = std::process::Command::new(common::serve::BIN)
-            .args(["signal", "--config", config.to_str().unwrap()])
+            .args([command, "--config", config.to_str().unwrap()])
             .env_remove("TURNPIKE_CONFIG")
             .stdout(std::process::Stdio::piped())
             .stderr(std::process::Stdio::null())
@@ -172,28 +173,83 @@ impl SignalNode {
                 }
             }
         });
-        let mut addr = None;
+        // Readiness: every listener is printed once bound, the admin listener's last.
+        let mut listening = Vec::new();
         loop {
-            let line = rx.recv_timeout(WAIT).expect("signal prints its addresses");
-            if let Some(a) = line.strip_prefix("turnpike: signal listening on http://") {
-                addr = Some(a.parse().unwrap());
-            }
-            if line.starts_with("turnpike: admin listening on") {
+            let line = rx
+                .recv_timeout(WAIT)
+                .expect("the node prints its addresses");
+            let Some((what, addr)) = line
+                .strip_prefix("turnpike: ")
+                .and_then(|l| l.split_once(" listening on "))
+            else {
+                continue;
+            };
+            let addr = addr.split_once("://").map_or(addr, |(_, a)| a).to_owned();
+            listening.push((what.to_owned(), addr));
+            if what == "admin" {
                 break;
             }
         }
-        Self {
-            child,
-            addr: addr.expect("a signal listener"),
+        Self { child, listening }
+    }
+
+    /// The address of the `what` listener (`signal`, `control`, `admin`, `relay`).
+    fn addr(&self, what: &str) -> SocketAddr {
+        self.listening
+            .iter()
+            .find(|(w, _)| w == what)
+            .unwrap_or_else(|| panic!("no {what} listener in {:?}", self.listening))
+            .1
+            .parse()
+            .unwrap()
+    }
+
+    /// The value of `series` on the node's `/metrics` (0 when absent).
+    fn metric(&self, series: &str) -> f64 {
+        let (_, body) = raw_http(self.addr("admin"), "GET", "/metrics", None, None);
+        body.lines()
+            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
+            .unwrap_or(0.0)
+    }
+
+    /// Waits until `series` reaches `at_least`.
+    async fn wait_metric(&self, series: &str, at_least: f64) {
+        let deadline = tokio::time::Instant::now() + WAIT;
+        loop {
+            let v = self.metric(series);
+            if v >= at_least {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "{series} stayed at {v}"
+            );
+            tokio::time::sleep(Duration::from_millis(100)).await;
         }
     }
 }
 
-impl Drop for SignalNode {
+impl Drop for Node {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// Waits for the close frame of `ws`: its code (0 when the socket ended without one).
+async fn close_code(ws: &mut Ws) -> u16 {
+    tokio::time::timeout(WAIT, async {
+        loop {
+            match ws.next().await {
+                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
+                Some(Ok(_)) => continue,
+                _ => return 0,
+            }
+        }
+    })
+    .await
+    .expect("the socket is closed in time")
 }
 
 fn s(v: &Value) -> &str {
@@ -237,11 +293,12 @@ async fn two_nodes_on_redis_carry_one_call_and_a_dead_node_reports_its_peers_lef
     let store = format!("[store]\nredis-url = \"{}\"", redis.url);
     let node_a = Serve::with_config(&config("a", &store, "3s"));
     // Node B runs signaling alone (`turnpike signal`), like a deployment with separate tiers.
-    let node_b = SignalNode::start(&config("b", &store, "3s"));
+    let node_b = Node::start("signal", &config("b", &store, "3s"));
+    let b_addr = node_b.addr("signal");
     let (key, call, ja, jb) = call_with_two(&node_a);
     // Ada on node A, Bob on node B.
     let (mut a, wa) = connect(node_a.control, s(&ja["signal_token"])).await;
-    let (mut b, wb) = connect(node_b.addr, s(&jb["signal_token"])).await;
+    let (mut b, wb) = connect(b_addr, s(&jb["signal_token"])).await;
     let (ida, idb) = (s(&wa["peer_id"]).to_owned(), s(&wb["peer_id"]).to_owned());
     assert_eq!(
         wb["peers"][0]["peer_id"],
@@ -269,7 +326,7 @@ async fn two_nodes_on_redis_carry_one_call_and_a_dead_node_reports_its_peers_lef
         Some(json!({"token":code,"name":"Carol"})),
     );
     assert_eq!(st, 200, "{jc}");
-    let (mut c, wc) = connect(node_b.addr, s(&jc["signal_token"])).await;
+    let (mut c, wc) = connect(b_addr, s(&jc["signal_token"])).await;
     let idc = s(&wc["peer_id"]).to_owned();
     assert_eq!(
         recv_type(&mut a, "peer_joined").await["peer"]["peer_id"],
@@ -278,18 +335,7 @@ async fn two_nodes_on_redis_carry_one_call_and_a_dead_node_reports_its_peers_lef
     let path = format!("/v1/calls/{call}/participants/{idc}");
     let (st, _) = raw_http(node_a.control, "DELETE", &path, Some(&key), None);
     assert_eq!(st, 204);
-    let closed = tokio::time::timeout(WAIT, async {
-        loop {
-            match c.next().await {
-                Some(Ok(Message::Close(Some(f)))) => return u16::from(f.code),
-                Some(Ok(_)) => continue,
-                _ => return 0,
-            }
-        }
-    })
-    .await
-    .unwrap();
-    assert_eq!(closed, 4003, "kicked on the other node");
+    assert_eq!(close_code(&mut c).await, 4003, "kicked on the other node");
     let left = recv_type(&mut a, "peer_left").await;
     assert_eq!(
         (left["peer_id"].clone(), left["reason"].clone()),
@@ -336,4 +382,74 @@ async fn two_nodes_on_redis_carry_one_call_and_a_dead_node_reports_its_peers_lef
     let (status, _) = http(node_a.control, "GET", &path, Some(&key), None);
     // An empty Redis has forgotten the app too: its key reads as unknown.
     assert_eq!(status, 401);
+}
+
+/// Three tiers on one Redis: the API alone (`turnpike control`), signaling alone (`turnpike
+/// signal`) and a relay alone (`turnpike relay`). A kick and an end issued on the API node reach
+/// the sockets on the signaling node and the relay on the third node.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_control_only_node_kicks_and_ends_through_redis_and_every_relay_revokes() {
+    let redis = redis::RedisServer::start();
+    let store = format!("[store]\nredis-url = \"{}\"", redis.url);
+    let api = Node::start("control", &config("api", &store, "3s"));
+    let sig = Node::start("signal", &config("sig", &store, "3s"));
+    let relay = Node::start("relay", &config("relay", &store, "3s"));
+    let control = api.addr("control");
+    let request = |method: &str, path: &str, bearer: Option<&str>, body: Option<Value>| {
+        http(control, method, path, bearer, body)
+    };
+    let (st, app) = request(
+        "POST",
+        "/v1/apps",
+        Some(ADMIN),
+        Some(json!({"name":"tiers"})),
+    );
+    assert_eq!(st, 201, "{app}");
+    let key = s(&app["key"]).to_owned();
+    let (st, call) = request("POST", "/v1/calls", Some(&key), Some(json!({})));
+    assert_eq!(st, 201, "{call}");
+    let (code, call_id) = (s(&call["join_code"]).to_owned(), s(&call["id"]).to_owned());
+    let join = |name: &str| {
+        let (st, j) = request(
+            "POST",
+            "/v1/join",
+            None,
+            Some(json!({"code":code,"name":name})),
+        );
+        assert_eq!(st, 200, "{j}");
+        j
+    };
+    let (ja, jb) = (join("Ada"), join("Bob"));
+    let (mut a, wa) = connect(sig.addr("signal"), s(&ja["signal_token"])).await;
+    let (mut b, wb) = connect(sig.addr("signal"), s(&jb["signal_token"])).await;
+    let (ida, idb) = (s(&wa["peer_id"]).to_owned(), s(&wb["peer_id"]).to_owned());
+    exchange(&mut a, &ida, &mut b, &idb).await;
+
+    let delivered = r#"turnpike_relay_revocations_total{result="delivered"}"#;
+    assert_eq!(relay.metric(delivered), 0.0);
+    // Kick Bob on the API node: his socket on the signaling node closes, Ada hears why, and
+    // the relay node revokes his credential group.
+    let path = format!("/v1/calls/{call_id}/participants/{idb}");
+    let (st, _) = raw_http(control, "DELETE", &path, Some(&key), None);
+    assert_eq!(st, 204);
+    assert_eq!(close_code(&mut b).await, 4003, "kicked from another node");
+    let left = recv_type(&mut a, "peer_left").await;
+    assert_eq!(
+        (s(&left["peer_id"]), s(&left["reason"])),
+        (idb.as_str(), "kicked")
+    );
+    relay.wait_metric(delivered, 1.0).await;
+
+    // End the call on the API node: Ada is told and closed, the relay revokes the call.
+    let (st, ended) = request(
+        "POST",
+        &format!("/v1/calls/{call_id}/end"),
+        Some(&key),
+        None,
+    );
+    assert_eq!(st, 200, "{ended}");
+    let end = recv_type(&mut a, "call_ended").await;
+    assert_eq!(end["reason"], "api");
+    assert_ne!(close_code(&mut a).await, 0, "closed with a close frame");
+    relay.wait_metric(delivered, 2.0).await;
 }

@@ -133,7 +133,7 @@ impl RelayMetrics {
             )?,
             relay_ports_total: gauge(
                 r,
-                "turnpike_relay_ports_total",
+                "turnpike_relay_ports_configured",
                 "Relay ports configured across all shards (free or in use), by address family.",
                 &["family"],
             )?,
@@ -244,8 +244,12 @@ impl RelayMetrics {
         self.revocations.with_label_values(&[result.as_str()]).inc();
     }
 
-    /// Adds a shard's relay ports (`[IPv4, IPv6]`) to the configured total, once at its start.
-    pub(crate) fn add_ports(&self, ports: [usize; 2]) {
+    /// A shard starts: its per-shard series exist from now on (at 0), and its relay ports
+    /// (`[IPv4, IPv6]`) count towards the configured total.
+    pub(crate) fn shard_started(&self, shard: usize, ports: [usize; 2]) {
+        let shard = shard.to_string();
+        self.shard_packets.with_label_values(&[shard.as_str()]);
+        self.shard_allocations.with_label_values(&[shard.as_str()]);
         for (n, f) in ports.iter().zip(["ipv4", "ipv6"]) {
             self.relay_ports_total
                 .with_label_values(&[f])

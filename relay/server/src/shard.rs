@@ -210,7 +210,8 @@ pub(crate) fn run(
             });
         }
         // Every port of a new pool is free: its size is this shard's share of the capacity.
-        setup.metrics.add_ports(
+        setup.metrics.shard_started(
+            index,
             setup
                 .ports
                 .each_ref()
