@@ -12,6 +12,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use common::node::Node;
 use common::serve::{http, raw_http, Serve, ADMIN, SECRET, WAIT};
 use futures_util::{SinkExt as _, StreamExt as _};
 use serde_json::{json, Value};
@@ -145,96 +146,6 @@ fn call_code(serve: &Serve, key: &str, call: &str) -> String {
     let (st, t) = serve.api("POST", &path, Some(key), Some(json!({"role":"guest"})));
     assert_eq!(st, 201, "{t}");
     t["token"].as_str().unwrap().to_owned()
-}
-
-/// A running `turnpike COMMAND --config F`, killed on drop, with the addresses it printed.
-struct Node {
-    child: std::process::Child,
-    /// `(what, address)` of every "turnpike: WHAT listening on SCHEME://ADDRESS" line.
-    listening: Vec<(String, String)>,
-}
-
-impl Node {
-    fn start(command: &str, config: &std::path::Path) -> Self {
-        use std::io::BufRead as _;
-        let mut child = std::process::Command::new(common::serve::BIN)
-            .args([command, "--config", config.to_str().unwrap()])
-            .env_remove("TURNPIKE_CONFIG")
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap();
-        let out = std::io::BufReader::new(child.stdout.take().unwrap());
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for l in out.lines().map_while(Result::ok) {
-                if tx.send(l).is_err() {
-                    break;
-                }
-            }
-        });
-        // Readiness: every listener is printed once bound, the admin listener's last.
-        let mut listening = Vec::new();
-        loop {
-            let line = rx
-                .recv_timeout(WAIT)
-                .expect("the node prints its addresses");
-            let Some((what, addr)) = line
-                .strip_prefix("turnpike: ")
-                .and_then(|l| l.split_once(" listening on "))
-            else {
-                continue;
-            };
-            let addr = addr.split_once("://").map_or(addr, |(_, a)| a).to_owned();
-            listening.push((what.to_owned(), addr));
-            if what == "admin" {
-                break;
-            }
-        }
-        Self { child, listening }
-    }
-
-    /// The address of the `what` listener (`signal`, `control`, `admin`, `relay`).
-    fn addr(&self, what: &str) -> SocketAddr {
-        self.listening
-            .iter()
-            .find(|(w, _)| w == what)
-            .unwrap_or_else(|| panic!("no {what} listener in {:?}", self.listening))
-            .1
-            .parse()
-            .unwrap()
-    }
-
-    /// The value of `series` on the node's `/metrics` (0 when absent).
-    fn metric(&self, series: &str) -> f64 {
-        let (_, body) = raw_http(self.addr("admin"), "GET", "/metrics", None, None);
-        body.lines()
-            .find_map(|l| l.strip_prefix(series)?.strip_prefix(' ')?.parse().ok())
-            .unwrap_or(0.0)
-    }
-
-    /// Waits until `series` reaches `at_least`.
-    async fn wait_metric(&self, series: &str, at_least: f64) {
-        let deadline = tokio::time::Instant::now() + WAIT;
-        loop {
-            let v = self.metric(series);
-            if v >= at_least {
-                return;
-            }
-            assert!(
-                tokio::time::Instant::now() < deadline,
-                "{series} stayed at {v}"
-            );
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-}
-
-impl Drop for Node {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// Waits for the close frame of `ws`: its code (0 when the socket ended without one).

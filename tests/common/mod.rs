@@ -1,1 +1,3 @@
+pub(crate) mod browser;
+pub(crate) mod node;
 pub(crate) mod serve;
