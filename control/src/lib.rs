@@ -17,6 +17,8 @@
 //! - [`creds`]: `iceServers` with TURN REST credentials minted by `relay_proto::rest_credentials`,
 //!   the very function the relay verifies them with.
 //! - [`api`]: handlers, the error type (`{"error":{"code","message"}}`), limits, metrics, OpenAPI.
+//! - [`web`]: the join page, the JS SDK and the diagnostics page, embedded (merged into
+//!   [`router`]).
 //!
 //! # Revocation
 //!
@@ -38,5 +40,6 @@ pub mod creds;
 pub mod jwt;
 pub mod secrets;
 pub mod store;
+pub mod web;
 
 pub use api::{router, serve, serve_app, AppState, CallEvents, Revoker, Settings};

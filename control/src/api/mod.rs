@@ -268,6 +268,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/turn/credentials", post(calls::turn_credentials))
         .route("/v1/join", post(join::join))
         .route("/openapi.json", get(openapi::openapi_json))
+        // The browser side (pages, SDK, assets): inside the layers below, so they are timed,
+        // limited and counted under their route templates like the API.
+        .merge(crate::web::routes())
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .layer(DefaultBodyLimit::max(max_body))
