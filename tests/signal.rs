@@ -364,3 +364,54 @@ async fn a_control_only_node_kicks_and_ends_through_redis_and_every_relay_revoke
     assert_ne!(close_code(&mut a).await, 0, "closed with a close frame");
     relay.wait_metric(delivered, 2.0).await;
 }
+
+/// The peers of a node that died are recorded as left by the survivors: their seats are free
+/// again and the call's participants show when they went.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_nodes_peers_are_recorded_left_in_the_call() {
+    let redis = redis::RedisServer::start();
+    let store = format!("[store]\nredis-url = \"{}\"", redis.url);
+    let node_a = Serve::with_config(&config("lost-a", &store, "3s"));
+    let node_b = Node::start("signal", &config("lost-b", &store, "3s"));
+    let (key, call, ja, jb) = call_with_two(&node_a);
+    let (mut a, _) = connect(node_a.control, s(&ja["signal_token"])).await;
+    let (_b, wb) = connect(node_b.addr("signal"), s(&jb["signal_token"])).await;
+    let idb = s(&wb["peer_id"]).to_owned();
+    assert_eq!(
+        recv_type(&mut a, "peer_joined").await["peer"]["peer_id"],
+        idb.as_str()
+    );
+    let bob = |call: &Value| {
+        call["participants"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|p| p["peer_id"] == idb.as_str())
+            .cloned()
+            .unwrap()
+    };
+    let path = format!("/v1/calls/{call}");
+    let (st, before) = node_a.api("GET", &path, Some(&key), None);
+    assert_eq!(st, 200, "{before}");
+    assert!(bob(&before)["left_at"].is_null(), "{before}");
+
+    drop(node_b);
+    let left = recv_type(&mut a, "peer_left").await;
+    assert_eq!(
+        (s(&left["peer_id"]), s(&left["reason"])),
+        (idb.as_str(), "node_lost")
+    );
+    // The store write follows the announcement: poll.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (_, after) = node_a.api("GET", &path, Some(&key), None);
+        if !bob(&after)["left_at"].is_null() {
+            break;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "never recorded: {after}"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}

@@ -644,6 +644,12 @@ impl Room {
             peer_id: peer.to_owned(),
             reason: reason.to_owned(),
         }));
+        self.record_left(peer);
+    }
+
+    /// Records in the store that `peer` left (its seat is free, `GET /v1/calls/{id}` shows
+    /// when), in the background: the room does not wait on the store.
+    fn record_left(&self, peer: &str) {
         let store = Arc::clone(&self.shared.app.store);
         let call = self.call_id.clone();
         let peer = peer.to_owned();
@@ -843,6 +849,9 @@ impl Room {
         for id in lost {
             self.bus(BusOp::Remove(id.clone()));
             self.remote_left(&id, "node_lost");
+            // The lost node can no longer record it: its peers would hold their seats forever.
+            // Every surviving node writes the same fact, a moment apart.
+            self.record_left(&id);
         }
         for node in lost_nodes {
             self.suspects.remove(&node);
