@@ -2076,6 +2076,7 @@ const ROUTES: &[(&str, &str)] = &[
     ("delete", "/v1/calls/{id}/participants/{peer_id}"),
     ("post", "/v1/turn/credentials"),
     ("post", "/v1/join"),
+    ("post", "/v1/diagnostics/ice-servers"),
     ("get", "/openapi.json"),
 ];
 

@@ -241,6 +241,15 @@ pub(crate) struct Credentials {
     expires_at: String,
 }
 
+impl Credentials {
+    pub(crate) fn from_minted(minted: crate::creds::Minted) -> Self {
+        Self {
+            ice_servers: minted.ice_servers,
+            expires_at: rfc3339_s(minted.expires_at),
+        }
+    }
+}
+
 /// The opaque cursor: base64url of the store's cursor as JSON.
 fn encode_cursor(c: &Cursor) -> String {
     let json = serde_json::json!({ "created_at": c.created_at, "id": c.id }).to_string();
@@ -572,8 +581,5 @@ pub(crate) async fn turn_credentials(
     // A fresh group per issue: these credentials belong to no call, nothing revokes them.
     let minted = minter.mint(&secrets::new_id("g"), now_s, ttl_s);
     state.metrics.credentials(Via::Api);
-    Ok(axum::Json(Credentials {
-        ice_servers: minted.ice_servers,
-        expires_at: rfc3339_s(minted.expires_at),
-    }))
+    Ok(axum::Json(Credentials::from_minted(minted)))
 }

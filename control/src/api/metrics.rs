@@ -54,6 +54,8 @@ pub(crate) enum Via {
     Join,
     /// `POST /v1/turn/credentials`.
     Api,
+    /// `POST /v1/diagnostics/ice-servers` (the public diagnostics page).
+    Diagnostics,
 }
 
 /// The `method` label: the standard methods by name, anything else as `other` (a client can
@@ -119,7 +121,7 @@ impl ControlMetrics {
             credentials_issued: IntCounterVec::new(
                 Opts::new(
                     "turnpike_control_credentials_issued_total",
-                    "TURN credentials issued, by path (join or api).",
+                    "TURN credentials issued, by path (join, api or diagnostics).",
                 ),
                 &["via"],
             )?,
@@ -140,7 +142,7 @@ impl ControlMetrics {
         ] {
             m.join_attempts.with_label_values(&[r.label()]);
         }
-        for v in ["join", "api"] {
+        for v in ["join", "api", "diagnostics"] {
             m.credentials_issued.with_label_values(&[v]);
         }
         Ok(m)
@@ -180,6 +182,7 @@ impl ControlMetrics {
         let label = match via {
             Via::Join => "join",
             Via::Api => "api",
+            Via::Diagnostics => "diagnostics",
         };
         self.credentials_issued.with_label_values(&[label]).inc();
     }

@@ -16,6 +16,7 @@
 mod admin;
 mod auth;
 mod calls;
+mod diagnostics;
 mod error;
 mod join;
 mod metrics;
@@ -38,6 +39,9 @@ use crate::store::Store;
 use crate::{creds, jwt, secrets};
 
 pub use self::calls::MAX_PARTICIPANTS;
+pub use self::diagnostics::{
+    DIAGNOSTICS_GROUP, DIAGNOSTICS_PER_IP, DIAGNOSTICS_TTL_S, DIAGNOSTICS_WINDOW,
+};
 pub use self::error::ApiError;
 pub use self::metrics::ControlMetrics;
 
@@ -267,6 +271,10 @@ pub fn router(state: AppState) -> Router {
         )
         .route("/v1/turn/credentials", post(calls::turn_credentials))
         .route("/v1/join", post(join::join))
+        .route(
+            "/v1/diagnostics/ice-servers",
+            post(diagnostics::ice_servers),
+        )
         .route("/openapi.json", get(openapi::openapi_json))
         // The browser side (pages, SDK, assets): inside the layers below, so they are timed,
         // limited and counted under their route templates like the API.

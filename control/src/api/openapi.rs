@@ -7,7 +7,7 @@ use utoipa::openapi::security::{HttpAuthScheme, HttpBuilder, SecurityScheme};
 use utoipa::openapi::server::Server;
 use utoipa::{Modify, OpenApi};
 
-use super::{admin, calls, join, AppState};
+use super::{admin, calls, diagnostics, join, AppState};
 
 #[derive(OpenApi)]
 #[openapi(
@@ -29,13 +29,14 @@ use super::{admin, calls, join, AppState};
         calls::create_token,
         calls::turn_credentials,
         join::join,
+        diagnostics::ice_servers,
         openapi_json,
     ),
     modifiers(&BearerSchemes),
     tags(
         (name = "admin", description = "Operator: apps and keys (admin token)"),
         (name = "calls", description = "API consumers: calls, tokens, credentials (app key)"),
-        (name = "public", description = "Anyone with a join code or token"),
+        (name = "public", description = "Anyone: joining with a code or token, diagnostics"),
         (name = "meta", description = "This document"),
     )
 )]
