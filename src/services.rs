@@ -347,6 +347,7 @@ fn signal_settings(s: &conf::Signal) -> signal::Settings {
         message_rate: s.message_rate,
         message_burst: s.message_burst,
         send_queue: s.send_queue,
+        write_timeout: s.write_timeout,
         resume_window: s.resume_window,
         empty_timeout: s.empty_timeout,
         node_timeout: s.node_timeout,

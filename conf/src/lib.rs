@@ -40,7 +40,7 @@
 //! [signal]                              # optional: WebSocket signaling
 //! allowed-origins = ["https://app.example.com"]  # or ["*"]; empty: public-url's origin
 //! # listen, auth-timeout, ping-interval, idle-timeout, max-message,
-//! # message-rate, message-burst, send-queue, resume-window, empty-timeout,
+//! # message-rate, message-burst, send-queue, write-timeout, resume-window, empty-timeout,
 //! # node-timeout, max-connections, max-unauthenticated-per-ip: optional,
 //! # see examples/turnpike.toml
 //!
@@ -679,6 +679,10 @@ pub struct Signal {
     /// Messages buffered for one slow reader; when its queue is full, the
     /// reader is dropped. Default 256 (8 to 65536).
     pub send_queue: usize,
+    /// Longest one message may take to leave; a client whose TCP window
+    /// stays shut that long is not reading and is dropped as a slow reader.
+    /// Default 10s (1s to 5m).
+    pub write_timeout: Duration,
     /// A peer that reconnects with the same peer id within this long
     /// resumes silently (the others see no leave and join). Default 30s
     /// (0s, no resume, to 5m).

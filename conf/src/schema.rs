@@ -131,6 +131,7 @@ pub const SCHEMA: &[Key] = &[
     key("signal", "message-rate", ValueKind::Integer),
     key("signal", "message-burst", ValueKind::Integer),
     key("signal", "send-queue", ValueKind::Integer),
+    key("signal", "write-timeout", ValueKind::Duration),
     key("signal", "resume-window", ValueKind::Duration),
     key("signal", "empty-timeout", ValueKind::Duration),
     key("signal", "node-timeout", ValueKind::Duration),

@@ -175,6 +175,13 @@ const DEFAULT_MESSAGE_BURST: u32 = 100;
 /// stuck reader holds at most 256 messages (16 MiB at the largest message,
 /// usually far less) before it is dropped.
 const DEFAULT_SEND_QUEUE: u32 = 256;
+/// A TCP window shut for 10 s is a client that stopped reading, not a slow network: a
+/// browser reads signaling as it arrives.
+const DEFAULT_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+/// Below a second a busy but healthy client could be dropped; past five minutes a dead one
+/// holds its queue too long.
+const MIN_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 /// Fewer and a reader is dropped for any hiccup during a candidate burst.
 const MIN_SEND_QUEUE: u32 = 8;
 const MAX_SEND_QUEUE: u32 = 65_536;
@@ -866,6 +873,7 @@ impl Default for Signal {
             message_rate: DEFAULT_MESSAGE_RATE,
             message_burst: DEFAULT_MESSAGE_BURST,
             send_queue: DEFAULT_SEND_QUEUE as usize,
+            write_timeout: DEFAULT_WRITE_TIMEOUT,
             resume_window: DEFAULT_RESUME_WINDOW,
             empty_timeout: DEFAULT_EMPTY_TIMEOUT,
             node_timeout: DEFAULT_NODE_TIMEOUT,
@@ -904,6 +912,7 @@ fn read_signal(r: &mut Reader<'_, '_>) -> Result<Signal, Invalid> {
     let message_rate = r.integer("message-rate", 1, MAX_MESSAGE_RATE);
     let message_burst = r.integer("message-burst", 1, u32::MAX);
     let send_queue = r.integer("send-queue", MIN_SEND_QUEUE, MAX_SEND_QUEUE);
+    let write_timeout = r.duration("write-timeout", MIN_WRITE_TIMEOUT, MAX_WRITE_TIMEOUT);
     let resume_window = r.duration("resume-window", Duration::ZERO, MAX_RESUME_WINDOW);
     let empty_timeout = r.duration("empty-timeout", MIN_EMPTY_TIMEOUT, MAX_EMPTY_TIMEOUT);
     let node_timeout = r.duration("node-timeout", MIN_NODE_TIMEOUT, MAX_NODE_TIMEOUT);
@@ -961,6 +970,7 @@ fn read_signal(r: &mut Reader<'_, '_>) -> Result<Signal, Invalid> {
         message_rate: message_rate?.unwrap_or(d.message_rate),
         message_burst: message_burst?.unwrap_or(d.message_burst),
         send_queue: send_queue?.map_or(d.send_queue, |n| n as usize),
+        write_timeout: write_timeout?.unwrap_or(d.write_timeout),
         resume_window: resume_window?.unwrap_or(d.resume_window),
         empty_timeout: empty_timeout?.unwrap_or(d.empty_timeout),
         node_timeout: node_timeout?.unwrap_or(d.node_timeout),

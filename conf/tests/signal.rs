@@ -89,6 +89,7 @@ fn an_absent_or_empty_signal_section_gets_the_documented_defaults() {
         message_rate: 50,
         message_burst: 100,
         send_queue: 256,
+        write_timeout: secs(10),
         resume_window: secs(30),
         empty_timeout: secs(60),
         node_timeout: secs(15),
@@ -115,6 +116,7 @@ max-message = 2048
 message-rate = 10
 message-burst = 5
 send-queue = 8
+write-timeout = "3s"
 resume-window = "0s"
 empty-timeout = "2h"
 node-timeout = "3s"
@@ -134,6 +136,7 @@ max-unauthenticated-per-ip = 100000"#,
             // Below message-rate is fine: only at least 1 is required.
             message_burst: 5,
             send_queue: 8,
+            write_timeout: secs(3),
             resume_window: Duration::ZERO,
             empty_timeout: secs(7200),
             node_timeout: secs(3),
@@ -153,6 +156,7 @@ max-message = 1024
 message-rate = 1
 message-burst = 1
 send-queue = 8
+write-timeout = "1s"
 resume-window = "0s"
 empty-timeout = "1s"
 node-timeout = "3s"
@@ -163,6 +167,7 @@ max-unauthenticated-per-ip = 1"#,
     assert_eq!(low.auth_timeout, secs(1));
     assert_eq!(low.max_message, 1024);
     assert_eq!(low.message_burst, 1);
+    assert_eq!(low.write_timeout, secs(1));
     let high = ok(&with_signal(
         r#"auth-timeout = "60s"
 ping-interval = "5m"
@@ -171,6 +176,7 @@ max-message = 1048576
 message-rate = 10000
 message-burst = 4294967295
 send-queue = 65536
+write-timeout = "5m"
 resume-window = "5m"
 empty-timeout = "24h"
 node-timeout = "5m"
@@ -183,6 +189,7 @@ max-unauthenticated-per-ip = 100000"#,
     assert_eq!(high.max_message, 1_048_576);
     assert_eq!(high.message_burst, u32::MAX);
     assert_eq!(high.send_queue, 65536);
+    assert_eq!(high.write_timeout, secs(300));
     assert_eq!(high.empty_timeout, secs(86400));
     assert_eq!(high.max_connections, 1_000_000);
 }
@@ -202,6 +209,7 @@ max-message = 512
 message-rate = 0
 message-burst = 0
 send-queue = 7
+write-timeout = "0s"
 resume-window = "6m"
 empty-timeout = "25h"
 node-timeout = "2s"
@@ -224,6 +232,7 @@ bogus = 1"#,
             "signal.message-rate",
             "signal.message-burst",
             "signal.send-queue",
+            "signal.write-timeout",
             "signal.resume-window",
             "signal.empty-timeout",
             "signal.node-timeout",
@@ -599,6 +608,7 @@ fn every_signal_key_has_an_env_var() {
             "TURNPIKE_SIGNAL_MESSAGE_RATE",
             "TURNPIKE_SIGNAL_MESSAGE_BURST",
             "TURNPIKE_SIGNAL_SEND_QUEUE",
+            "TURNPIKE_SIGNAL_WRITE_TIMEOUT",
             "TURNPIKE_SIGNAL_RESUME_WINDOW",
             "TURNPIKE_SIGNAL_EMPTY_TIMEOUT",
             "TURNPIKE_SIGNAL_NODE_TIMEOUT",

@@ -31,9 +31,6 @@ use crate::Shared;
 /// Clock skew tolerated on `exp` and `nbf`: nodes are NTP-synced, but a token minted by one
 /// node may reach another a moment "early".
 pub const LEEWAY_S: u64 = 30;
-/// Longest one frame may take to leave by default (`Signal::set_write_timeout`): a peer whose
-/// TCP window stays shut that long is not reading, and the socket is dropped as a slow reader.
-pub(crate) const WRITE_TIMEOUT: Duration = Duration::from_secs(10);
 /// How long the reader waits for the writer to flush a close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// Least time between two stored quality summaries of one peer: stats arrive every few
@@ -244,7 +241,7 @@ async fn writer(
     mut rx: mpsc::Receiver<Outbound>,
     (kill_tx, mut kill): (watch::Sender<Option<Close>>, watch::Receiver<Option<Close>>),
 ) {
-    let limit = shared.write_timeout();
+    let limit = shared.settings.write_timeout;
     loop {
         tokio::select! {
             biased;

@@ -67,6 +67,9 @@ pub struct Settings {
     pub message_burst: u32,
     /// Frames queued for one connection before it counts as a slow reader and is dropped.
     pub send_queue: usize,
+    /// Longest one frame may take to leave: a peer whose TCP window stays shut that long is
+    /// not reading, and the socket is dropped as a slow reader.
+    pub write_timeout: Duration,
     /// A peer reconnecting within this resumes unseen.
     pub resume_window: Duration,
     /// An empty call ends after this.
@@ -91,6 +94,7 @@ impl Default for Settings {
             message_rate: 50,
             message_burst: 100,
             send_queue: 256,
+            write_timeout: Duration::from_secs(10),
             resume_window: Duration::from_secs(30),
             empty_timeout: Duration::from_secs(60),
             node_timeout: Duration::from_secs(15),
@@ -117,8 +121,6 @@ pub struct Shared {
     connections: AtomicUsize,
     pending: Mutex<HashMap<IpAddr, usize>>,
     next_conn: AtomicU64,
-    /// Longest one frame may take to leave (milliseconds); see [`Signal::set_write_timeout`].
-    write_timeout_ms: AtomicU64,
 }
 
 impl Shared {
@@ -131,10 +133,6 @@ impl Shared {
 
     fn next_conn_id(&self) -> u64 {
         self.next_conn.fetch_add(1, Ordering::Relaxed)
-    }
-
-    fn write_timeout(&self) -> Duration {
-        Duration::from_millis(self.write_timeout_ms.load(Ordering::Relaxed))
     }
 }
 
@@ -162,19 +160,7 @@ impl Signal {
             connections: AtomicUsize::new(0),
             pending: Mutex::new(HashMap::new()),
             next_conn: AtomicU64::new(0),
-            write_timeout_ms: AtomicU64::new(conn::WRITE_TIMEOUT.as_millis() as u64),
         }))
-    }
-
-    /// How long one frame may take to leave before its connection counts as a slow reader and
-    /// is dropped (10 s by default). Applies to connections opened afterwards.
-    ///
-    /// Not a field of [`Settings`] (and not in `conf` yet): adding a field there would break
-    /// every place that builds `Settings` field by field. Tests shorten it to reach the path
-    /// without waiting 10 s.
-    pub fn set_write_timeout(&self, limit: Duration) {
-        let ms = u64::try_from(limit.as_millis()).unwrap_or(u64::MAX).max(1);
-        self.0.write_timeout_ms.store(ms, Ordering::Relaxed);
     }
 
     /// `GET /v1/signal`. Serve it with `ConnectInfo<SocketAddr>` and upgrades enabled (as

@@ -727,9 +727,9 @@ async fn a_reader_that_keeps_sending_but_never_reads_is_dropped_at_the_write_tim
             message_burst: 10_000,
             // So the others hear of the drop at once rather than after the window.
             resume_window: Duration::ZERO,
+            write_timeout: Duration::from_secs(1),
             ..Settings::default()
         },
-        write_timeout: Some(Duration::from_secs(1)),
         ..Options::default()
     })
     .await;

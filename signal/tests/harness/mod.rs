@@ -46,8 +46,6 @@ pub struct Options {
     pub bus: Option<Arc<dyn Bus>>,
     pub credential_ttl_s: u64,
     pub revoker: Arc<dyn Revoker>,
-    /// `Signal::set_write_timeout`; `None` keeps the default (10 s).
-    pub write_timeout: Option<Duration>,
 }
 
 impl Default for Options {
@@ -58,7 +56,6 @@ impl Default for Options {
             bus: None,
             credential_ttl_s: 3600,
             revoker: Arc::new(NoRevoker),
-            write_timeout: None,
         }
     }
 }
@@ -137,9 +134,6 @@ impl Node {
             bus,
             SignalMetrics::new(&registry).unwrap(),
         );
-        if let Some(limit) = opts.write_timeout {
-            signal.set_write_timeout(limit);
-        }
         events.set(&signal);
         let router = control::router(state.clone()).merge(signal.router());
         let app = router.clone();
