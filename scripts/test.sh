@@ -31,8 +31,7 @@ REQUIRED_TOOLS=(
     "jq:jq" # docs/api.md's curl walk-through, run as written by tests/control.rs
     "prometheus:prometheus" # tests/prometheus.rs: dashboards and rules against a real Prometheus
     "promtool:prometheus" # promtool check metrics / check rules / test rules
-    # --- Later issues add their tools here (one line each), e.g.:
-    # "chromium:chromium"           # browser tests
+    "chromium:chromium" # tests/browser.rs: the join page and diagnostics in headless Chromium
 )
 # ---------------------------------------------------------------------------------------------
 

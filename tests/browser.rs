@@ -1,0 +1,276 @@
+//! The join link opens a working call, proven in a real browser: headless Chromium with fake
+//! camera and microphone opens the join page of `turnpike serve`, and its own ICE agent carries
+//! the call through Turnpike's relay — over UDP, over TCP only, over TLS only. A third person
+//! at a full call is told so; the diagnostics page finds STUN and TURN over UDP, TCP and TLS.
+//! A screenshot of a connected call is saved as `target/browser-artifacts/connected-call.png`.
+#![allow(clippy::unwrap_used, clippy::print_stdout)]
+
+mod common;
+
+use std::path::{Path, PathBuf};
+
+use common::browser::{Browser, Page};
+use common::node::Node;
+use common::serve::{http, ADMIN, SECRET};
+use serde_json::{json, Value};
+
+/// One browser at a time: each runs a renderer per page and the CI machine has two cores.
+static ONE_BROWSER: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// What a page shows when a wait fails: its status, error and tiles.
+const EXPLAIN: &str = r#"JSON.stringify({
+    status: document.querySelector('#call')?.dataset.status,
+    error: document.querySelector('#error')?.textContent,
+    tiles: [...document.querySelectorAll('.peer-tile')].map(t => ({...t.dataset}))
+})"#;
+
+/// `turnpike serve` with the relay on `listen` (TLS with a self-signed certificate when a
+/// `tls://` listener is among them), the control plane and signaling, all on free ports. The
+/// `iceServers` the control plane hands out are derived from exactly these listeners.
+fn serve(name: &str, listen: &[&str]) -> Node {
+    let dir = std::env::temp_dir().join(format!("turnpike-browser-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let ck =
+        rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    std::fs::write(&cert, ck.cert.pem()).unwrap();
+    std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
+    let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
+    let path = dir.join("turnpike.toml");
+    std::fs::write(
+        &path,
+        format!(
+            r#"
+[relay]
+realm = "example.org"
+listen = [{listen}]
+relay-ip = "127.0.0.1"
+secrets = ["{SECRET}"]
+threads = 1
+
+[relay.tls]
+cert-file = "{cert}"
+key-file = "{key}"
+
+[control]
+listen = "127.0.0.1:0"
+admin-token = "{ADMIN}"
+hash-key = "browser-e2e-hash-key-0123456789"
+jwt-keys = [{{ kid = "k1", secret = "browser-e2e-jwt-secret-0123456789abcdef" }}]
+
+[admin]
+listen = "127.0.0.1:0"
+"#,
+            listen = listen.join(", "),
+            cert = cert.display(),
+            key = key.display(),
+        ),
+    )
+    .unwrap();
+    Node::start("serve", &path)
+}
+
+/// An app and a call of at most `max` participants: its join URL.
+fn call(node: &Node, max: u32) -> String {
+    let control = node.addr("control");
+    let (st, app) = http(
+        control,
+        "POST",
+        "/v1/apps",
+        Some(ADMIN),
+        Some(json!({"name":"browser"})),
+    );
+    assert_eq!(st, 201, "{app}");
+    let key = app["key"].as_str().unwrap();
+    let (st, call) = http(
+        control,
+        "POST",
+        "/v1/calls",
+        Some(key),
+        Some(json!({"max_participants": max})),
+    );
+    assert_eq!(st, 201, "{call}");
+    call["join_url"].as_str().unwrap().to_owned()
+}
+
+/// Waits until `page` has a remote tile connected through the relay, and returns the tile's
+/// `data-candidate`.
+async fn connected_via_relay(browser: &mut Browser, page: &Page) -> String {
+    let expr = r#"(() => {
+        const t = [...document.querySelectorAll('.peer-tile')]
+            .find(t => t.dataset.state === 'connected' && (t.dataset.candidate || '').startsWith('relay-'));
+        return t ? t.dataset.candidate : null;
+    })()"#;
+    let v = browser
+        .wait_for(
+            page,
+            expr,
+            "a remote peer connected through the relay",
+            EXPLAIN,
+        )
+        .await;
+    v.as_str().unwrap().to_owned()
+}
+
+fn artifacts() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("target/browser-artifacts")
+}
+
+/// Two people open the join link with `?relay=1`: both connect, through the relay over
+/// `protocol`; returns the browser and pages (still in the call).
+async fn two_in_a_call(node: &Node, name: &str, protocol: &str) -> (Browser, Page, Page) {
+    let url = call(node, 2);
+    let mut browser = Browser::launch(name).await;
+    let a = browser
+        .open(&format!("{url}?relay=1&autojoin=1&name=Ada"))
+        .await;
+    let b = browser
+        .open(&format!("{url}?relay=1&autojoin=1&name=Bob"))
+        .await;
+    for page in [&a, &b] {
+        let via = connected_via_relay(&mut browser, page).await;
+        assert_eq!(via, format!("relay-{protocol}"), "{name}");
+    }
+    (browser, a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_browsers_join_by_code_and_talk_through_the_relay_and_a_third_is_told_the_call_is_full()
+{
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve("udp", &["udp://127.0.0.1:0", "tcp://127.0.0.1:0"]);
+    let (mut browser, a, _b) = two_in_a_call(&node, "udp", "udp").await;
+
+    // Media crosses the relay both ways, and the pages' quality reports (every 5 s) reach
+    // the histograms.
+    for series in [
+        r#"turnpike_relay_bytes_total{direction="client_to_peer",transport="udp"}"#,
+        r#"turnpike_relay_bytes_total{direction="peer_to_client",transport="udp"}"#,
+        r#"turnpike_relay_allocations_active{transport="udp"}"#,
+        "turnpike_call_rtt_seconds_count",
+        "turnpike_call_mos_count",
+        r#"turnpike_call_connections_total{candidate_type="relay",relay_protocol="udp"}"#,
+    ] {
+        node.wait_metric(series, 1.0).await;
+    }
+    // The remote video is playing (frames decoded from the other side's fake camera).
+    browser
+        .wait_for(
+            &a,
+            "[...document.querySelectorAll('.peer-tile video')].some(v => v.readyState >= 2 && v.videoWidth > 0)",
+            "remote video playing",
+            EXPLAIN,
+        )
+        .await;
+    browser
+        .screenshot(&a, &artifacts().join("connected-call.png"))
+        .await;
+
+    // A third person at this two-person call is told it is full.
+    let url = {
+        // The first page's URL is the call's join URL.
+        let href = browser.eval(&a, "location.href").await;
+        href.as_str().unwrap().split('?').next().unwrap().to_owned()
+    };
+    let c = browser
+        .open(&format!("{url}?relay=1&autojoin=1&name=Cleo"))
+        .await;
+    let error = browser
+        .wait_for(
+            &c,
+            "(() => { const e = document.querySelector('#error'); return e && e.dataset.code ? {code: e.dataset.code, text: e.textContent} : null })()",
+            "the full call's error",
+            EXPLAIN,
+        )
+        .await;
+    assert_eq!(error["code"], "call_full", "{error}");
+    assert!(
+        error["text"]
+            .as_str()
+            .unwrap()
+            .to_lowercase()
+            .contains("full"),
+        "{error}"
+    );
+    let status = browser
+        .eval(&c, "document.querySelector('#call').dataset.status")
+        .await;
+    assert_eq!(status, json!("error"));
+    assert_eq!(
+        browser
+            .eval(&c, "document.querySelectorAll('.peer-tile').length")
+            .await,
+        json!(0)
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_turn_over_tcp_offered_the_call_connects_over_tcp() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve("tcp", &["tcp://127.0.0.1:0"]);
+    let (_browser, _a, _b) = two_in_a_call(&node, "tcp", "tcp").await;
+    node.wait_metric(
+        r#"turnpike_relay_bytes_total{direction="peer_to_client",transport="tcp"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn with_only_turns_offered_the_call_connects_over_tls() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve("tls", &["tls://127.0.0.1:0"]);
+    let (_browser, _a, _b) = two_in_a_call(&node, "tls", "tls").await;
+    node.wait_metric(
+        r#"turnpike_relay_bytes_total{direction="peer_to_client",transport="tls"}"#,
+        1.0,
+    )
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn diagnostics_finds_stun_and_turn_over_udp_tcp_and_tls() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve(
+        "diag",
+        // One stream listener per address serves TCP and TLS alike; a second loopback
+        // address gives TLS its own `turns:` URL.
+        &[
+            "udp://127.0.0.1:0",
+            "tcp://127.0.0.1:0",
+            "tls://127.0.0.2:0",
+        ],
+    );
+    let mut browser = Browser::launch("diag").await;
+    let page = browser
+        .open(&format!("http://{}/diagnostics", node.addr("control")))
+        .await;
+    let explain = r#"JSON.stringify([...document.querySelectorAll('[data-check]')].map(r => ({...r.dataset})))"#;
+    browser
+        .wait_for(
+            &page,
+            "document.querySelector('#diagnostics')?.dataset.status === 'done'",
+            "diagnostics done",
+            explain,
+        )
+        .await;
+    let results: Value = browser
+        .eval(
+            &page,
+            "Object.fromEntries([...document.querySelectorAll('[data-check]')].map(r => [r.dataset.check, r.dataset.result]))",
+        )
+        .await;
+    assert_eq!(
+        results,
+        json!({"stun":"ok","turn-udp":"ok","turn-tcp":"ok","turn-tls":"ok"}),
+        "{}",
+        browser.eval(&page, explain).await
+    );
+    // The report is there to copy, without the credentials.
+    let report = browser
+        .eval(&page, "document.querySelector('#report').textContent")
+        .await;
+    let report = report.as_str().unwrap();
+    assert!(report.contains("turn-tls"), "{report}");
+    assert!(!report.contains("credential"), "{report}");
+}
