@@ -54,8 +54,15 @@ const CANDIDATE_TEXT = {
   "relay-tls": "relay · TLS",
 };
 
+// Parameters come from the query string; a personal link's token from the fragment. Links are
+// often pasted with parameters after the fragment (`/join#token=…?name=Ada`) or inside it
+// (`#token=…&name=Ada`): both are read too, the query string winning.
+const [fragmentPart, fragmentQuery] = location.hash.replace(/^#/, "").split("?", 2);
+const fragment = new URLSearchParams(fragmentPart);
 const params = new URLSearchParams(location.search);
-const fragment = new URLSearchParams(location.hash.replace(/^#/, ""));
+for (const extra of [new URLSearchParams(fragmentQuery || ""), fragment]) {
+  for (const [k, v] of extra) if (k !== "token" && !params.has(k)) params.set(k, v);
+}
 const root = $("#call");
 let call = null;
 
