@@ -206,6 +206,10 @@ function wire(c) {
     setMediaBadge(tile.querySelector(".tile-media"), { audio, video, screen });
     tile.classList.toggle("video-off", !video);
   });
+  c.on("ice-servers", () => {
+    // How many credential refreshes were applied (for tests and whoever debugs).
+    root.dataset.iceRefreshes = String(Number(root.dataset.iceRefreshes || 0) + 1);
+  });
   c.on("error", ({ code, message }) => {
     // Signaling refused one message: the call goes on; log it for whoever debugs.
     console.warn("turnpike:", code, message);

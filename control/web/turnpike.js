@@ -294,7 +294,13 @@ class Call extends EventTarget {
     const id = info.peer_id;
     let peer = this._peers.get(id);
     if (peer) {
-      if (info.name) peer.name = info.name;
+      // Known already (its offer came first): now with its name and role.
+      if (info.name && info.name !== peer.name) {
+        peer.name = info.name;
+        peer.role = info.role || peer.role;
+        if (info.media) peer.media = { ...peer.media, ...info.media };
+        this._emit("peer-joined", { peerId: id, name: peer.name, role: peer.role, media: { ...peer.media } });
+      }
       return peer;
     }
     const pc = new RTCPeerConnection(this._pcConfig());
