@@ -162,6 +162,15 @@ async fn two_browsers_join_by_code_and_talk_through_the_relay_and_a_third_is_tol
             EXPLAIN,
         )
         .await;
+    // Bob's microphone and camera are on, and Ada's page says so (no "muted" badge).
+    browser
+        .wait_for(
+            &a,
+            "[...document.querySelectorAll('.peer-tile .tile-media')].every(m => m.hidden)",
+            "the remote peer's media state shown",
+            EXPLAIN,
+        )
+        .await;
     browser
         .screenshot(&a, &artifacts().join("connected-call.png"))
         .await;

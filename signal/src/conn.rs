@@ -25,7 +25,7 @@ use crate::bus::PeerInfo;
 use crate::metrics::{AuthFailure, DisconnectReason};
 use crate::protocol::{self, ClientMsg, ServerMsg};
 use crate::quality;
-use crate::room::{code, Close, Cmd, ConnHandle, Gone, JoinRefused, Joined, Outbound};
+use crate::room::{code, Close, Cmd, ConnHandle, Gone, JoinRefused, Outbound};
 use crate::Shared;
 
 /// Clock skew tolerated on `exp` and `nbf`: nodes are NTP-synced, but a token minted by one
@@ -561,8 +561,10 @@ impl Conn {
             media: participant.media,
         };
         let conn_id = self.shared.next_conn_id();
+        let group = format!("{}.{}", call.cred_group, claims.sub);
         // A room that is ending refuses by dropping the reply: try once more on a fresh one.
         for _ in 0..2 {
+            let (welcome, refresh) = self.welcome(&claims.sub, &call.id, &group);
             let room = self.shared.rooms.get_or_start(&self.shared, &call);
             let (reply, answer) = oneshot::channel();
             let cmd = Cmd::Join {
@@ -572,16 +574,16 @@ impl Conn {
                     tx: self.tx.clone(),
                     kill: self.kill.clone(),
                 },
+                welcome,
                 reply,
             };
             if room.tx.send(cmd).await.is_err() {
                 continue;
             }
             match answer.await {
-                Ok(Ok(joined)) => {
+                // The room has queued the welcome.
+                Ok(Ok(_)) => {
                     self.peer = Some((claims.sub.clone(), room.tx.clone(), conn_id));
-                    let group = format!("{}.{}", call.cred_group, claims.sub);
-                    let refresh = self.welcome(&claims.sub, &call.id, &group, &joined);
                     return Ok((claims.sub.clone(), call.id.clone(), group, refresh));
                 }
                 // Gone for good from the room a moment ago, before the store heard of it.
@@ -613,42 +615,29 @@ impl Conn {
     }
 
     /// Fresh credentials for `group`, and when to push the next ones ([`refresh_delay`]).
-    fn mint(&self, group: &str) -> (ServerMsg, Instant) {
+    fn mint(&self, group: &str) -> (control::creds::Minted, Instant) {
         let app = &self.shared.app;
         let minter = &app.settings.minter;
         let now_ms = app.clock.now_ms();
         let minted = minter.mint(group, now_ms / 1000, minter.ttl_s());
         let next = Instant::now() + refresh_delay(now_ms, minted.expires_at);
-        let msg = ServerMsg::IceServers {
-            ice_servers: minted.ice_servers,
-            ice_servers_expire_at: minted.expires_at,
-        };
-        (msg, next)
+        (minted, next)
     }
 
-    /// Sends `welcome`; returns when the credentials in it are due for a refresh.
-    fn welcome(&self, peer_id: &str, call_id: &str, group: &str, joined: &Joined) -> Instant {
-        let (
-            ServerMsg::IceServers {
-                ice_servers,
-                ice_servers_expire_at,
-            },
-            refresh,
-        ) = self.mint(group)
-        else {
-            // `mint` makes nothing else.
-            return Instant::now();
-        };
-        self.send(&ServerMsg::Welcome {
+    /// This peer's `welcome` with fresh credentials, for the room to fill in and queue (the
+    /// others present, whether it resumes), and when those credentials are due for a refresh.
+    fn welcome(&self, peer_id: &str, call_id: &str, group: &str) -> (ServerMsg, Instant) {
+        let (minted, refresh) = self.mint(group);
+        let welcome = ServerMsg::Welcome {
             peer_id: peer_id.to_owned(),
             call_id: call_id.to_owned(),
-            peers: joined.peers.clone(),
-            ice_servers,
-            ice_servers_expire_at,
+            peers: Vec::new(),
+            ice_servers: minted.ice_servers,
+            ice_servers_expire_at: minted.expires_at,
             ping_interval_ms: self.shared.settings.ping_interval.as_millis() as u64,
-            resumed: joined.resumed,
-        });
-        refresh
+            resumed: false,
+        };
+        (welcome, refresh)
     }
 
     async fn main_loop(
@@ -664,7 +653,11 @@ impl Conn {
             let read = tokio::select! {
                 r = self.read(deadline) => r,
                 _ = tokio::time::sleep_until(refresh) => {
-                    let (msg, next) = self.mint(&group);
+                    let (minted, next) = self.mint(&group);
+                    let msg = ServerMsg::IceServers {
+                        ice_servers: minted.ice_servers,
+                        ice_servers_expire_at: minted.expires_at,
+                    };
                     self.reply(&msg).await;
                     refresh = next;
                     continue;

@@ -156,6 +156,17 @@ pub(crate) struct Joined {
     pub(crate) resumed: bool,
 }
 
+impl Joined {
+    /// `welcome` with the room's part filled in: who is here, and whether this resumes.
+    fn fill(&self, mut welcome: ServerMsg) -> ServerMsg {
+        if let ServerMsg::Welcome { peers, resumed, .. } = &mut welcome {
+            peers.clone_from(&self.peers);
+            *resumed = self.resumed;
+        }
+        welcome
+    }
+}
+
 /// Why a join was refused by the room.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub(crate) enum JoinRefused {
@@ -183,6 +194,9 @@ pub(crate) enum Cmd {
     Join {
         peer: PeerInfo,
         handle: ConnHandle,
+        /// The peer's `welcome`, its `peers` and `resumed` filled in by the room: queued by
+        /// the room before the handle can receive anything else (see [`Room::join`]).
+        welcome: ServerMsg,
         reply: oneshot::Sender<Result<Joined, JoinRefused>>,
     },
     /// Relay `msg` (already stamped with `from`) to `to`.
@@ -447,9 +461,10 @@ impl Room {
             Cmd::Join {
                 peer,
                 handle,
+                welcome,
                 reply,
             } => {
-                let result = self.join(peer, handle);
+                let result = self.join(peer, handle, welcome);
                 let _ = reply.send(result);
             }
             Cmd::Signal {
@@ -558,7 +573,15 @@ impl Room {
         false
     }
 
-    fn join(&mut self, peer: PeerInfo, handle: ConnHandle) -> Result<Joined, JoinRefused> {
+    /// Admits `peer` on `handle` and queues its `welcome` there first: once the handle is in
+    /// the room, broadcasts (a `media`, a `peer_joined`) go to it at once, and a client must
+    /// never see those before the `welcome` that tells it who it is.
+    fn join(
+        &mut self,
+        peer: PeerInfo,
+        handle: ConnHandle,
+        welcome: ServerMsg,
+    ) -> Result<Joined, JoinRefused> {
         let id = peer.peer_id.clone();
         if self.departed.contains(&id) {
             return Err(JoinRefused::Left);
@@ -573,12 +596,16 @@ impl Room {
                     metric: DisconnectReason::Replaced,
                 });
             }
-            l.conn = Some(handle);
             l.resume_until = None;
-            return Ok(Joined {
+            let joined = Joined {
                 peers: self.views(&id),
                 resumed: true,
-            });
+            };
+            handle.send(&joined.fill(welcome));
+            if let Some(l) = self.local.get_mut(&id) {
+                l.conn = Some(handle);
+            }
+            return Ok(joined);
         }
         // On another node until now (it moved): known to everyone already, so no announcement.
         let moved = self.remote.remove(&id).is_some();
@@ -592,6 +619,11 @@ impl Room {
         }
         self.bus(BusOp::Put(peer.clone()));
         self.bus(BusOp::Publish(BusEvent::PeerJoined { peer: peer.clone() }));
+        let joined = Joined {
+            peers: self.views(&id),
+            resumed: moved,
+        };
+        handle.send(&joined.fill(welcome));
         self.local.insert(
             id.clone(),
             Local {
@@ -600,10 +632,7 @@ impl Room {
                 resume_until: None,
             },
         );
-        Ok(Joined {
-            peers: self.views(&id),
-            resumed: moved,
-        })
+        Ok(joined)
     }
 
     fn reply_error(&self, to: &str, code: &str, message: &str) {

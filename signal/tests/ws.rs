@@ -6,6 +6,7 @@
 
 mod harness;
 
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt as _, StreamExt as _};
@@ -1136,4 +1137,52 @@ async fn fragments_are_capped_by_the_message_size() {
     let _ = a.ws.flush().await;
     let (end, _) = a.until_end().await;
     assert_eq!(end, End::Closed(1009, "too_large".into()));
+}
+
+/// A room's broadcasts reach a new peer only after its `welcome`: the welcome is queued by the
+/// room as it admits the peer, so a `media` another peer sends at that moment cannot overtake
+/// it (a client that sees `media` before it knows who it is drops it, and shows stale state).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn welcome_comes_first_even_while_others_broadcast() {
+    let node = Node::start(Options {
+        signal: Settings {
+            message_rate: 10_000,
+            message_burst: 10_000,
+            ..Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(32).await;
+    let (talker, _, _) = enter(&node, &code, "Talker").await;
+    // The talker toggles its microphone as fast as it can, on its own task, reading nothing.
+    let (mut sink, _stream) = talker.ws.split();
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flooding = {
+        let stop = Arc::clone(&stop);
+        tokio::spawn(async move {
+            let mut on = false;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                on = !on;
+                let m = json!({"v":1,"type":"media","audio":on,"video":false,"screen":false});
+                if sink
+                    .send(Message::Text(m.to_string().into()))
+                    .await
+                    .is_err()
+                {
+                    break;
+                }
+                tokio::task::yield_now().await;
+            }
+        })
+    };
+    // Each newcomer's first message must be its welcome (`Client::joined` checks).
+    let mut newcomers = Vec::new();
+    for i in 0..20 {
+        let (c, w, _) = enter(&node, &code, &format!("N{i}")).await;
+        assert_eq!(w["type"], "welcome");
+        newcomers.push(c);
+    }
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    flooding.await.unwrap();
 }
