@@ -10,6 +10,9 @@
 const STATS_INTERVAL_MS = 5000;
 const DEFAULT_PING_MS = 15000;
 const PROTOCOL = 1;
+/** Repeats of an unanswered offer, and the wait before each. */
+const OFFER_RETRIES = 3;
+const OFFER_RETRY_MS = 8000;
 
 /** An error from the API, signaling or the browser, with a stable `code`. */
 export class TurnpikeError extends Error {
@@ -378,6 +381,23 @@ class Call extends EventTarget {
     const offer = await peer.pc.createOffer(iceRestart ? { iceRestart: true } : undefined);
     await peer.pc.setLocalDescription(offer);
     this._send({ type: "offer", to: peer.id, sdp: peer.pc.localDescription.sdp });
+    this._awaitAnswer(peer, 0);
+  }
+
+  /**
+   * Sends the offer again (now with the candidates gathered so far) while no answer came: a
+   * message lost on a socket that dropped and resumed must not leave a pair unconnected. The
+   * answerer takes a repeated offer like any other, so this cannot cross with anything.
+   */
+  _awaitAnswer(peer, tries) {
+    if (tries >= OFFER_RETRIES) return;
+    setTimeout(() => {
+      if (this._ended || this._peers.get(peer.id) !== peer) return;
+      const pc = peer.pc;
+      if (pc.signalingState !== "have-local-offer" || !pc.localDescription) return;
+      this._send({ type: "offer", to: peer.id, sdp: pc.localDescription.sdp });
+      this._awaitAnswer(peer, tries + 1);
+    }, OFFER_RETRY_MS);
   }
 
   async _onOffer(peer, sdp) {
