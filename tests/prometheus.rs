@@ -21,10 +21,9 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use common::serve::{http, raw_http, Serve, ADMIN, SECRET, WAIT};
-use futures_util::{SinkExt as _, StreamExt as _};
+use common::serve::{http, raw_http, Serve, ADMIN, SECRET};
+use common::ws::{connect, recv_type, send, Ws};
 use serde_json::{json, Value};
-use tokio_tungstenite::tungstenite::Message;
 
 const ROOT: &str = env!("CARGO_MANIFEST_DIR");
 
@@ -159,36 +158,9 @@ fn call_with(serve: &Serve, names: &[&str]) -> (String, String, Vec<Value>) {
     (key, call["id"].as_str().unwrap().to_owned(), joins)
 }
 
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-async fn recv_type(ws: &mut Ws, t: &str) -> Value {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {t} in time"))
-            .expect("socket ended")
-            .unwrap();
-        if let Message::Text(text) = m {
-            let v: Value = serde_json::from_str(&text).unwrap();
-            if v["type"] == t {
-                return v;
-            }
-        }
-    }
-}
-
 /// Connects a joined participant to signaling: (socket, peer id).
-async fn connect(serve: &Serve, join: &Value) -> (Ws, String) {
-    let url = format!("ws://{}/v1/signal", serve.control);
-    let (mut ws, _) = tokio_tungstenite::connect_async(url).await.unwrap();
-    let token = join["signal_token"].as_str().unwrap();
-    send(&mut ws, json!({"v":1,"type":"auth","token":token})).await;
-    let welcome = recv_type(&mut ws, "welcome").await;
+async fn join_signal(serve: &Serve, join: &Value) -> (Ws, String) {
+    let (ws, welcome) = connect(serve.control, join["signal_token"].as_str().unwrap()).await;
     (ws, welcome["peer_id"].as_str().unwrap().to_owned())
 }
 
@@ -196,8 +168,8 @@ async fn connect(serve: &Serve, join: &Value) -> (Ws, String) {
 /// leaves: signaling, call-quality and control-plane metrics all move.
 async fn drive_a_call(serve: &Serve) {
     let (_, _, joins) = call_with(serve, &["Ada", "Bob"]);
-    let (mut a, ida) = connect(serve, &joins[0]).await;
-    let (mut b, idb) = connect(serve, &joins[1]).await;
+    let (mut a, ida) = join_signal(serve, &joins[0]).await;
+    let (mut b, idb) = join_signal(serve, &joins[1]).await;
     send(&mut a, json!({"v":1,"type":"offer","to":idb,"sdp":"v=0"})).await;
     recv_type(&mut b, "offer").await;
     send(&mut b, json!({"v":1,"type":"answer","to":ida,"sdp":"v=0"})).await;

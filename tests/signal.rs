@@ -8,13 +8,13 @@ mod common;
 #[path = "../control/tests/common/redis.rs"]
 mod redis;
 
-use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
 use common::node::Node;
 use common::serve::{http, raw_http, Serve, ADMIN, SECRET, WAIT};
-use futures_util::{SinkExt as _, StreamExt as _};
+use common::ws::{connect, recv_type, send, Ws};
+use futures_util::StreamExt as _;
 use serde_json::{json, Value};
 use tokio_tungstenite::tungstenite::Message;
 
@@ -44,6 +44,7 @@ hash-key = "signal-e2e-hash-key-0123456789"
 jwt-keys = [{{ kid = "k1", secret = "signal-e2e-jwt-secret-0123456789abcdef" }}]
 
 [signal]
+listen = "127.0.0.1:0"
 node-timeout = "{node_timeout}"
 resume-window = "0s"
 
@@ -56,39 +57,6 @@ listen = "127.0.0.1:0"
     )
     .unwrap();
     path
-}
-
-type Ws =
-    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
-
-async fn send(ws: &mut Ws, v: Value) {
-    ws.send(Message::Text(v.to_string().into())).await.unwrap();
-}
-
-async fn recv_type(ws: &mut Ws, t: &str) -> Value {
-    loop {
-        let m = tokio::time::timeout(WAIT, ws.next())
-            .await
-            .unwrap_or_else(|_| panic!("no {t} in time"))
-            .expect("socket ended")
-            .unwrap();
-        if let Message::Text(text) = m {
-            let v: Value = serde_json::from_str(&text).unwrap();
-            if v["type"] == t {
-                return v;
-            }
-        }
-    }
-}
-
-/// Connects to `control`'s `/v1/signal` and authenticates: (socket, welcome).
-async fn connect(control: SocketAddr, token: &str) -> (Ws, Value) {
-    let (mut ws, _) = tokio_tungstenite::connect_async(format!("ws://{control}/v1/signal"))
-        .await
-        .unwrap();
-    send(&mut ws, json!({"v":1,"type":"auth","token":token})).await;
-    let w = recv_type(&mut ws, "welcome").await;
-    (ws, w)
 }
 
 /// An app, a call and two joins through `serve`'s API: (key, call id, two join answers).

@@ -1,3 +1,4 @@
 pub(crate) mod browser;
 pub(crate) mod node;
 pub(crate) mod serve;
+pub(crate) mod ws;
