@@ -15,7 +15,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
-use control::jwt::JwtError;
+use control::jwt::{Claims, JwtError};
 use control::store::CallState;
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
@@ -333,6 +333,25 @@ struct Conn {
     connection_type_counted: Option<(quality::CandidateType, quality::RelayProtocol)>,
 }
 
+/// An authenticated peer, as `main_loop` starts with it.
+struct Joined {
+    peer_id: String,
+    call_id: String,
+    /// Its TURN credential group.
+    group: String,
+    /// Of the token it authenticated with: the template of the fresh ones.
+    claims: Claims,
+    timers: Timers,
+}
+
+/// When the next server-initiated pushes are due.
+struct Timers {
+    /// Fresh TURN credentials (`ice_servers`).
+    ice_servers: Instant,
+    /// A fresh signaling token (`token`).
+    token: Instant,
+}
+
 /// What the read loop made of one frame.
 enum Read {
     Text(Utf8Bytes),
@@ -457,8 +476,7 @@ impl Conn {
         };
         self.pending.release();
         self.shared.metrics.connections_active().inc();
-        let (peer_id, call_id, group, refresh) = joined;
-        self.main_loop(peer_id, call_id, group, refresh).await
+        self.main_loop(joined).await
     }
 
     fn unauthorized(&self, message: &str) -> DisconnectReason {
@@ -482,10 +500,7 @@ impl Conn {
     }
 
     /// Verifies the token, checks it against the store and joins the room.
-    async fn authenticate(
-        &mut self,
-        token: &str,
-    ) -> Result<(String, String, String, Instant), DisconnectReason> {
+    async fn authenticate(&mut self, token: &str) -> Result<Joined, DisconnectReason> {
         let app = &self.shared.app;
         let now_ms = app.clock.now_ms();
         let claims =
@@ -584,7 +599,17 @@ impl Conn {
                 // The room has queued the welcome.
                 Ok(Ok(_)) => {
                     self.peer = Some((claims.sub.clone(), room.tx.clone(), conn_id));
-                    return Ok((claims.sub.clone(), call.id.clone(), group, refresh));
+                    let token_due = Instant::now() + refresh_delay(now_ms, claims.exp);
+                    return Ok(Joined {
+                        peer_id: claims.sub.clone(),
+                        call_id: call.id.clone(),
+                        group,
+                        timers: Timers {
+                            ice_servers: refresh,
+                            token: token_due,
+                        },
+                        claims,
+                    });
                 }
                 // Gone for good from the room a moment ago, before the store heard of it.
                 Ok(Err(JoinRefused::Left)) => return Err(self.left()),
@@ -640,26 +665,57 @@ impl Conn {
         (welcome, refresh)
     }
 
-    async fn main_loop(
-        &mut self,
-        peer_id: String,
-        call_id: String,
-        group: String,
-        mut refresh: Instant,
-    ) -> DisconnectReason {
+    /// A fresh signaling token for this peer, and when to push the next one. The claims are
+    /// the verified ones of the current token with a new lifetime, signed by the control
+    /// plane's first key as `POST /v1/join` does: same `iss`, `aud`, `sub`, call, role, name.
+    ///
+    /// The `jti` stays: `auth` accepts only the participant's stored `jti` (the one of its
+    /// admission), and a kick or a leave is recorded on the participant, not on a token, so
+    /// every token of the admission is refused together once the peer is kicked or gone.
+    fn renew(&self, claims: &mut Claims) -> (ServerMsg, Instant) {
+        let app = &self.shared.app;
+        let now_ms = app.clock.now_ms();
+        let now_s = now_ms / 1000;
+        claims.iat = now_s;
+        claims.nbf = now_s;
+        claims.exp = now_s + app.settings.token_ttl.as_secs();
+        let msg = ServerMsg::Token {
+            token: app.settings.jwt.sign(claims),
+            expires_at: claims.exp,
+        };
+        (msg, Instant::now() + refresh_delay(now_ms, claims.exp))
+    }
+
+    async fn main_loop(&mut self, joined: Joined) -> DisconnectReason {
+        let Joined {
+            peer_id,
+            call_id,
+            group,
+            mut claims,
+            mut timers,
+        } = joined;
         let idle = self.shared.settings.idle_timeout;
         let mut deadline = Instant::now() + idle;
         loop {
+            // Two independent schedules (TURN credentials, signaling token), each re-armed
+            // from what it just pushed; neither resets the idle deadline: only the client's
+            // messages count as activity.
             let read = tokio::select! {
                 r = self.read(deadline) => r,
-                _ = tokio::time::sleep_until(refresh) => {
+                _ = tokio::time::sleep_until(timers.ice_servers) => {
                     let (minted, next) = self.mint(&group);
                     let msg = ServerMsg::IceServers {
                         ice_servers: minted.ice_servers,
                         ice_servers_expire_at: minted.expires_at,
                     };
                     self.reply(&msg).await;
-                    refresh = next;
+                    timers.ice_servers = next;
+                    continue;
+                }
+                _ = tokio::time::sleep_until(timers.token) => {
+                    let (msg, next) = self.renew(&mut claims);
+                    self.reply(&msg).await;
+                    timers.token = next;
                     continue;
                 }
             };
@@ -837,13 +893,13 @@ impl Conn {
     }
 }
 
-/// Least time between two credential pushes, whatever the lifetime: a zero or sub-second
+/// Least time between two credential (or token) pushes, whatever the lifetime: a zero or sub-second
 /// `ttl` (a misconfiguration) must not become a loop of pushes.
 const MIN_REFRESH: Duration = Duration::from_secs(1);
 
 /// How long after minting, at `now_ms` (Unix ms), credentials that expire at `expires_at_s`
 /// (Unix s) the next ones are pushed: at 80 % of their lifetime, so that the client has them
-/// before the old ones stop working mid-call.
+/// before the old ones stop working mid-call. Signaling tokens (`exp`) are scheduled alike.
 ///
 /// The lifetime is counted from the mint instant to the expiry actually written in the
 /// username, not taken as the configured ttl: the expiry is in whole seconds (rounded down

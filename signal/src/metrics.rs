@@ -24,7 +24,7 @@ const IN_TYPES: [&str; 11] = [
     "rate_limited",
 ];
 /// Server → client message types.
-const OUT_TYPES: [&str; 11] = [
+const OUT_TYPES: [&str; 12] = [
     "welcome",
     "peer_joined",
     "peer_left",
@@ -33,6 +33,7 @@ const OUT_TYPES: [&str; 11] = [
     "candidate",
     "media",
     "ice_servers",
+    "token",
     "call_ended",
     "error",
     "pong",

@@ -308,6 +308,15 @@ pub enum ServerMsg {
         /// When these expire (Unix seconds).
         ice_servers_expire_at: u64,
     },
+    /// A fresh signaling token (sent at 80 % of the current one's lifetime), for reconnecting:
+    /// `auth` happens once per socket, so without it a socket that drops after the token
+    /// expired could never resume.
+    Token {
+        /// The JWT, for the next `auth`.
+        token: String,
+        /// When it expires (Unix seconds; its `exp`).
+        expires_at: u64,
+    },
     /// The call is over; the socket closes next.
     CallEnded {
         /// `api`, `empty`, `expired`.
@@ -336,6 +345,7 @@ impl ServerMsg {
             Self::Candidate { .. } => "candidate",
             Self::Media { .. } => "media",
             Self::IceServers { .. } => "ice_servers",
+            Self::Token { .. } => "token",
             Self::CallEnded { .. } => "call_ended",
             Self::Error { .. } => "error",
             Self::Pong => "pong",
@@ -383,6 +393,7 @@ impl ServerMsg {
             Some("candidate") => "candidate",
             Some("media") => "media",
             Some("ice_servers") => "ice_servers",
+            Some("token") => "token",
             Some("call_ended") => "call_ended",
             Some("pong") => "pong",
             _ => "error",
@@ -489,5 +500,15 @@ mod tests {
         .unwrap();
         assert_eq!(v["type"], "peer_left");
         assert_eq!(ServerMsg::label_of(&v), "peer_left");
+        let token = ServerMsg::Token {
+            token: "a.b.c".into(),
+            expires_at: 1_800_000_300,
+        };
+        assert_eq!(
+            token.to_text(),
+            r#"{"v":1,"type":"token","token":"a.b.c","expires_at":1800000300}"#
+        );
+        assert_eq!(token.label(), "token");
+        assert_eq!(ServerMsg::label_of(&token.to_value()), "token");
     }
 }

@@ -1,6 +1,6 @@
 //! Signaling with real WebSocket clients on one node (memory store): the exchange between two
 //! and three peers, media, stats into the histograms, lifecycle (kick, end, resume, empty
-//! timeout, credential refresh), and the refusals and limits of the protocol.
+//! timeout, credential and token refresh), and the refusals and limits of the protocol.
 
 #![allow(clippy::unwrap_used)]
 
@@ -9,6 +9,7 @@ mod harness;
 use std::sync::Arc;
 use std::time::Duration;
 
+use control::api::ManualClock;
 use futures_util::{SinkExt as _, StreamExt as _};
 use harness::{enter, eventually, Client, End, Node, Options};
 use serde_json::json;
@@ -512,6 +513,174 @@ async fn fresh_credentials_come_at_80_percent_of_their_lifetime_and_before_expir
     );
     assert!(fresh["ice_servers_expire_at"].as_u64().unwrap() * 1000 > expires_ms);
     assert_ne!(turn_username(&w), turn_username(&fresh));
+}
+
+/// Reads until `pong` (after sending `ping`); returns what came before it.
+async fn until_pong(c: &mut Client) -> Vec<serde_json::Value> {
+    c.send(json!({"v":1,"type":"ping"})).await;
+    let mut seen = Vec::new();
+    loop {
+        let m = c.recv().await;
+        if m["type"] == "pong" {
+            return seen;
+        }
+        seen.push(m);
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_token_resumes_a_dropped_socket_after_the_first_token_expired() {
+    // The control plane's clock stands still unless moved: the tokens' times follow it, while
+    // the push is scheduled in real time from the lifetime the clock gives (80 % of 4 s).
+    // A whole second, so that lifetime is exactly 4 s.
+    const T0_MS: u64 = 1_800_000_000_000;
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let node = Node::start(Options {
+        token_ttl: Duration::from_secs(4),
+        clock: clock.clone(),
+        ..Options::default()
+    })
+    .await;
+    let issuer = format!("http://{}", node.addr);
+    let jwt = &node.state.settings.jwt;
+    let (_, _, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let started = tokio::time::Instant::now();
+    let (b, wb, jb) = enter(&node, &code, "B").await;
+    let idb = s(&wb["peer_id"]).to_owned();
+    a.recv_type("peer_joined").await;
+    let first = s(&jb["signal_token"]).to_owned();
+    let first_claims = jwt.verify(&first, &issuer, T0_MS / 1000, 0).unwrap();
+    assert_eq!(first_claims.exp, T0_MS / 1000 + 4);
+
+    // 3 s of the token's 4 pass on the control plane's clock before the push is due.
+    clock.advance(Duration::from_secs(3));
+    let mut b = b;
+    let pushed = b.recv_type("token").await;
+    let elapsed = started.elapsed();
+    assert!(
+        elapsed >= Duration::from_millis(3_200),
+        "pushed after {elapsed:?}: before 80 % of the 4 s lifetime"
+    );
+    assert!(
+        elapsed < Duration::from_secs(4),
+        "pushed after {elapsed:?}: the first token had expired"
+    );
+    let token = s(&pushed["token"]).to_owned();
+    assert_ne!(token, first);
+    // Minted at the clock's T0 + 3 s, when the first token still had a second to live.
+    let claims = jwt.verify(&token, &issuer, T0_MS / 1000 + 3, 0).unwrap();
+    assert_eq!(claims.iat, T0_MS / 1000 + 3);
+    assert_eq!(claims.nbf, claims.iat);
+    assert_eq!(claims.exp, claims.iat + 4);
+    assert_eq!(pushed["expires_at"].as_u64(), Some(claims.exp));
+    assert_eq!(
+        (&claims.iss, &claims.aud, &claims.sub, &claims.call),
+        (
+            &first_claims.iss,
+            &first_claims.aud,
+            &first_claims.sub,
+            &first_claims.call
+        )
+    );
+    assert_eq!(
+        (claims.role, &claims.name, &claims.jti),
+        (first_claims.role, &first_claims.name, &first_claims.jti)
+    );
+    assert_eq!(claims.sub, idb);
+    assert!(
+        node.metric("turnpike_signal_messages_sent_total", &[("type", "token")]) >= 1.0,
+        "the push is counted"
+    );
+
+    // Past the first token's expiry and its leeway; within the pushed one's.
+    clock.set(T0_MS + (4 + signal::LEEWAY_S + 1) * 1000);
+    drop(b); // the TCP connection goes away without a close frame: resumable for 30 s
+    let expired = node.metric(
+        "turnpike_signal_auth_failures_total",
+        &[("reason", "expired")],
+    );
+    let mut old = Client::connect(&node.ws_url()).await;
+    old.send(json!({"v":1,"type":"auth","token":first})).await;
+    let (end, _) = old.until_end().await;
+    assert_eq!(end, End::Closed(4001, "unauthorized".into()));
+    assert_eq!(
+        node.metric(
+            "turnpike_signal_auth_failures_total",
+            &[("reason", "expired")]
+        ),
+        expired + 1.0,
+        "the first token was refused as expired"
+    );
+
+    let (mut b2, w2) = Client::joined(&node.ws_url(), &token).await;
+    assert_eq!(w2["resumed"], true, "{w2}");
+    assert_eq!(w2["peer_id"], idb.as_str());
+    // A saw neither a leave nor a join (only its own token pushes, maybe).
+    let seen = until_pong(&mut a).await;
+    assert!(
+        seen.iter()
+            .all(|m| m["type"] != "peer_left" && m["type"] != "peer_joined"),
+        "{seen:?}"
+    );
+    // The resumed socket works and keeps getting fresh tokens.
+    assert!(until_pong(&mut b2)
+        .await
+        .iter()
+        .all(|m| m["type"] == "token"));
+    let next = b2.recv_type("token").await;
+    assert!(next["expires_at"].as_u64() >= Some(claims.exp));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pushed_token_of_a_kicked_or_left_peer_is_refused() {
+    let node = Node::start(Options {
+        token_ttl: Duration::from_secs(2),
+        ..Options::default()
+    })
+    .await;
+    let (key, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (mut b, wb, _) = enter(&node, &code, "B").await;
+    let (mut c, _, _) = enter(&node, &code, "C").await;
+    let idb = s(&wb["peer_id"]).to_owned();
+    let token_b = s(&b.recv_type("token").await["token"]).to_owned();
+    let token_c = s(&c.recv_type("token").await["token"]).to_owned();
+    a.recv_type("peer_joined").await;
+
+    let (status, v) = node
+        .http(
+            "DELETE",
+            &format!("/v1/calls/{call}/participants/{idb}"),
+            Some(&key),
+            None,
+        )
+        .await;
+    assert_eq!(status.as_u16(), 204, "{v}");
+    let (end, _) = b.until_end().await;
+    assert_eq!(end, End::Closed(4003, "kicked".into()));
+    let revoked = node.metric(
+        "turnpike_signal_auth_failures_total",
+        &[("reason", "revoked")],
+    );
+    let mut again = Client::connect(&node.ws_url()).await;
+    again
+        .send(json!({"v":1,"type":"auth","token":token_b}))
+        .await;
+    let (end, _) = again.until_end().await;
+    assert_eq!(end, End::Closed(4001, "unauthorized".into()));
+    assert_eq!(
+        node.metric(
+            "turnpike_signal_auth_failures_total",
+            &[("reason", "revoked")]
+        ),
+        revoked + 1.0
+    );
+
+    c.send(json!({"v":1,"type":"leave"})).await;
+    let (end, _) = c.until_end().await;
+    assert_eq!(end, End::Closed(1000, "leave".into()));
+    refused_as_left(&node, &token_c).await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

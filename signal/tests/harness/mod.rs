@@ -12,7 +12,7 @@ use axum::body::Body;
 use axum::extract::ConnectInfo;
 use axum::http::{header, Request, StatusCode};
 use axum::Router;
-use control::api::{ControlMetrics, Limits, NoRevoker, SystemClock};
+use control::api::{Clock, ControlMetrics, Limits, NoRevoker, SystemClock};
 use control::creds::Minter;
 use control::jwt::{JwtKey, Keys};
 use control::secrets::HashKey;
@@ -45,7 +45,12 @@ pub struct Options {
     pub store: Arc<dyn Store>,
     pub bus: Option<Arc<dyn Bus>>,
     pub credential_ttl_s: u64,
+    /// `control.token-ttl`: the signaling token's lifetime.
+    pub token_ttl: Duration,
     pub revoker: Arc<dyn Revoker>,
+    /// The control plane's clock (token times, call expiry): a `ManualClock` lets a test
+    /// expire tokens without waiting out the JWT leeway.
+    pub clock: Arc<dyn Clock>,
 }
 
 impl Default for Options {
@@ -55,7 +60,9 @@ impl Default for Options {
             store: Arc::new(MemoryStore::new()),
             bus: None,
             credential_ttl_s: 3600,
+            token_ttl: Duration::from_secs(600),
             revoker: Arc::new(NoRevoker),
+            clock: Arc::new(SystemClock),
         }
     }
 }
@@ -121,10 +128,13 @@ impl Node {
         // steps through a cell, as the binary does.
         let events = Arc::new(signal::LateEvents::default());
         let state = AppState {
-            settings: Arc::new(control_settings(&public_url, opts.credential_ttl_s)),
+            settings: Arc::new(control::Settings {
+                token_ttl: opts.token_ttl,
+                ..control_settings(&public_url, opts.credential_ttl_s)
+            }),
             store: opts.store,
             revoker: opts.revoker,
-            clock: Arc::new(SystemClock),
+            clock: opts.clock,
             metrics: ControlMetrics::new(&registry).unwrap(),
             events: events.clone(),
         };
