@@ -1,6 +1,7 @@
 // The join page (served at /join/{code} and /join#token=…), built on the SDK.
 //
-// DOM contract (tests rely on it): #call[data-status] is idle | joining | joined | ended | error;
+// DOM contract (tests rely on it): #call[data-status] is idle | joining | joined | reconnecting
+// (the signaling socket dropped; the SDK is getting it back) | ended | error;
 // each remote peer is a .peer-tile with data-peer-id, data-state (the RTCPeerConnection's
 // connectionState) and data-candidate (direct | relay-udp | relay-tcp | relay-tls, "" until
 // known); errors show in #error with data-code (the API's error code).
@@ -210,6 +211,15 @@ function wire(c) {
     // How many credential refreshes were applied (for tests and whoever debugs).
     root.dataset.iceRefreshes = String(Number(root.dataset.iceRefreshes || 0) + 1);
   });
+  c.on("reconnecting", () => {
+    // The media may well go on meanwhile (the peer connections do not need signaling).
+    setStatus("reconnecting");
+    notice("Reconnecting…");
+  });
+  c.on("reconnected", () => {
+    setStatus("joined");
+    notice("");
+  });
   c.on("error", ({ code, message }) => {
     // Signaling refused one message: the call goes on; log it for whoever debugs.
     console.warn("turnpike:", code, message);
@@ -223,6 +233,7 @@ function wire(c) {
     notice(ENDED[reason] || "The call has ended.");
     if (reason === "call_full") showError("call_full");
     call = null;
+    window.__turnpikeCall = null;
     // Join again (a code admits again; a personal token was used up and will say so).
     $("#join-form").hidden = false;
     $("#join-button").disabled = false;
@@ -268,6 +279,9 @@ async function join(ev) {
     return;
   }
   wire(call);
+  // The SDK's call object, for tests and whoever debugs from the console (e.g. a browser test
+  // drops its signaling socket to check the reconnect). Not an API.
+  window.__turnpikeCall = call;
   setStatus("joined");
   notice("");
   $("#join-form").hidden = true;

@@ -13,6 +13,21 @@ const PROTOCOL = 1;
 /** Repeats of an unanswered offer, and the wait before each. */
 const OFFER_RETRIES = 3;
 const OFFER_RETRY_MS = 8000;
+/**
+ * Reconnecting a dropped signaling socket: the first try after RECONNECT_FIRST_MS, each next
+ * one after twice as long (at most RECONNECT_MAX_MS), for as long as the server keeps the seat
+ * (`signal.resume-window`, 30 s unless told otherwise with `resumeWindowMs`).
+ */
+const RECONNECT_FIRST_MS = 500;
+const RECONNECT_MAX_MS = 8000;
+const DEFAULT_RESUME_WINDOW_MS = 30000;
+/** A try that has no `welcome` by then is given up (the server's auth deadline is 5 s). */
+const RECONNECT_ATTEMPT_MS = 10000;
+/**
+ * Reasons (from a close code or an `error` before `welcome`) after which trying again cannot
+ * help: the call is over, this peer was removed or refused, or another tab took its place.
+ */
+const FINAL = new Set(["call_ended", "unauthorized", "kicked", "replaced", "call_full"]);
 
 /** An error from the API, signaling or the browser, with a stable `code`. */
 export class TurnpikeError extends Error {
@@ -76,6 +91,13 @@ class Call extends EventTarget {
     this.role = joined.role;
     this.name = opts.name;
     this._iceServers = joined.ice_servers || [];
+    // The latest signaling token: the join's, then each one the server pushes (`token`), so
+    // that a reconnect after the join's token expired can still resume.
+    this._token = joined.signal_token;
+    this._resumeWindowMs = finite(opts.resumeWindowMs) ?? DEFAULT_RESUME_WINDOW_MS;
+    this._autoReconnect = opts.reconnect !== false;
+    /** While reconnecting: `{deadline, attempt, timer, reason}`. */
+    this._reconnect = null;
     this._relayOnly = !!opts.relayOnly;
     this._peers = new Map();
     this._ws = null;
@@ -175,60 +197,202 @@ class Call extends EventTarget {
   /** Opens signaling and resolves on `welcome`. */
   _connect() {
     return new Promise((resolve, reject) => {
-      let welcomed = false;
-      const ws = new WebSocket(this._joined.signal_url);
-      this._ws = ws;
-      ws.onopen = () => {
-        ws.send(JSON.stringify({ v: PROTOCOL, type: "auth", token: this._joined.signal_token }));
-      };
-      ws.onmessage = (ev) => {
-        let msg;
-        try {
-          msg = JSON.parse(ev.data);
-        } catch (_) {
-          return;
-        }
-        if (!welcomed) {
-          if (msg.type === "welcome") {
-            welcomed = true;
-            this._welcome(msg);
-            resolve(this);
-            // Peers are set up on the next task, once the caller has its listeners attached
-            // (`await Turnpike.join(…)` resumes in a microtask, before this runs).
-            setTimeout(() => this._start(msg), 0);
-          } else if (msg.type === "error") {
-            // `full` from signaling means what the API's 409 `call_full` means: one code.
-            const code = msg.code === "full" ? "call_full" : msg.code || "signal_error";
-            reject(new TurnpikeError(code, msg.message));
-          } else if (msg.type === "call_ended") {
-            reject(new TurnpikeError("call_ended", "The call has ended."));
-          }
-          return;
-        }
-        if (this._backlog) this._backlog.push(msg);
-        else this._onMessage(msg);
-      };
-      ws.onerror = () => {
-        if (!welcomed) reject(new TurnpikeError("signal_unreachable", "Cannot reach signaling."));
-      };
-      ws.onclose = (ev) => {
-        if (!welcomed) {
-          reject(new TurnpikeError(closeCode(ev.code) || "signal_closed", ev.reason || "Signaling closed the connection."));
-          return;
-        }
-        if (!this._ended) this._end(closeCode(ev.code) || "disconnected");
-      };
+      this._openSocket({
+        welcome: (msg) => {
+          this._welcome(msg);
+          resolve(this);
+          // Peers are set up on the next task, once the caller has its listeners attached
+          // (`await Turnpike.join(…)` resumes in a microtask, before this runs).
+          setTimeout(() => this._start(msg), 0);
+        },
+        refused: reject,
+      });
     });
+  }
+
+  /**
+   * Opens one signaling socket and authenticates with the latest token. Before `welcome`,
+   * calls `handlers.welcome(msg)` or, once, `handlers.refused(TurnpikeError)`; after it,
+   * messages go to the call and a close to `_onSocketClosed`. Events of a socket that is no
+   * longer the call's (`this._ws`) are ignored. Returns the socket.
+   */
+  _openSocket(handlers) {
+    let welcomed = false;
+    let settled = false;
+    const ws = new WebSocket(this._joined.signal_url);
+    this._ws = ws;
+    const refuse = (err) => {
+      if (settled) return;
+      settled = true;
+      handlers.refused(err);
+    };
+    ws.onopen = () => {
+      if (this._ws !== ws) return;
+      ws.send(JSON.stringify({ v: PROTOCOL, type: "auth", token: this._token }));
+    };
+    ws.onmessage = (ev) => {
+      if (this._ws !== ws) return;
+      let msg;
+      try {
+        msg = JSON.parse(ev.data);
+      } catch (_) {
+        return;
+      }
+      if (!welcomed) {
+        if (msg.type === "welcome") {
+          welcomed = true;
+          settled = true;
+          handlers.welcome(msg);
+        } else if (msg.type === "error") {
+          // `full` from signaling means what the API's 409 `call_full` means: one code.
+          const code = msg.code === "full" ? "call_full" : msg.code || "signal_error";
+          refuse(new TurnpikeError(code, msg.message));
+        } else if (msg.type === "call_ended") {
+          refuse(new TurnpikeError("call_ended", "The call has ended."));
+        }
+        return;
+      }
+      if (this._backlog) this._backlog.push(msg);
+      else this._onMessage(msg);
+    };
+    ws.onerror = () => {
+      if (this._ws === ws && !welcomed) refuse(new TurnpikeError("signal_unreachable", "Cannot reach signaling."));
+    };
+    ws.onclose = (ev) => {
+      if (this._ws !== ws) return;
+      if (!welcomed) {
+        refuse(new TurnpikeError(closeCode(ev.code) || "signal_closed", ev.reason || "Signaling closed the connection."));
+        return;
+      }
+      this._onSocketClosed(ev);
+    };
+    return ws;
+  }
+
+  /** The call's socket closed after `welcome`: the end, or a reconnect within the window. */
+  _onSocketClosed(ev) {
+    if (this._ended) return;
+    const reason = closeCode(ev.code);
+    if (FINAL.has(reason) || !this._autoReconnect || this._resumeWindowMs <= 0) {
+      this._end(reason || "disconnected");
+      return;
+    }
+    clearInterval(this._pingTimer);
+    this._pingTimer = null;
+    this._reconnect = {
+      deadline: performance.now() + this._resumeWindowMs,
+      attempt: 0,
+      timer: null,
+      reason: reason || "disconnected",
+    };
+    this._scheduleAttempt();
+  }
+
+  /** The next try, after the backoff; the end when the resume window has passed. */
+  _scheduleAttempt() {
+    const r = this._reconnect;
+    if (!r || this._ended) return;
+    const left = r.deadline - performance.now();
+    if (left <= 0) {
+      this._end("disconnected");
+      return;
+    }
+    const delay = Math.min(RECONNECT_FIRST_MS * 2 ** r.attempt, RECONNECT_MAX_MS, left);
+    r.attempt += 1;
+    this._emit("reconnecting", { attempt: r.attempt, delayMs: Math.round(delay), reason: r.reason });
+    r.timer = setTimeout(() => this._attempt(), delay);
+  }
+
+  _attempt() {
+    const r = this._reconnect;
+    if (!r || this._ended) return;
+    let giveUp = null;
+    const ws = this._openSocket({
+      welcome: (msg) => {
+        clearTimeout(giveUp);
+        this._resumed(msg);
+      },
+      refused: (err) => {
+        clearTimeout(giveUp);
+        if (this._ended || this._reconnect !== r) return;
+        if (ws.readyState === WebSocket.CONNECTING || ws.readyState === WebSocket.OPEN) {
+          try {
+            ws.close();
+          } catch (_) {
+            // closing anyway
+          }
+        }
+        // Refused for good (the token too old, the peer gone from the call, kicked meanwhile)
+        // ends the call; anything else (no network yet, `unavailable`) tries again.
+        if (err.code === "call_ended") this._end("call_ended");
+        else if (FINAL.has(err.code)) this._end("disconnected");
+        else this._scheduleAttempt();
+      },
+    });
+    // A socket that never opens or never answers (a half-dead network) must not stall the
+    // tries: closing it counts as a failed try.
+    giveUp = setTimeout(() => {
+      try {
+        ws.close();
+      } catch (_) {
+        // closing anyway
+      }
+    }, RECONNECT_ATTEMPT_MS);
+  }
+
+  /** `welcome` on a reconnect. */
+  _resumed(msg) {
+    const r = this._reconnect;
+    this._reconnect = null;
+    if (Array.isArray(msg.ice_servers)) this._applyIceServers(msg.ice_servers, msg.ice_servers_expire_at);
+    this._startPing(msg);
+    this._send({ type: "media", ...this._media });
+    if (msg.resumed) {
+      // The others saw nothing: the peer connections go on. Offers or answers sent to us
+      // while away were lost; repeat ours where a pair is still waiting.
+      for (const peer of this._peers.values()) {
+        if (!peer.offerer) continue;
+        const pc = peer.pc;
+        if (pc.signalingState === "have-local-offer" && pc.localDescription) {
+          this._send({ type: "offer", to: peer.id, sdp: pc.localDescription.sdp });
+        } else if (pc.connectionState === "failed") {
+          this._inOrder(peer.id, (p) => this._offer(p, true));
+        }
+      }
+    } else {
+      // Admitted as a newcomer (the server no longer held this socket's place, e.g. its node
+      // restarted): the others start over with us, so do we.
+      for (const id of [...this._peers.keys()]) this._removePeer(id, "disconnected");
+      this._start(msg);
+    }
+    this._emit("reconnected", { resumed: !!msg.resumed, attempts: r ? r.attempt : 0 });
   }
 
   _welcome(msg) {
     this.peerId = msg.peer_id;
     this.callId = msg.call_id;
     if (Array.isArray(msg.ice_servers)) this._iceServers = msg.ice_servers;
-    const interval = finite(msg.ping_interval_ms) || DEFAULT_PING_MS;
-    this._pingTimer = setInterval(() => this._send({ type: "ping" }), interval);
+    this._startPing(msg);
     this._statsTimer = setInterval(() => this._statsTick(), STATS_INTERVAL_MS);
     this._send({ type: "media", ...this._media });
+  }
+
+  _startPing(welcome) {
+    clearInterval(this._pingTimer);
+    const interval = finite(welcome.ping_interval_ms) || DEFAULT_PING_MS;
+    this._pingTimer = setInterval(() => this._send({ type: "ping" }), interval);
+  }
+
+  _applyIceServers(iceServers, expiresAt) {
+    this._iceServers = iceServers;
+    for (const peer of this._peers.values()) {
+      try {
+        peer.pc.setConfiguration(this._pcConfig());
+      } catch (e) {
+        this._error(e);
+      }
+    }
+    this._emit("ice-servers", { iceServers, expiresAt });
   }
 
   _start(welcome) {
@@ -269,17 +433,11 @@ class Call extends EventTarget {
         break;
       }
       case "ice_servers":
-        if (Array.isArray(msg.ice_servers)) {
-          this._iceServers = msg.ice_servers;
-          for (const peer of this._peers.values()) {
-            try {
-              peer.pc.setConfiguration(this._pcConfig());
-            } catch (e) {
-              this._error(e);
-            }
-          }
-          this._emit("ice-servers", { iceServers: msg.ice_servers, expiresAt: msg.ice_servers_expire_at });
-        }
+        if (Array.isArray(msg.ice_servers)) this._applyIceServers(msg.ice_servers, msg.ice_servers_expire_at);
+        break;
+      case "token":
+        // Kept for the next `auth` (a reconnect): the join's token expires mid-call.
+        if (typeof msg.token === "string" && msg.token) this._token = msg.token;
         break;
       case "call_ended":
         this._end(msg.reason || "ended");
@@ -460,6 +618,8 @@ class Call extends EventTarget {
   _end(reason) {
     if (this._ended) return;
     this._ended = true;
+    if (this._reconnect) clearTimeout(this._reconnect.timer);
+    this._reconnect = null;
     clearInterval(this._pingTimer);
     clearInterval(this._statsTimer);
     for (const id of [...this._peers.keys()]) this._removePeer(id, "ended");
