@@ -284,3 +284,75 @@ async fn diagnostics_finds_stun_and_turn_over_udp_tcp_and_tls() {
     assert!(report.contains("turn-tls"), "{report}");
     assert!(!report.contains("credential"), "{report}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_dropped_signaling_socket_reconnects_and_resumes_unseen() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve("reconnect", &["udp://127.0.0.1:0"]);
+    let (mut browser, a, b) = two_in_a_call(&node, "reconnect", "udp").await;
+    let id_a = browser.eval(&a, "window.__turnpikeCall.peerId").await;
+    let id_a = id_a.as_str().unwrap().to_owned();
+    // Everything B's SDK says about peers leaving, and what A's says about reconnecting.
+    browser
+        .eval(
+            &b,
+            "window.__left = []; window.__turnpikeCall.on('peer-left', d => window.__left.push(d)); true",
+        )
+        .await;
+    browser
+        .eval(
+            &a,
+            "window.__reconnecting = []; window.__reconnected = null;
+             window.__turnpikeCall.on('reconnecting', d => window.__reconnecting.push(d));
+             window.__turnpikeCall.on('reconnected', d => { window.__reconnected = d; }); true",
+        )
+        .await;
+    let closed = r#"turnpike_signal_disconnects_total{reason="closed"}"#;
+    let closed_before = node.metric(closed);
+
+    // A's signaling socket goes away under the SDK (as on a network hiccup).
+    browser
+        .eval(&a, "window.__turnpikeCall._ws.close(); true")
+        .await;
+    node.wait_metric(closed, closed_before + 1.0).await;
+    let reconnected = browser
+        .wait_for(
+            &a,
+            "document.querySelector('#call').dataset.status === 'joined' && window.__reconnected",
+            "A reconnected and joined again",
+            EXPLAIN,
+        )
+        .await;
+    assert_eq!(reconnected["resumed"], json!(true), "{reconnected}");
+    let tries = browser.eval(&a, "window.__reconnecting.length").await;
+    assert!(tries.as_u64().unwrap() >= 1, "{tries}");
+
+    // The new socket carries A's messages: a mute reaches B.
+    browser
+        .eval(&a, "document.querySelector('#toggle-audio').click(); true")
+        .await;
+    let muted = format!(
+        "window.__turnpikeCall.peers.some(p => p.peerId === '{id_a}' && p.media.audio === false)"
+    );
+    browser
+        .wait_for(&b, &muted, "B sees A muted after the reconnect", EXPLAIN)
+        .await;
+    // B never saw A leave: no peer-left, A's tile is still there and still connected.
+    assert_eq!(browser.eval(&b, "window.__left").await, json!([]));
+    let tile = browser
+        .eval(
+            &b,
+            &format!(
+                "(() => {{ const t = document.querySelector('.peer-tile[data-peer-id=\"{id_a}\"]'); return t ? t.dataset.state : null }})()"
+            ),
+        )
+        .await;
+    assert_eq!(
+        tile,
+        json!("connected"),
+        "{}",
+        browser.eval(&b, EXPLAIN).await
+    );
+    // Nor did A lose B: the same peer connection goes on.
+    connected_via_relay(&mut browser, &a).await;
+}
