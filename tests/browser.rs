@@ -218,12 +218,41 @@ async fn two_browsers_join_by_code_and_talk_through_the_relay_and_a_third_is_tol
 async fn with_only_turn_over_tcp_offered_the_call_connects_over_tcp() {
     let _one = ONE_BROWSER.lock().await;
     let node = serve("tcp", &["tcp://127.0.0.1:0"]);
-    let (_browser, _a, _b) = two_in_a_call(&node, "tcp", "tcp").await;
+    let (mut browser, a, _b) = two_in_a_call(&node, "tcp", "tcp").await;
     node.wait_metric(
         r#"turnpike_relay_bytes_total{direction="peer_to_client",transport="tcp"}"#,
         1.0,
     )
     .await;
+
+    // The call on a phone-sized screen: nothing wider than the screen, every control on it.
+    browser
+        .call(
+            Some(&a),
+            "Emulation.setDeviceMetricsOverride",
+            json!({"width": 375, "height": 667, "deviceScaleFactor": 2, "mobile": true}),
+        )
+        .await;
+    let fits = r#"(() => {
+        const w = window.innerWidth;
+        const inside = (sel) => [...document.querySelectorAll(sel)].every(e => {
+            const r = e.getBoundingClientRect();
+            return r.width > 0 && r.left >= 0 && r.right <= w + 1;
+        });
+        return w === 375 && document.documentElement.scrollWidth <= w
+            && inside('#toggle-audio, #toggle-video, #leave') && inside('.tile:not([hidden])');
+    })()"#;
+    browser
+        .wait_for(
+            &a,
+            fits,
+            "the call laid out within a 375 px screen",
+            EXPLAIN,
+        )
+        .await;
+    browser
+        .screenshot(&a, &artifacts().join("phone-call.png"))
+        .await;
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
