@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use common::browser::{Browser, Page};
 use common::node::Node;
-use common::serve::{http, ADMIN, SECRET};
+use common::serve::{config_dir, config_with, http, ADMIN};
 use serde_json::{json, Value};
 
 /// One browser at a time: each runs a renderer per page and the CI machine has two cores.
@@ -28,46 +28,18 @@ const EXPLAIN: &str = r#"JSON.stringify({
 /// `tls://` listener is among them), the control plane and signaling, all on free ports. The
 /// `iceServers` the control plane hands out are derived from exactly these listeners.
 fn serve(name: &str, listen: &[&str]) -> Node {
-    let dir = std::env::temp_dir().join(format!("turnpike-browser-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
+    let dir = config_dir(name);
     let ck =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
-    let path = dir.join("turnpike.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[relay]
-realm = "example.org"
-listen = [{listen}]
-relay-ip = "127.0.0.1"
-secrets = ["{SECRET}"]
-threads = 1
-
-[relay.tls]
-cert-file = "{cert}"
-key-file = "{key}"
-
-[control]
-listen = "127.0.0.1:0"
-admin-token = "{ADMIN}"
-hash-key = "browser-e2e-hash-key-0123456789"
-jwt-keys = [{{ kid = "k1", secret = "browser-e2e-jwt-secret-0123456789abcdef" }}]
-
-[admin]
-listen = "127.0.0.1:0"
-"#,
-            listen = listen.join(", "),
-            cert = cert.display(),
-            key = key.display(),
-        ),
-    )
-    .unwrap();
-    Node::start("serve", &path)
+    let tls = format!(
+        "[relay.tls]\ncert-file = \"{}\"\nkey-file = \"{}\"\n",
+        cert.display(),
+        key.display()
+    );
+    Node::start("serve", &config_with(name, listen, &tls))
 }
 
 /// An app and a call of at most `max` participants: its join URL.

@@ -34,38 +34,9 @@ fn dashboards() -> PathBuf {
     Path::new(ROOT).join("dashboards")
 }
 
-/// A configuration for `turnpike serve` on free ports with `store` (a `[store]` section or
-/// nothing) and two relay threads (so per-shard series exist for both).
+/// `turnpike serve` with the relay on UDP and TCP and `store` (a `[store]` section or nothing).
 fn config(name: &str, store: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("turnpike-prom-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("turnpike.toml");
-    std::fs::write(
-        &path,
-        format!(
-            r#"
-[relay]
-realm = "example.org"
-listen = ["udp://127.0.0.1:0", "tcp://127.0.0.1:0"]
-relay-ip = "127.0.0.1"
-secrets = ["{SECRET}"]
-threads = 2
-
-[control]
-listen = "127.0.0.1:0"
-admin-token = "{ADMIN}"
-hash-key = "prometheus-e2e-hash-key-0123456789"
-jwt-keys = [{{ kid = "k1", secret = "prometheus-e2e-jwt-secret-0123456789abcdef" }}]
-
-{store}
-
-[admin]
-listen = "127.0.0.1:0"
-"#
-        ),
-    )
-    .unwrap();
-    path
+    common::serve::config_with(name, &["udp://127.0.0.1:0", "tcp://127.0.0.1:0"], store)
 }
 
 /// `name → (type, label names)` of every family in a Prometheus text exposition.

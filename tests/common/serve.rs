@@ -17,17 +17,26 @@ pub(crate) const WAIT: Duration = Duration::from_secs(20);
 pub(crate) const SECRET: &str = "control-e2e-relay-secret-0123456789";
 pub(crate) const ADMIN: &str = "control-e2e-admin-token-0123";
 
-pub(crate) fn config(name: &str, store: &str) -> PathBuf {
-    let dir = std::env::temp_dir().join(format!("turnpike-control-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let path = dir.join("turnpike.toml");
+/// A configuration for `turnpike serve` on free ports: relay on UDP, control plane, admin, and
+/// `extra` (a `[store]` section, or nothing).
+pub(crate) fn config(name: &str, extra: &str) -> PathBuf {
+    config_with(name, &["udp://127.0.0.1:0"], extra)
+}
+
+/// [`config`] with the relay on `listen`. `extra` is appended: whole sections (`[store]`,
+/// `[relay.tls]`, …), in a directory of their own that the test may also use.
+pub(crate) fn config_with(name: &str, listen: &[&str], extra: &str) -> PathBuf {
+    let path = config_dir(name).join("turnpike.toml");
+    let listen: Vec<String> = listen.iter().map(|l| format!("\"{l}\"")).collect();
+    let listen = listen.join(", ");
+
     std::fs::write(
         &path,
         format!(
             r#"
 [relay]
 realm = "example.org"
-listen = ["udp://127.0.0.1:0"]
+listen = [{listen}]
 relay-ip = "127.0.0.1"
 secrets = ["{SECRET}"]
 allow-peers = ["127.0.0.0/8"]
@@ -39,7 +48,7 @@ admin-token = "{ADMIN}"
 hash-key = "control-e2e-hash-key-0123456789"
 jwt-keys = [{{ kid = "k1", secret = "control-e2e-jwt-secret-0123456789abcdef" }}]
 
-{store}
+{extra}
 
 [admin]
 listen = "127.0.0.1:0"
@@ -48,6 +57,13 @@ listen = "127.0.0.1:0"
     )
     .unwrap();
     path
+}
+
+/// A directory of this test process for `name`'s files (configuration, certificates).
+pub(crate) fn config_dir(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("turnpike-e2e-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
 }
 
 /// A running `turnpike serve`, killed on drop.
