@@ -91,6 +91,23 @@ pub struct Claims {
 /// The audience of signaling tokens.
 pub const AUDIENCE: &str = "turnpike-signal";
 
+/// Clock skew tolerated on `exp` and `nbf` when signaling verifies a token: nodes are
+/// NTP-synced, but a token minted by one node may reach another a moment "early". Defined here
+/// rather than in signaling because the control plane needs it too: a participant who never
+/// connected holds its seat exactly as long as its join token could still authenticate
+/// ([`refused_from_ms`]), and that must not drift from what signaling accepts.
+pub const LEEWAY_S: u64 = 30;
+
+/// The first Unix millisecond at which a token expiring at `exp_s` (Unix seconds) is refused
+/// by [`Keys::verify`] with `leeway_s`: verification compares whole seconds and accepts up to
+/// and including second `exp_s + leeway_s`, so the token works until the end of that second.
+pub fn refused_from_ms(exp_s: u64, leeway_s: u64) -> u64 {
+    exp_s
+        .saturating_add(leeway_s)
+        .saturating_add(1)
+        .saturating_mul(1000)
+}
+
 /// Why a token was refused. Clients see one generic message; the variant is for logs and tests.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 pub enum JwtError {
@@ -481,6 +498,25 @@ mod tests {
         assert!(exact(1_000).is_ok());
         assert!(exact(2_000).is_ok());
         assert_eq!(exact(2_001), Err(JwtError::Expired));
+    }
+
+    #[test]
+    fn refused_from_ms_is_the_first_millisecond_verify_refuses() {
+        let keys = keys1();
+        let token = keys.sign(&Claims {
+            nbf: 1_000,
+            exp: 2_000,
+            ..claims()
+        });
+        let edge = refused_from_ms(2_000, LEEWAY);
+        assert_eq!(edge, 2_031_000);
+        // Signaling verifies at `now_ms / 1000`.
+        assert!(keys.verify(&token, ISS, (edge - 1) / 1000, LEEWAY).is_ok());
+        assert_eq!(
+            keys.verify(&token, ISS, edge / 1000, LEEWAY),
+            Err(JwtError::Expired)
+        );
+        assert_eq!(refused_from_ms(u64::MAX, LEEWAY), u64::MAX);
     }
 
     #[test]

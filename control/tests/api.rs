@@ -21,7 +21,7 @@ use control::api::{
 };
 use control::codes::ALPHABET;
 use control::creds::Minter;
-use control::jwt::{JwtKey, Keys, AUDIENCE};
+use control::jwt::{JwtError, JwtKey, Keys, AUDIENCE, LEEWAY_S};
 use control::secrets::HashKey;
 use control::store::{
     Admission, App, Call, CallState, Cursor, Digest, Media, MemoryStore, Millis, Page, Participant,
@@ -186,6 +186,15 @@ impl Store for ProbeStore {
     ) -> Result<bool, StoreError> {
         self.enter("set_left").await?;
         self.inner.set_left(call_id, peer_id, left_at).await
+    }
+    async fn mark_connected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError> {
+        self.enter("mark_connected").await?;
+        self.inner.mark_connected(call_id, peer_id, now).await
     }
     async fn set_media(
         &self,
@@ -946,6 +955,90 @@ async fn kicking_a_participant_frees_the_seat_and_revokes_only_theirs() {
     )
     .await
     .error(StatusCode::CONFLICT, "call_ended");
+}
+
+/// A join whose client never reaches signaling (a closed tab, a crash, a preview) holds its
+/// seat only while its signaling token could still authenticate, not for the whole call; a
+/// participant that connected keeps its seat.
+#[tokio::test]
+async fn a_join_that_never_connects_frees_its_seat_once_its_token_is_refused() {
+    let api = api();
+    let (_, key) = api.new_app("A").await;
+    let call = api.new_call(&key, json!({ "max_participants": 2 })).await;
+    let id = call["id"].as_str().unwrap().to_owned();
+    let code = call["join_code"].as_str().unwrap().to_owned();
+    let a = api.join_code(ip(2), &code).await.ok(StatusCode::OK).clone();
+    api.clock.advance(Duration::from_secs(1));
+    let b = api.join_code(ip(3), &code).await.ok(StatusCode::OK).clone();
+    api.join_code(ip(4), &code)
+        .await
+        .error(StatusCode::CONFLICT, "call_full");
+
+    // a's seat is held exactly while signaling would still accept a's token.
+    let token_a = a["signal_token"].as_str().unwrap();
+    let exp = jwt_keys()
+        .verify(token_a, PUBLIC_URL, T0 / 1000, 0)
+        .unwrap()
+        .exp;
+    assert_eq!(exp, T0 / 1000 + TOKEN_TTL.as_secs());
+    let seat_until = (exp + LEEWAY_S + 1) * 1000;
+    let verify_at = |ms: Millis| jwt_keys().verify(token_a, PUBLIC_URL, ms / 1000, LEEWAY_S);
+    api.clock.set(seat_until - 1);
+    assert!(verify_at(seat_until - 1).is_ok());
+    api.join_code(ip(4), &code)
+        .await
+        .error(StatusCode::CONFLICT, "call_full");
+    api.clock.set(seat_until);
+    assert_eq!(verify_at(seat_until), Err(JwtError::Expired));
+    let c = api.join_code(ip(4), &code).await.ok(StatusCode::OK).clone();
+    // b (a second younger) still holds its seat: full again.
+    api.join_code(ip(5), &code)
+        .await
+        .error(StatusCode::CONFLICT, "call_full");
+
+    // The call shows a gone since its seat lapsed, b and c waiting for signaling.
+    let view = |v: &Value| v["participants"].as_array().unwrap().clone();
+    let r = api
+        .call("GET", &format!("/v1/calls/{id}"), Some(&key), None)
+        .await;
+    let ps = view(r.ok(StatusCode::OK));
+    assert_eq!(ps.len(), 3);
+    assert_eq!(ps[0]["peer_id"], a["peer_id"]);
+    assert_eq!(ps[0]["connected"], false);
+    assert_eq!(ps[0]["left_at"], "2023-11-14T22:23:51Z");
+    assert_eq!(ps[0]["kicked"], false);
+    for p in &ps[1..] {
+        assert_eq!(p["connected"], false);
+        assert_eq!(p["left_at"], Value::Null);
+    }
+
+    // Signaling authenticates c (what it does on the first `auth`); b never connects. Long
+    // after both tokens are refused, c keeps its seat and b's is free.
+    let peer_c = c["peer_id"].as_str().unwrap();
+    let marked = api
+        .store
+        .inner
+        .mark_connected(&id, peer_c, seat_until + 5_000)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(marked.connected);
+    api.clock.advance(TOKEN_TTL * 2);
+    let d = api.join_code(ip(5), &code).await.ok(StatusCode::OK).clone();
+    api.join_code(ip(6), &code)
+        .await
+        .error(StatusCode::CONFLICT, "call_full");
+    let r = api
+        .call("GET", &format!("/v1/calls/{id}"), Some(&key), None)
+        .await;
+    let ps = view(r.ok(StatusCode::OK));
+    assert_eq!(ps[1]["peer_id"], b["peer_id"]);
+    assert_eq!(ps[1]["left_at"], "2023-11-14T22:23:52Z");
+    assert_eq!(ps[2]["peer_id"], peer_c);
+    assert_eq!(ps[2]["connected"], true);
+    assert_eq!(ps[2]["left_at"], Value::Null);
+    assert_eq!(ps[3]["peer_id"], d["peer_id"]);
+    assert_eq!(ps[3]["left_at"], Value::Null);
 }
 
 #[tokio::test]

@@ -80,6 +80,9 @@ fn participant(peer: &str, now: Millis) -> Participant {
         jti: format!("j_{peer}"),
         kicked: false,
         quality: None,
+        // Connected, as most tests want: their seat is held until they leave.
+        connected: true,
+        seat_until: None,
     }
 }
 
@@ -441,7 +444,7 @@ async fn admit_race(s: S) {
         match task.await.unwrap() {
             Admission::Admitted(c) => {
                 admitted += 1;
-                assert!(c.present() <= 5);
+                assert!(c.present(t) <= 5);
             }
             Admission::Full => full += 1,
             Admission::Gone => panic!("gone"),
@@ -474,7 +477,7 @@ async fn admit_rules(s: S) {
     let Admission::Admitted(after) = s.admit("c_seats", &p2, t + 3).await.unwrap() else {
         panic!("not admitted");
     };
-    assert_eq!(after.present(), 2);
+    assert_eq!(after.present(t), 2);
     assert_eq!(
         s.admit("c_seats", &participant("p_3", t + 4), t + 4)
             .await
@@ -866,11 +869,11 @@ async fn participant_updates(s: S) {
     assert!(s.set_left("c_pu", "p_b", Some(t + 10)).await.unwrap());
     let c = get("c_pu").await;
     assert_eq!(c.participants[1].left_at, Some(t + 10));
-    assert_eq!(c.present(), 1);
+    assert_eq!(c.present(t), 1);
     assert!(s.set_left("c_pu", "p_b", None).await.unwrap());
     let c = get("c_pu").await;
     assert_eq!(c.participants[1], b);
-    assert_eq!(c.present(), 2);
+    assert_eq!(c.present(t), 2);
     assert_eq!(
         s.admit("c_pu", &participant("p_c", t + 11), t + 11)
             .await
@@ -889,7 +892,7 @@ async fn participant_updates(s: S) {
     );
     let c = get("c_pu").await;
     assert_eq!(c.participants[0], want_a);
-    assert_eq!(c.present(), 1);
+    assert_eq!(c.present(t), 1);
     // Kicking again changes nothing, the kick's time included.
     assert_eq!(
         s.kick("c_pu", "p_a", t + 30).await.unwrap(),
@@ -899,7 +902,7 @@ async fn participant_updates(s: S) {
     assert!(s.set_left("c_pu", "p_a", None).await.unwrap());
     assert!(s.set_left("c_pu", "p_a", Some(t + 40)).await.unwrap());
     assert_eq!(get("c_pu").await.participants[0], want_a);
-    assert_eq!(get("c_pu").await.present(), 1);
+    assert_eq!(get("c_pu").await.present(t), 1);
     // Its seat went to someone else.
     let c_p = participant("p_c", t + 41);
     let Admission::Admitted(after) = s.admit("c_pu", &c_p, t + 41).await.unwrap() else {
@@ -954,7 +957,7 @@ async fn participant_updates(s: S) {
     let c = get("c_pre").await;
     assert!(c.participants[0].kicked);
     assert_eq!(c.participants[1].media, media);
-    assert_eq!(c.present(), 1);
+    assert_eq!(c.present(t), 1);
 }
 
 /// Concurrent changes of one participant's different fields never lose one another.
@@ -1015,7 +1018,7 @@ async fn participant_races(s: S) {
         };
         assert_eq!(p, &want, "participant {i}");
     }
-    assert_eq!(c.present(), 0);
+    assert_eq!(c.present(t), 0);
 
     // Many changes of one field race too: the last one written wins, and none is half-applied.
     let barrier = Arc::new(Barrier::new(10));
@@ -1037,6 +1040,109 @@ async fn participant_races(s: S) {
     let q = c.participants[0].quality.clone().unwrap();
     assert_eq!(q, quality(q.reports, t + q.reports));
     assert!(c.participants[0].kicked && c.participants[0].media == media);
+}
+
+/// A participant who never connected to signaling holds its seat only before `seat_until` (when
+/// its join token can no longer authenticate); one who connected holds it until it leaves. Both
+/// backends count seats alike (memory in Rust, Redis in the admission script).
+async fn unconnected_seats_lapse(s: S) {
+    let t = base();
+    let until = t + 60_000;
+    let unconnected = |peer: &str, now: Millis, seat_until: Millis| Participant {
+        connected: false,
+        seat_until: Some(seat_until),
+        ..participant(peer, now)
+    };
+    s.create_call(&call("c_lapse", "app_a", t, 3_600_000, 2), digest(720))
+        .await
+        .unwrap();
+    let a = unconnected("p_a", t, until);
+    let b = unconnected("p_b", t + 1, until);
+    assert!(matches!(
+        s.admit("c_lapse", &a, t).await.unwrap(),
+        Admission::Admitted(_)
+    ));
+    assert!(matches!(
+        s.admit("c_lapse", &b, t + 1).await.unwrap(),
+        Admission::Admitted(_)
+    ));
+    // Stored as given (Redis round-trips the new fields).
+    let got = s.get_call("c_lapse").await.unwrap().unwrap();
+    assert_eq!(got.participants, vec![a.clone(), b.clone()]);
+
+    // b connects; a never does.
+    let b_connected = Participant {
+        connected: true,
+        ..b.clone()
+    };
+    assert_eq!(
+        s.mark_connected("c_lapse", "p_b", t + 2).await.unwrap(),
+        Some(b_connected.clone())
+    );
+    assert_eq!(
+        s.mark_connected("c_lapse", "p_x", t + 2).await.unwrap(),
+        None
+    );
+    assert_eq!(s.mark_connected("c_x", "p_b", t + 2).await.unwrap(), None);
+
+    // Before `seat_until` both seats are held.
+    let c = unconnected("p_c", until - 1, until + 60_000);
+    assert_eq!(
+        s.admit("c_lapse", &c, until - 1).await.unwrap(),
+        Admission::Full
+    );
+    let got = s.get_call("c_lapse").await.unwrap().unwrap();
+    assert_eq!(got.present(until - 1), 2);
+    assert_eq!(got.present(until), 1);
+
+    // From `seat_until` on, a's seat is free and a newcomer takes it; b's (connected) is not.
+    let c = unconnected("p_c", until, until + 60_000);
+    let Admission::Admitted(after) = s.admit("c_lapse", &c, until).await.unwrap() else {
+        panic!("the unconnected participant's lapsed seat was not freed");
+    };
+    assert_eq!(
+        after.participants,
+        vec![a.clone(), b_connected.clone(), c.clone()]
+    );
+    assert_eq!(after.present(until), 2);
+    assert_eq!(
+        s.admit("c_lapse", &participant("p_d", until + 1), until + 1)
+            .await
+            .unwrap(),
+        Admission::Full
+    );
+
+    // A lapsed participant cannot take its seat back by connecting late: it stays unconnected.
+    assert_eq!(
+        s.mark_connected("c_lapse", "p_a", until).await.unwrap(),
+        Some(a.clone())
+    );
+    // Marking a connected one again changes nothing.
+    assert_eq!(
+        s.mark_connected("c_lapse", "p_b", until + 5).await.unwrap(),
+        Some(b_connected.clone())
+    );
+    // c connects in time, so both seats stay taken long after every `seat_until`.
+    let c_connected = Participant {
+        connected: true,
+        ..c.clone()
+    };
+    assert_eq!(
+        s.mark_connected("c_lapse", "p_c", until + 59_999)
+            .await
+            .unwrap(),
+        Some(c_connected.clone())
+    );
+    let late = until + 600_000;
+    assert_eq!(
+        s.admit("c_lapse", &participant("p_d", late), late)
+            .await
+            .unwrap(),
+        Admission::Full
+    );
+    let got = s.get_call("c_lapse").await.unwrap().unwrap();
+    assert_eq!(got.participants, vec![a, b_connected, c_connected]);
+    assert_eq!(got.present(late), 2);
 }
 
 macro_rules! contract {
@@ -1079,6 +1185,7 @@ contract!(
     ping,
     participant_updates,
     participant_races,
+    unconnected_seats_lapse,
 );
 
 // ---------------------------------------------------------------------------------------------
@@ -1559,8 +1666,8 @@ async fn redis_long_history_pages() {
     assert!(after.is_some(), "the first page should have stopped short");
 }
 
-/// Participant records stored before `jti`, `kicked` and `quality` existed still read, with
-/// their defaults.
+/// Participant records stored before `jti`, `kicked`, `quality`, `connected` and `seat_until`
+/// existed still read, with their defaults.
 #[test]
 fn old_participant_records_read_with_defaults() {
     let old = r#"{"peer_id":"p_old","role":"guest","name":"Old","user_id":null,
@@ -1580,8 +1687,12 @@ fn old_participant_records_read_with_defaults() {
         jti: String::new(),
         kicked: false,
         quality: None,
+        // Counted as connected: an old participant holds its seat as it always did.
+        connected: true,
+        seat_until: None,
     };
     assert_eq!(p, want);
+    assert!(p.is_present(u64::MAX));
 }
 
 /// A call Redis holds from before the peer-id index (no `pi:` fields, no `pix`, participants
@@ -1636,7 +1747,7 @@ async fn redis_calls_from_before_the_index_still_work() {
     assert!(k.kicked);
     let got = s.get_call("c_v1").await.unwrap().unwrap();
     assert_eq!(got.participants[1].media, media);
-    assert_eq!(got.present(), 1);
+    assert_eq!(got.present(t), 1);
     // The kicked one's seat is free; the newcomer is indexed and found.
     let p3 = participant("p_3", t + 2);
     assert!(matches!(

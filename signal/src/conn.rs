@@ -7,8 +7,9 @@
 //! per-address cap on unauthenticated sockets (503/429). After it: the first message must be
 //! `auth` within `signal.auth-timeout`; the token is verified (HS256 pinned, `iss`, `aud`,
 //! `exp`, `nbf`, leeway) and then checked against the store — the call must be live and the
-//! participant neither kicked nor holding an older token (its `jti`) — before any room hears of
-//! the peer. Only then does the socket count as authenticated.
+//! participant neither kicked nor holding an older token (its `jti`); a first connection is
+//! marked in the store (`mark_connected`, refused if the seat lapsed) — before any room hears
+//! of the peer. Only then does the socket count as authenticated.
 
 use std::net::IpAddr;
 use std::sync::Arc;
@@ -28,9 +29,9 @@ use crate::quality;
 use crate::room::{code, Close, Cmd, ConnHandle, Gone, JoinRefused, Outbound};
 use crate::Shared;
 
-/// Clock skew tolerated on `exp` and `nbf`: nodes are NTP-synced, but a token minted by one
-/// node may reach another a moment "early".
-pub const LEEWAY_S: u64 = 30;
+/// Clock skew tolerated on `exp` and `nbf`: the control plane's, which also bounds how long a
+/// participant who never connected holds its seat (so the two cannot disagree).
+pub const LEEWAY_S: u64 = control::jwt::LEEWAY_S;
 /// How long the reader waits for the writer to flush a close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
 /// Least time between two stored quality summaries of one peer: stats arrive every few
@@ -567,6 +568,38 @@ impl Conn {
         // one more peer in the call than the store knows of. A fresh join is the way back.
         if participant.left_at.is_some() {
             return Err(self.left());
+        }
+        // First connection: from now on the seat is held until the peer leaves, not only while
+        // its join token could still authenticate. A resume finds it marked already (no store
+        // write per reconnect). Marked before the room hears of the peer: the other way round
+        // a store failure would leave a peer in the room whose seat could still lapse.
+        if !participant.connected {
+            match app
+                .store
+                .mark_connected(&call.id, &claims.sub, app.clock.now_ms())
+                .await
+            {
+                Ok(Some(p)) if p.connected => {}
+                // The seat lapsed between the token check and now (the token's last moments):
+                // `/v1/join` may have given it away already, so a fresh join is the way in.
+                Ok(Some(_)) => return Err(self.left()),
+                Ok(None) => {
+                    self.shared.metrics.auth_failure(AuthFailure::Revoked);
+                    return Err(self.unauthorized("invalid or expired token"));
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "store unavailable during signal auth");
+                    return Err(self.refuse(
+                        "unavailable",
+                        "try again shortly",
+                        Close {
+                            code: code::TRY_AGAIN,
+                            reason: "unavailable",
+                            metric: DisconnectReason::Closed,
+                        },
+                    ));
+                }
+            }
         }
         let peer = PeerInfo {
             peer_id: claims.sub.clone(),

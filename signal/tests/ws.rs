@@ -702,6 +702,73 @@ async fn a_call_at_max_participants_refuses_the_next_socket() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connected_peer_keeps_its_seat_after_its_join_token_is_refused() {
+    // A seat of a participant that never connects lapses when its join token can no longer
+    // authenticate; authenticating marks the participant connected, which keeps the seat.
+    const T0_MS: u64 = 1_800_000_000_000;
+    let clock = Arc::new(ManualClock::new(T0_MS));
+    let node = Node::start(Options {
+        clock: clock.clone(),
+        ..Options::default()
+    })
+    .await;
+    let (key, call, code) = node.call(2).await;
+    let (mut a, wa, _) = enter(&node, &code, "A").await;
+    let ida = s(&wa["peer_id"]).to_owned();
+    // B joins but never opens the socket.
+    let jb = node.join(&code, "B").await;
+    let stored = node.state.store.get_call(&call).await.unwrap().unwrap();
+    let (pa, pb) = (&stored.participants[0], &stored.participants[1]);
+    assert!(
+        pa.connected,
+        "authenticating marks the participant connected"
+    );
+    assert!(!pb.connected);
+    let seat_until = T0_MS + (600 + signal::LEEWAY_S + 1) * 1000;
+    assert_eq!(pb.seat_until, Some(seat_until));
+    assert_eq!(pa.seat_until, pb.seat_until);
+
+    // Past both join tokens' last moment: B's seat is free, A's is not.
+    clock.set(seat_until);
+    let (status, v) = node
+        .http(
+            "POST",
+            "/v1/join",
+            None,
+            Some(json!({"code": code, "name": "C"})),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 200, "{v}");
+    let (status, v) = node
+        .http(
+            "POST",
+            "/v1/join",
+            None,
+            Some(json!({"code": code, "name": "D"})),
+        )
+        .await;
+    assert_eq!(status.as_u16(), 409, "A still holds its seat: {v}");
+    // A's socket is still in the call.
+    assert!(until_pong(&mut a)
+        .await
+        .iter()
+        .all(|m| m["type"] != "error"));
+    let (status, v) = node
+        .http("GET", &format!("/v1/calls/{call}"), Some(&key), None)
+        .await;
+    assert_eq!(status.as_u16(), 200, "{v}");
+    let ps = v["participants"].as_array().unwrap();
+    assert_eq!(ps[0]["peer_id"], ida.as_str());
+    assert_eq!(
+        (&ps[0]["connected"], &ps[0]["left_at"]),
+        (&json!(true), &json!(null))
+    );
+    assert_eq!(ps[1]["peer_id"], jb["peer_id"]);
+    assert_eq!(ps[1]["connected"], false);
+    assert!(ps[1]["left_at"].is_string(), "{v}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn foreign_origins_are_refused_before_the_upgrade() {
     let node = Node::start(Options::default()).await;
     let mut req = tokio_tungstenite::tungstenite::client::IntoClientRequest::into_client_request(

@@ -76,8 +76,12 @@ pub(crate) struct ParticipantView {
     user_id: Option<String>,
     /// RFC 3339.
     joined_at: String,
-    /// RFC 3339; absent while in the call.
+    /// RFC 3339; absent while in the call. For a participant who never connected to
+    /// signaling and no longer can with their join token, the time their seat was freed.
     left_at: Option<String>,
+    /// Whether they ever connected to signaling. Until they do, they hold their seat only as
+    /// long as their signaling token from `POST /v1/join` can still authenticate.
+    connected: bool,
     media: Media,
     /// Removed with `DELETE /v1/calls/{id}/participants/{peer_id}` (then `left_at` is set too).
     kicked: bool,
@@ -161,12 +165,18 @@ impl CallView {
                 .participants
                 .into_iter()
                 .map(|p: Participant| ParticipantView {
+                    // No one records a lapsed seat as left (it lapses by time alone), so the
+                    // view derives it: such a participant is as gone as one who left.
+                    left_at: p
+                        .left_at
+                        .or_else(|| p.seat_lapsed(now).then_some(p.seat_until).flatten())
+                        .map(rfc3339_ms),
                     peer_id: p.peer_id,
                     role: p.role,
                     name: p.name,
                     user_id: p.user_id,
                     joined_at: rfc3339_ms(p.joined_at),
-                    left_at: p.left_at.map(rfc3339_ms),
+                    connected: p.connected,
                     media: p.media,
                     kicked: p.kicked,
                     quality: p.quality.map(QualityView::from),

@@ -20,7 +20,7 @@ use super::util::{client_key, display_name, retry_after_s, rfc3339_ms, rfc3339_s
 use super::{ApiError, AppState};
 use crate::codes::JoinCode;
 use crate::creds::IceServer;
-use crate::jwt::{Claims, AUDIENCE};
+use crate::jwt::{refused_from_ms, Claims, AUDIENCE, LEEWAY_S};
 use crate::secrets::{self, Domain};
 use crate::store::{Admission, Digest, Participant, Role};
 
@@ -212,6 +212,8 @@ async fn lookup_and_admit(
         Some(app) if !app.disabled => {}
         _ => return Err(ApiError::InvalidOrExpired),
     }
+    let now_s = now / 1000;
+    let token_exp = now_s + settings.token_ttl.as_secs();
     let peer_id = secrets::new_id("p_");
     // Stored with the participant: signaling accepts only this token for this peer, and a kick
     // refuses it for good.
@@ -227,6 +229,11 @@ async fn lookup_and_admit(
         jti: jti.clone(),
         kicked: false,
         quality: None,
+        // Until signaling authenticates them, the seat is held only while the signaling token
+        // below can still authenticate: a join whose client never connects (a closed tab, a
+        // crash, a preview) must not keep a seat for the rest of the call.
+        connected: false,
+        seat_until: Some(refused_from_ms(token_exp, LEEWAY_S)),
     };
     let admission = match kind {
         Secret::Code => store.admit(&call.id, &participant, now).await?,
@@ -242,7 +249,6 @@ async fn lookup_and_admit(
         Admission::Gone => return Err(ApiError::InvalidOrExpired),
     };
 
-    let now_s = now / 1000;
     // The credentials cannot outlive the call (but get a usable minimum near its end).
     let cred_expiry = (now_s + settings.minter.ttl_s())
         .min(call.expires_at / 1000)
@@ -260,7 +266,7 @@ async fn lookup_and_admit(
         name,
         iat: now_s,
         nbf: now_s,
-        exp: now_s + settings.token_ttl.as_secs(),
+        exp: token_exp,
         jti,
     };
     let signal_token = settings.jwt.sign(&claims);

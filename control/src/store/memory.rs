@@ -144,7 +144,7 @@ impl Inner {
         if call.state(now) == CallState::Ended {
             return Admission::Gone;
         }
-        if call.present() >= call.max_participants as usize {
+        if call.present(now) >= call.max_participants as usize {
             return Admission::Full;
         }
         call.participants.push(participant.clone());
@@ -499,6 +499,15 @@ impl Store for MemoryStore {
         Ok(self
             .update_participant(call_id, peer_id, |p| p.apply_left(left_at))
             .is_some())
+    }
+
+    async fn mark_connected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError> {
+        Ok(self.update_participant(call_id, peer_id, |p| p.apply_connected(now)))
     }
 
     async fn set_media(

@@ -153,12 +153,46 @@ pub struct Participant {
     /// The latest call-quality summary (signaling); `None` until the first report.
     #[serde(default)]
     pub quality: Option<Quality>,
+    /// Whether signaling ever authenticated them ([`Store::mark_connected`]). `false` from
+    /// admission until then. Records from before this field count as connected: they keep
+    /// holding their seat as they did.
+    #[serde(default = "yes")]
+    pub connected: bool,
+    /// While not [`connected`](Self::connected), the seat is held only before this time: the
+    /// first millisecond at which the signaling token from their `/v1/join` can no longer
+    /// authenticate (its `exp` plus the verification leeway, see
+    /// [`crate::jwt::refused_from_ms`]). Without it (older records) the seat is held as before.
+    #[serde(default)]
+    pub seat_until: Option<Millis>,
+}
+
+/// Serde's default for [`Participant::connected`].
+fn yes() -> bool {
+    true
 }
 
 impl Participant {
-    /// Whether they hold a seat: neither left nor kicked.
-    pub fn is_present(&self) -> bool {
-        self.left_at.is_none() && !self.kicked
+    /// Whether they hold a seat at `now`: neither left nor kicked, and either connected to
+    /// signaling once or still able to (a join whose client never opened the socket — a
+    /// closed tab, a crashed client, an API preview — must not keep the seat for the whole
+    /// call).
+    pub fn is_present(&self, now: Millis) -> bool {
+        self.left_at.is_none() && !self.kicked && !self.seat_lapsed(now)
+    }
+
+    /// Whether they never connected and, at `now`, no longer can with their join token: the
+    /// seat is free even though no `left_at` was recorded.
+    pub fn seat_lapsed(&self, now: Millis) -> bool {
+        !self.connected && self.seat_until.is_some_and(|until| now >= until)
+    }
+
+    /// [`Store::mark_connected`]'s change: connected, unless the seat lapsed already (then it
+    /// may have been given away, so connecting now would put one more in the call than
+    /// `max_participants`).
+    pub(crate) fn apply_connected(&mut self, now: Millis) {
+        if !self.seat_lapsed(now) {
+            self.connected = true;
+        }
     }
 
     /// [`Store::set_left`]'s change. A kicked participant stays left at the kick's time:
@@ -216,10 +250,13 @@ impl Call {
         }
     }
 
-    /// Participants who hold a seat: not left and not kicked (what `max_participants`
-    /// limits).
-    pub fn present(&self) -> usize {
-        self.participants.iter().filter(|p| p.is_present()).count()
+    /// Participants who hold a seat at `now` (what `max_participants` limits): see
+    /// [`Participant::is_present`].
+    pub fn present(&self, now: Millis) -> usize {
+        self.participants
+            .iter()
+            .filter(|p| p.is_present(now))
+            .count()
     }
 
     /// The participant `peer_id` (the first, should a retried create have stored it twice).
@@ -379,6 +416,22 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         peer_id: &str,
         left_at: Option<Millis>,
     ) -> Result<bool, StoreError>;
+    /// Records that signaling authenticated participant `peer_id` at `now`: from then on
+    /// their seat is held until they leave ([`Participant::connected`]), not only until their
+    /// join token stops working. Atomic with the seat check: a participant whose seat already
+    /// lapsed at `now` (never connected, `now >= seat_until`) stays unconnected, and the caller
+    /// must refuse them (the seat may be someone else's). Returns the participant as it is now;
+    /// `None` for an unknown call or peer. Marking again changes nothing. Times are the
+    /// callers': a mark at a `now` just before `seat_until` that lands after an admission at a
+    /// later `now` that already took the seat still marks (the store cannot order two nodes'
+    /// clocks); signaling's room, which refuses a peer beyond `max_participants` connected,
+    /// covers that moment.
+    async fn mark_connected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError>;
     /// Sets a participant's media state; `Ok(false)` for an unknown call or peer.
     async fn set_media(
         &self,

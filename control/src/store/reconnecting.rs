@@ -146,6 +146,17 @@ impl Store for Reconnecting {
     ) -> Result<bool, StoreError> {
         self.get().await?.set_left(call_id, peer_id, left_at).await
     }
+    async fn mark_connected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError> {
+        self.get()
+            .await?
+            .mark_connected(call_id, peer_id, now)
+            .await
+    }
     async fn set_media(
         &self,
         call_id: &str,

@@ -32,11 +32,11 @@
 //! consumer's `metadata` (and a participant's quality figures). So the scripts only write fields
 //! serialized by Rust (`serde_json`) and read the few values they need from their own fields.
 //!
-//! A participant changes (left, media, quality, kicked) by compare-and-set of its one `p:N`
-//! field: Rust reads the field (`FIND`), decodes, changes and re-encodes it, and `CAS` writes
-//! it only if the field still holds what was read, else Rust reads again. Two concurrent
-//! changes of one participant thus never lose each other's fields, no script edits JSON, and
-//! the hash keeps its TTL (`HSET` on an existing key does not touch it).
+//! A participant changes (left, media, quality, kicked, connected) by compare-and-set of its
+//! one `p:N` field: Rust reads the field (`FIND`), decodes, changes and re-encodes it, and
+//! `CAS` writes it only if the field still holds what was read, else Rust reads again. Two
+//! concurrent changes of one participant thus never lose each other's fields, no script edits
+//! JSON, and the hash keeps its TTL (`HSET` on an existing key does not touch it).
 //!
 //! All keys of one call share the hash tag `{c:ID}`, so each call lives in one Redis Cluster
 //! slot and the scripts touching it (`admit`, `end`, `find`, `cas`) only take keys of that slot. Where an
@@ -135,10 +135,17 @@ for i = 1, np do
   if p then
     local ok, v = pcall(cjson.decode, p)
     -- Unreadable counts as present: never admit past the limit on doubt. A kicked one has
-    -- left too, but is not counted even if its left_at were missing (`Call::present`).
-    if not ok or type(v) ~= 'table'
-      or ((v['left_at'] == nil or v['left_at'] == cjson.null) and v['kicked'] ~= true) then
+    -- left too, but is not counted even if its left_at were missing (`Call::present`). So is
+    -- one that never connected to signaling once its join token can no longer authenticate
+    -- (`Participant::seat_lapsed`): `connected` exactly false (absent in older records means
+    -- connected) and `now` at or past a numeric `seat_until`.
+    if not ok or type(v) ~= 'table' then
       present = present + 1
+    elseif (v['left_at'] == nil or v['left_at'] == cjson.null) and v['kicked'] ~= true then
+      local su = v['seat_until']
+      if not (v['connected'] == false and type(su) == 'number' and now >= su) then
+        present = present + 1
+      end
     end
   end
 end
@@ -1363,6 +1370,18 @@ impl Store for RedisStore {
     ) -> Result<bool, StoreError> {
         let op = self.update_participant_op(call_id, peer_id, |p| p.apply_left(left_at));
         Ok(self.timed(op).await?.is_some())
+    }
+
+    async fn mark_connected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        now: Millis,
+    ) -> Result<Option<Participant>, StoreError> {
+        // Compare-and-set of the one participant, like the other changes: the lapse check and
+        // the mark see the same version of the record.
+        self.timed(self.update_participant_op(call_id, peer_id, |p| p.apply_connected(now)))
+            .await
     }
 
     async fn set_media(
