@@ -11,7 +11,7 @@ use std::path::{Path, PathBuf};
 
 use common::browser::{Browser, Page};
 use common::node::Node;
-use common::serve::{config_dir, config_with, http, ADMIN};
+use common::serve::{config_dir, config_with, http, raw_http, ADMIN};
 use serde_json::{json, Value};
 
 /// One browser at a time: each runs a renderer per page and the CI machine has two cores.
@@ -44,6 +44,11 @@ fn serve(name: &str, listen: &[&str]) -> Node {
 
 /// An app and a call of at most `max` participants: its join URL.
 fn call(node: &Node, max: u32) -> String {
+    call_with_key(node, max).0
+}
+
+/// An app and a call of at most `max` participants: (join URL, the app's key, call id).
+fn call_with_key(node: &Node, max: u32) -> (String, String, String) {
     let control = node.addr("control");
     let (st, app) = http(
         control,
@@ -62,7 +67,11 @@ fn call(node: &Node, max: u32) -> String {
         Some(json!({"max_participants": max})),
     );
     assert_eq!(st, 201, "{call}");
-    call["join_url"].as_str().unwrap().to_owned()
+    (
+        call["join_url"].as_str().unwrap().to_owned(),
+        key.to_owned(),
+        call["id"].as_str().unwrap().to_owned(),
+    )
 }
 
 /// Waits until `page` has a remote tile connected through the relay, and returns the tile's
@@ -91,7 +100,11 @@ fn artifacts() -> PathBuf {
 /// Two people open the join link with `?relay=1`: both connect, through the relay over
 /// `protocol`; returns the browser and pages (still in the call).
 async fn two_in_a_call(node: &Node, name: &str, protocol: &str) -> (Browser, Page, Page) {
-    let url = call(node, 2);
+    two_in(&call(node, 2), name, protocol).await
+}
+
+/// [`two_in_a_call`] for the call with join URL `url`.
+async fn two_in(url: &str, name: &str, protocol: &str) -> (Browser, Page, Page) {
     let mut browser = Browser::launch(name).await;
     let a = browser
         .open(&format!("{url}?relay=1&autojoin=1&name=Ada"))
@@ -356,4 +369,51 @@ async fn a_dropped_signaling_socket_reconnects_and_resumes_unseen() {
     );
     // Nor did A lose B: the same peer connection goes on.
     connected_via_relay(&mut browser, &a).await;
+}
+
+/// The host kicks a participant: the kicked page ends (and does not reconnect), the other
+/// page sees it leave, and the relay tears down the kicked browser's allocation (its TURN
+/// credentials are revoked, not only its signaling).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_kicked_participant_is_ended_in_the_browser_and_on_the_relay() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve("kick", &["udp://127.0.0.1:0"]);
+    let (url, key, call_id) = call_with_key(&node, 2);
+    let (mut browser, a, b) = two_in(&url, "kick", "udp").await;
+    let ada = browser.eval(&a, "window.__turnpikeCall.peerId").await;
+    let ada = ada.as_str().expect("the page exposes its call").to_owned();
+    let path = format!("/v1/calls/{call_id}/participants/{ada}");
+    let (st, body) = raw_http(node.addr("control"), "DELETE", &path, Some(&key), None);
+    assert_eq!(st, 204, "{body}");
+    browser
+        .wait_for(
+            &a,
+            "document.querySelector('#call').dataset.status === 'ended'",
+            "the kicked page ended",
+            EXPLAIN,
+        )
+        .await;
+    let gone = format!("!document.querySelector('.peer-tile[data-peer-id=\"{ada}\"]')");
+    browser
+        .wait_for(&b, &gone, "the kicked peer's tile removed", EXPLAIN)
+        .await;
+    node.wait_metric(
+        r#"turnpike_relay_allocations_ended_total{reason="revoked"}"#,
+        1.0,
+    )
+    .await;
+    node.wait_metric(r#"turnpike_signal_disconnects_total{reason="kicked"}"#, 1.0)
+        .await;
+    // It did not come back: still ended, and signaling refused no token of it (the SDK does
+    // not retry after a kick's close code).
+    assert_eq!(
+        browser
+            .eval(&a, "document.querySelector('#call').dataset.status")
+            .await,
+        json!("ended")
+    );
+    assert_eq!(
+        node.metric(r#"turnpike_signal_auth_failures_total{reason="revoked"}"#),
+        0.0
+    );
 }
