@@ -252,6 +252,12 @@ pub struct Relay {
     /// Permissions per allocation. Default 64 (a call needs a handful of
     /// peers; the cap bounds per-allocation state). 1 to 1024.
     pub max_permissions: u32,
+    /// Answers to unauthenticated requests (the 401 that starts every
+    /// allocation) per second and source IP, per relay thread; the burst is
+    /// twice that. Bounds what a spoofed flood can reflect at one victim.
+    /// Default 500 (raise it for very large NATs or load tests). 10 to
+    /// 1000000.
+    pub challenge_rate: u32,
     /// The longest lifetime a client may request. Default 1h. At least 10m,
     /// the RFC 8656 default allocation lifetime, and at most 24h.
     pub max_lifetime: Duration,

@@ -99,6 +99,7 @@ pub const SCHEMA: &[Key] = &[
     key("relay", "user-quota", ValueKind::Integer),
     key("relay", "total-quota", ValueKind::Integer),
     key("relay", "max-permissions", ValueKind::Integer),
+    key("relay", "challenge-rate", ValueKind::Integer),
     key("relay", "max-lifetime", ValueKind::Duration),
     key("relay", "nonce-lifetime", ValueKind::Duration),
     key("relay", "threads", ValueKind::Integer),

@@ -28,6 +28,12 @@ const DEFAULT_RELAY_PORTS: PortRange = PortRange {
 const DEFAULT_USER_QUOTA: u32 = 16;
 /// A call needs a handful of peers; the cap bounds per-allocation state.
 const DEFAULT_MAX_PERMISSIONS: u32 = 64;
+/// 500 answers a second per source IP and relay thread: room for thousands of users behind one
+/// NAT to allocate, while a spoofed flood reflects at most ~50 KB/s per thread at one victim.
+const DEFAULT_CHALLENGE_RATE: u32 = 500;
+/// Below 10 a busy office behind one NAT would wait for its first answers.
+const MIN_CHALLENGE_RATE: u32 = 10;
+const MAX_CHALLENGE_RATE: u32 = 1_000_000;
 const MAX_PERMISSIONS_LIMIT: u32 = 1024;
 /// Long enough that clients refresh rarely, short enough that an abandoned
 /// allocation frees its port within the hour.
@@ -337,6 +343,7 @@ fn read_relay(
     let user_quota = r.integer("user-quota", 1, u32::MAX);
     let total_quota = r.integer("total-quota", 1, u32::MAX);
     let max_permissions = r.integer("max-permissions", 1, MAX_PERMISSIONS_LIMIT);
+    let challenge_rate = r.integer("challenge-rate", MIN_CHALLENGE_RATE, MAX_CHALLENGE_RATE);
     let max_lifetime = r.duration("max-lifetime", MIN_MAX_LIFETIME, MAX_MAX_LIFETIME);
     let nonce_lifetime = r.duration("nonce-lifetime", MIN_NONCE_LIFETIME, MAX_NONCE_LIFETIME);
     let threads = r.integer("threads", 1, MAX_THREADS);
@@ -447,6 +454,7 @@ fn read_relay(
         user_quota: Some(user_quota?.unwrap_or(DEFAULT_USER_QUOTA)),
         total_quota: total_quota?,
         max_permissions: max_permissions?.unwrap_or(DEFAULT_MAX_PERMISSIONS),
+        challenge_rate: challenge_rate?.unwrap_or(DEFAULT_CHALLENGE_RATE),
         max_lifetime: max_lifetime?.unwrap_or(DEFAULT_MAX_LIFETIME),
         nonce_lifetime: nonce_lifetime?.unwrap_or(DEFAULT_NONCE_LIFETIME),
         threads: threads?.and_then(|n| NonZeroUsize::new(n as usize)),

@@ -364,6 +364,7 @@ fn a_minimal_file_gets_the_documented_defaults() {
     assert_eq!(r.user_quota, Some(16));
     assert_eq!(r.total_quota, None);
     assert_eq!(r.max_permissions, 64);
+    assert_eq!(r.challenge_rate, 500);
     assert_eq!(r.max_lifetime, Duration::from_secs(3600));
     assert_eq!(r.nonce_lifetime, Duration::from_secs(600));
     assert_eq!(r.threads, None);
@@ -532,6 +533,16 @@ fn integer_limits() {
             "relay.max-permissions",
             "must be at most 1024, got 1025",
         ),
+        (
+            "challenge-rate = 9",
+            "relay.challenge-rate",
+            "must be at least 10, got 9",
+        ),
+        (
+            "challenge-rate = 1000001",
+            "relay.challenge-rate",
+            "must be at most 1000000, got 1000001",
+        ),
         ("threads = 0", "relay.threads", "must be at least 1, got 0"),
         (
             "threads = 1025",
@@ -548,8 +559,9 @@ fn integer_limits() {
         );
     }
     let c = ok(&with_relay(
-        "user-quota = 1000000\ntotal-quota = 1\nthreads = 1024\nmax-permissions = 1",
+        "user-quota = 1000000\ntotal-quota = 1\nthreads = 1024\nmax-permissions = 1\nchallenge-rate = 1000000",
     ));
+    assert_eq!(c.relay.challenge_rate, 1_000_000);
     assert_eq!(c.relay.user_quota, Some(1_000_000));
     assert_eq!(c.relay.total_quota, Some(1));
     assert_eq!(c.relay.threads.map(|n| n.get()), Some(1024));
@@ -1506,7 +1518,7 @@ fn env_var_names_follow_the_rule_and_are_unique() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), names.len());
-    assert_eq!(SCHEMA.len(), 51);
+    assert_eq!(SCHEMA.len(), 52);
     let lists: Vec<String> = SCHEMA
         .iter()
         .filter(|k| k.kind == ValueKind::List)

@@ -361,6 +361,8 @@ impl RelayServer {
         proto.max_lifetime = cfg.max_lifetime;
         proto.nonce_lifetime = cfg.nonce_lifetime;
         proto.max_permissions = cfg.max_permissions as usize;
+        proto.challenge_rate = cfg.challenge_rate;
+        proto.challenge_burst = cfg.challenge_rate.saturating_mul(2);
         proto.quotas = quotas;
         let streams = stream::StreamShared::new(
             stream::StreamLimits {

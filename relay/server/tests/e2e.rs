@@ -458,3 +458,29 @@ async fn bursts_both_ways_arrive_complete_and_in_order() {
     assert_eq!(relay.wait_metric(sent, BURST as f64).await, BURST as f64);
     relay.shutdown().await;
 }
+
+/// `relay.challenge-rate` reaches every shard's core: with 10 answers a second (burst 20) per
+/// source IP, a burst of 200 unauthenticated Allocates from one socket gets at most a few dozen
+/// 401s and the rest are dropped and counted, while the default (500) would answer them all.
+#[tokio::test]
+async fn the_configured_challenge_rate_caps_answers_to_unauthenticated_requests() {
+    let relay = Running::start("challenge-rate = 10").await;
+    let sock = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    for i in 0..200u32 {
+        let mut tid = [0u8; 12];
+        tid[..4].copy_from_slice(&i.to_be_bytes());
+        let mut buf = Vec::new();
+        let mut e = stun::Encoder::new(&mut buf, method::ALLOCATE, stun::Class::Request, tid);
+        e.attr(attr::REQUESTED_TRANSPORT, &[17, 0, 0, 0]);
+        e.finish();
+        sock.send_to(&buf, relay.addr).await.unwrap();
+    }
+    let limited = relay
+        .wait_metric(
+            r#"turnpike_relay_dropped_packets_total{reason="challenge_limited"}"#,
+            150.0,
+        )
+        .await;
+    assert!(limited >= 150.0, "{limited}");
+    relay.shutdown().await;
+}
