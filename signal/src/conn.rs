@@ -495,6 +495,21 @@ impl Conn {
     /// Refuses the valid token of a participant that left for good. The message says so (the
     /// token is genuine, so nothing is given away): the client should join again rather than
     /// retry.
+    /// The store failed during auth: the client may try again shortly (nothing is wrong with
+    /// its token).
+    fn store_unavailable(&self, e: &control::store::StoreError) -> DisconnectReason {
+        tracing::warn!(error = %e, "store unavailable during signal auth");
+        self.refuse(
+            "unavailable",
+            "try again shortly",
+            Close {
+                code: code::TRY_AGAIN,
+                reason: "unavailable",
+                metric: DisconnectReason::Closed,
+            },
+        )
+    }
+
     fn left(&self) -> DisconnectReason {
         self.shared.metrics.auth_failure(AuthFailure::Left);
         self.unauthorized("this peer has left the call: join again (POST /v1/join)")
@@ -528,18 +543,7 @@ impl Conn {
             };
         let call = match app.store.get_call(&claims.call).await {
             Ok(c) => c,
-            Err(e) => {
-                tracing::warn!(error = %e, "store unavailable during signal auth");
-                return Err(self.refuse(
-                    "unavailable",
-                    "try again shortly",
-                    Close {
-                        code: code::TRY_AGAIN,
-                        reason: "unavailable",
-                        metric: DisconnectReason::Closed,
-                    },
-                ));
-            }
+            Err(e) => return Err(self.store_unavailable(&e)),
         };
         let Some(call) = call.filter(|c| c.state(now_ms) != CallState::Ended) else {
             self.shared.metrics.auth_failure(AuthFailure::CallGone);
@@ -587,18 +591,7 @@ impl Conn {
                     self.shared.metrics.auth_failure(AuthFailure::Revoked);
                     return Err(self.unauthorized("invalid or expired token"));
                 }
-                Err(e) => {
-                    tracing::warn!(error = %e, "store unavailable during signal auth");
-                    return Err(self.refuse(
-                        "unavailable",
-                        "try again shortly",
-                        Close {
-                            code: code::TRY_AGAIN,
-                            reason: "unavailable",
-                            metric: DisconnectReason::Closed,
-                        },
-                    ));
-                }
+                Err(e) => return Err(self.store_unavailable(&e)),
             }
         }
         let peer = PeerInfo {

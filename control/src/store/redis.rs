@@ -1082,18 +1082,8 @@ impl RedisStore {
         token: Digest,
         now: Millis,
     ) -> Result<Option<TokenGrant>, StoreError> {
-        let mut conn = self.conn();
         // GETDEL is atomic: of concurrent redemptions exactly one gets the value.
-        let raw: Option<Vec<u8>> = redis::cmd("GETDEL")
-            .arg(token_key(token))
-            .query_async(&mut conn)
-            .await
-            .map_err(map_err)?;
-        let Some(raw) = raw else {
-            return Ok(None);
-        };
-        let grant: TokenGrant = json(&raw, "token grant")?;
-        Ok((now < grant.expires_at).then_some(grant))
+        self.read_token("GETDEL", token, now).await
     }
 
     async fn peek_token_op(
@@ -1101,8 +1091,19 @@ impl RedisStore {
         token: Digest,
         now: Millis,
     ) -> Result<Option<TokenGrant>, StoreError> {
+        self.read_token("GET", token, now).await
+    }
+
+    /// The grant of `token` read with `command` (`GET`, or `GETDEL` to use it up); `None` when
+    /// absent or expired at `now`.
+    async fn read_token(
+        &self,
+        command: &str,
+        token: Digest,
+        now: Millis,
+    ) -> Result<Option<TokenGrant>, StoreError> {
         let mut conn = self.conn();
-        let raw: Option<Vec<u8>> = redis::cmd("GET")
+        let raw: Option<Vec<u8>> = redis::cmd(command)
             .arg(token_key(token))
             .query_async(&mut conn)
             .await
