@@ -331,13 +331,18 @@ async fn listener_task(shard: ShardRef, index: usize) {
 /// A UDP socket registered with the shard's reactor.
 type UdpSock = AsyncFd<StdUdpSocket>;
 
-/// Registers a socket with the reactor. `AsyncFd::new` is deprecated because an arbitrary
-/// `AsRawFd` type need not keep its descriptor open; a `std::net::UdpSocket` owns its descriptor
-/// until the `AsyncFd` drops it, which is exactly the contract of the (unsafe) replacement, so
-/// the deprecated safe form is sound here and keeps this crate free of `unsafe`.
+/// Registers a socket with the reactor for readability only. Sends never wait for space (a full
+/// buffer drops and counts the datagram), so write interest would only cost: on loopback every
+/// datagram sent frees its buffer space at once, and an `EPOLLOUT` edge would wake (or keep
+/// awake) the shard's `epoll_wait` once per send for nothing.
+///
+/// `AsyncFd::with_interest` is deprecated because an arbitrary `AsRawFd` type need not keep its
+/// descriptor open; a `std::net::UdpSocket` owns its descriptor until the `AsyncFd` drops it,
+/// which is exactly the contract of the (unsafe) replacement, so the deprecated safe form is
+/// sound here and keeps this crate free of `unsafe`.
 #[allow(deprecated)]
 fn register(socket: StdUdpSocket) -> io::Result<UdpSock> {
-    AsyncFd::new(socket)
+    AsyncFd::with_interest(socket, tokio::io::Interest::READABLE)
 }
 
 /// Reads up to [`IO_LOOP_BOUND`] datagrams from `socket` with `recvmmsg` (batches of
