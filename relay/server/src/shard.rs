@@ -363,11 +363,10 @@ fn recv_batch(
     let more = loop {
         let mut got = [(0usize, None::<SocketAddr>); RECV_BATCH];
         let n = {
-            let mut slices: Vec<[io::IoSliceMut<'_>; 1]> = sh
-                .recv_buf
-                .chunks_exact_mut(RECV_BUFFER)
-                .map(|c| [io::IoSliceMut::new(c)])
-                .collect();
+            // On the stack: no heap allocation per receive.
+            let mut chunks = sh.recv_buf.chunks_exact_mut(RECV_BUFFER);
+            let mut slices: [[io::IoSliceMut<'_>; 1]; RECV_BATCH] =
+                std::array::from_fn(|_| [io::IoSliceMut::new(chunks.next().unwrap_or_default())]);
             match nix::sys::socket::recvmmsg(
                 socket.as_raw_fd(),
                 &mut sh.recv_headers[family.index()],
