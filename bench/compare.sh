@@ -48,7 +48,10 @@ LOAD=./target/release/turnpike-load
 FWD=./target/release/turnpike-forward
 HZ=$(getconf CLK_TCK)
 DATE=$(date -u +%Y-%m-%d)
+# One file per run: a second run on the same day must not overwrite a recorded one.
 OUT="bench/results-$DATE.md"
+n=2
+while [ -e "$OUT" ]; do OUT="bench/results-$DATE-$n.md"; n=$((n + 1)); done
 WORK=$(mktemp -d "${TMPDIR:-/tmp}/turnpike-bench.XXXXXX")
 RAW="$WORK/raw.tsv"      # server load round cpu_us messages lost loss_pct p99_us max_rate limit extra
 : > "$RAW"
