@@ -13,7 +13,9 @@
 # also run against turnpike-forward, the bare one-recv-one-send UDP forwarder (turnpike-load
 # --mode raw-to-peer), as the baseline. --only-forwarder runs just those against Turnpike and
 # the forwarder (no coturn, no memory). Writes a
-# markdown table to stdout and to bench/results-<date>.md. Documented in docs/benchmarks.md.
+# markdown table to stdout and to bench/results-<date>.md (-2, -3 ... for later runs that day).
+# TURNPIKE_* variables in the environment reach the Turnpike server and are named in the
+# report. Documented in docs/benchmarks.md.
 # Run from the repository root.
 set -euo pipefail
 
@@ -27,7 +29,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; ROUNDS=1; shift ;;
     --no-memory) MEMORY=0; shift ;;
     --only-forwarder) ONLY_FWD=1; MEMORY=0; shift ;;
-    -h|--help) sed -n '2,14p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -344,7 +346,9 @@ PY
   echo "$(turnserver --version 2>/dev/null | head -1 | sed 's/^/coturn /') ; turnpike $(git rev-parse --short HEAD 2>/dev/null)$(git diff --quiet 2>/dev/null || echo '+dirty');"
   echo "rounds: $ROUNDS (A B alternating per load, each on a freshly started server); quick: $QUICK; wall time ${ELAPSED}s; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
-  echo "Command: \`bench/compare.sh --rounds $ROUNDS$([ "$QUICK" = 1 ] && echo ' --quick')$([ "$ONLY_FWD" = 1 ] && echo ' --only-forwarder')$([ "$MEMORY" = 0 ] && [ "$ONLY_FWD" = 0 ] && echo ' --no-memory')\`"
+  # TURNPIKE_* variables in the caller's environment reach the Turnpike server: say so.
+  OVERRIDES=$(env | grep '^TURNPIKE_' | sort | tr '\n' ' ' | sed 's/ $//')
+  echo "Command: \`${OVERRIDES:+$OVERRIDES }bench/compare.sh --rounds $ROUNDS$([ "$QUICK" = 1 ] && echo ' --quick')$([ "$ONLY_FWD" = 1 ] && echo ' --only-forwarder')$([ "$MEMORY" = 0 ] && [ "$ONLY_FWD" = 0 ] && echo ' --no-memory')\`"
   echo
   report
   if [ -n "$MEM" ]; then
