@@ -141,6 +141,9 @@ pub(crate) struct Shard {
     /// Transmits taken from the core and not yet sent (see [`Shard::flush`]); empty between
     /// flushes, kept for its capacity.
     pending: Vec<Transmit>,
+    /// Whether sends may use UDP GSO (see [`Shard::send_gso`]); cleared for good when the kernel
+    /// refuses it.
+    gso: bool,
     /// Frames for stream clients, by 5-tuple: each connection's bounded egress queue.
     pub(crate) streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
     pub(crate) stats: DriverStats,
@@ -230,6 +233,7 @@ pub(crate) fn run(
             ],
             send_headers: nix::sys::socket::MultiHeaders::preallocate(SEND_BATCH, None),
             pending: Vec::with_capacity(IO_LOOP_BOUND),
+            gso: true,
             unflushed: 0,
             flusher: Rc::new(tokio::sync::Notify::new()),
             handoff_buf: bytes::BytesMut::with_capacity(HANDOFF_BLOCK),
@@ -559,6 +563,67 @@ async fn timer_task(shard: ShardRef, mut phase: watch::Receiver<Phase>) {
     }
 }
 
+/// Bytes one GSO send may carry: the payload limit of one IPv6 datagram (65 535 less the UDP
+/// header), under IPv4's too (65 507) with room to spare, and within `u16` for the segment size.
+const GSO_MAX_BYTES: usize = 65_000;
+
+/// Fewest datagrams worth a GSO send: a GSO send is one `sendmsg`, so a run of pairs to
+/// different clients (one `sendmmsg` without GSO) would take a system call per pair, and the
+/// kernel's software segmentation on loopback costs about what it saves for two or three; from
+/// four on, one route lookup and one buffer for the group pay (a video frame's packets to one
+/// client). Measured: docs/benchmarks.md, "UDP GSO".
+const GSO_MIN: usize = 4;
+
+/// How many of `items` (from the first) one GSO send can carry: the following datagrams go to the
+/// same destination and have the first one's size, except a last one that may be shorter (the
+/// kernel cuts a GSO datagram into equal segments and a shorter tail), all within
+/// [`GSO_MAX_BYTES`], and at least [`GSO_MIN`] of them. 1 means no group: send the first with
+/// the others. A run holds at most [`SEND_BATCH`] items,
+/// under the kernel's 64 segments.
+fn gso_group(items: &[(SocketAddr, usize)], len: impl Fn(usize) -> usize) -> usize {
+    let Some(&(to, first)) = items.first() else {
+        return 0;
+    };
+    let segment = len(first);
+    let mut total = segment;
+    let mut n = 1;
+    for &(dest, i) in &items[1..] {
+        let l = len(i);
+        if dest != to || l > segment || l == 0 || total + l > GSO_MAX_BYTES {
+            break;
+        }
+        total += l;
+        n += 1;
+        if l < segment {
+            break;
+        }
+    }
+    if segment == 0 || n < GSO_MIN {
+        1
+    } else {
+        n
+    }
+}
+
+/// One `sendmsg` of `payloads` to `to` with UDP GSO: the kernel sends one datagram per
+/// `segment` bytes of their concatenation (the last may be shorter), so each payload of
+/// `segment` bytes (and a shorter last one) leaves as its own datagram.
+fn send_segments(
+    fd: RawFd,
+    to: SocketAddr,
+    payloads: &[io::IoSlice<'_>],
+    segment: u16,
+) -> nix::Result<usize> {
+    use nix::sys::socket::{ControlMessage, MsgFlags, SockaddrStorage};
+    nix::sys::socket::sendmsg(
+        fd,
+        payloads,
+        &[ControlMessage::UdpGsoSegments(&segment)],
+        MsgFlags::empty(),
+        Some(&SockaddrStorage::from(to)),
+    )
+}
+
 impl Shard {
     fn publish(&mut self) {
         let active = self.core.allocations_by_transport();
@@ -689,16 +754,80 @@ impl Shard {
         }
     }
 
-    /// Sends a run of datagrams from one socket: one `sendto` for a single datagram, else
-    /// `sendmmsg`, resumed after a datagram the kernel refused (that one is counted and dropped,
-    /// as a failed `sendto` would be). Empties the run.
+    /// Sends a run of datagrams from one socket, in order: consecutive datagrams to one
+    /// destination that GSO can carry (see [`gso_group`]) in one `sendmsg` with `UDP_SEGMENT`,
+    /// the rest with [`Shard::send_plain`]. Empties the run.
     fn send_run(&mut self, run: &mut SendRun, pending: &[Transmit]) {
-        use nix::sys::socket::{MsgFlags, SockaddrStorage};
         let Some(fd) = run.fd.take() else {
             return;
         };
-        let items = &run.items[..run.len];
-        run.len = 0;
+        let items = &run.items[..std::mem::take(&mut run.len)];
+        let mut next = 0;
+        while next < items.len() {
+            let group = if self.gso {
+                gso_group(&items[next..], |i| self.core.payload(&pending[i]).len())
+            } else {
+                1
+            };
+            if group >= GSO_MIN {
+                let batch = &items[next..next + group];
+                if !self.send_gso(fd, batch, pending) {
+                    self.send_plain(fd, batch, pending);
+                }
+                next += group;
+                continue;
+            }
+            // Up to where the next GSO group starts.
+            let mut end = next + 1;
+            while end < items.len()
+                && !(self.gso
+                    && gso_group(&items[end..], |i| self.core.payload(&pending[i]).len())
+                        >= GSO_MIN)
+            {
+                end += 1;
+            }
+            self.send_plain(fd, &items[next..end], pending);
+            next = end;
+        }
+    }
+
+    /// Sends `items` ([`GSO_MIN`] or more, one destination; see [`gso_group`]) as one GSO datagram the
+    /// kernel cuts into one datagram per item. False when the kernel refused GSO itself (the
+    /// caller sends them one by one); a full buffer drops them all, as it would one by one.
+    fn send_gso(&mut self, fd: RawFd, items: &[(SocketAddr, usize)], pending: &[Transmit]) -> bool {
+        let mut iov = [io::IoSlice::new(&[]); SEND_BATCH];
+        for (slot, (_, i)) in iov.iter_mut().zip(items) {
+            *slot = io::IoSlice::new(self.core.payload(&pending[*i]));
+        }
+        let Some(&(to, first)) = items.first() else {
+            return true;
+        };
+        // gso_group keeps every size within u16 (GSO_MAX_BYTES).
+        let segment = u16::try_from(self.core.payload(&pending[first]).len()).unwrap_or(u16::MAX);
+        match send_segments(fd, to, &iov[..items.len()], segment) {
+            Ok(_) => true,
+            Err(nix::errno::Errno::EAGAIN) => {
+                self.stats.drops[DriverDrop::SendWouldBlock.index()] += items.len() as u64;
+                true
+            }
+            Err(e) => {
+                // EIO: the route's device cannot checksum GSO segments (nothing on this shard
+                // will do better: stop trying). EINVAL/EMSGSIZE: a segment above the path MTU,
+                // which one by one the kernel fragments instead.
+                if e == nix::errno::Errno::EIO {
+                    debug!(error = %e, "UDP GSO refused: sending datagrams one by one");
+                    self.gso = false;
+                }
+                false
+            }
+        }
+    }
+
+    /// Sends datagrams from one socket: one `sendto` for a single datagram, else `sendmmsg`,
+    /// resumed after a datagram the kernel refused (that one is counted and dropped, as a failed
+    /// `sendto` would be).
+    fn send_plain(&mut self, fd: RawFd, items: &[(SocketAddr, usize)], pending: &[Transmit]) {
+        use nix::sys::socket::{MsgFlags, SockaddrStorage};
         let mut next = 0;
         while next < items.len() {
             let rest = &items[next..];
@@ -816,6 +945,75 @@ impl Shard {
             if let Some(pool) = self.ports[r.family.index()].as_mut() {
                 pool.put(r.port);
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn addr(port: u16) -> SocketAddr {
+        SocketAddr::from(([127, 0, 0, 1], port))
+    }
+
+    /// Items to `dests[k]` of `lens[k]` bytes; the index is the position.
+    fn group(dests: &[u16], lens: &[usize]) -> usize {
+        let items: Vec<(SocketAddr, usize)> = dests.iter().map(|&d| addr(d)).zip(0..).collect();
+        gso_group(&items, |i| lens[i])
+    }
+
+    #[test]
+    fn gso_groups_equal_datagrams_to_one_destination_with_a_shorter_tail() {
+        assert_eq!(group(&[1, 1, 1, 1, 1], &[100, 100, 100, 100, 100]), 5);
+        // A shorter one ends the group, included.
+        assert_eq!(
+            group(&[1, 1, 1, 1, 1, 1], &[100, 100, 100, 40, 100, 100]),
+            4
+        );
+        // Another destination ends it, excluded.
+        assert_eq!(group(&[1, 1, 1, 1, 2, 1], &[100; 6]), 4);
+        // A longer one ends it, excluded.
+        assert_eq!(group(&[1, 1, 1, 1, 1], &[100, 100, 100, 100, 101]), 4);
+    }
+
+    #[test]
+    fn no_gso_group_below_the_minimum_or_for_empty_datagrams() {
+        assert_eq!(group(&[1, 1, 1], &[100; 3]), 1);
+        assert_eq!(group(&[1, 1, 1, 2, 2, 2, 2], &[100; 7]), 1);
+        assert_eq!(group(&[1, 1, 1, 1, 1], &[100, 100, 40, 100, 100]), 1);
+        assert_eq!(group(&[1, 1, 1, 1], &[0; 4]), 1);
+        assert_eq!(group(&[], &[]), 0);
+    }
+
+    #[test]
+    fn a_gso_group_stays_within_one_ip_datagram() {
+        // 40 × 1 600 bytes = 64 000: all; 41 would pass GSO_MAX_BYTES.
+        let dests = [1; 48];
+        assert_eq!(group(&dests, &[1_600; 48]), 40);
+        const { assert!(40 * 1_600 <= GSO_MAX_BYTES && 41 * 1_600 > GSO_MAX_BYTES) };
+    }
+
+    #[test]
+    fn gso_send_arrives_as_one_datagram_per_payload() {
+        let rx = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+        let tx = StdUdpSocket::bind("127.0.0.1:0").unwrap();
+        rx.set_read_timeout(Some(std::time::Duration::from_secs(5)))
+            .unwrap();
+        let payloads: Vec<Vec<u8>> = (0..6u8)
+            .map(|k| vec![k; if k == 5 { 37 } else { 1_200 }])
+            .collect();
+        let iov: Vec<io::IoSlice<'_>> = payloads.iter().map(|p| io::IoSlice::new(p)).collect();
+        let to = rx.local_addr().unwrap();
+        // Linux has had UDP GSO since 4.18; the shard falls back to one datagram each without.
+        let sent = send_segments(tx.as_raw_fd(), to, &iov, 1_200).expect("a GSO send");
+        assert_eq!(sent, 5 * 1_200 + 37);
+        let mut buf = [0u8; 2_048];
+        for p in &payloads {
+            let (n, from) = rx.recv_from(&mut buf).unwrap();
+            assert_eq!(from, tx.local_addr().unwrap());
+            assert_eq!(&buf[..n], &p[..]);
         }
     }
 }

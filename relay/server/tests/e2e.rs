@@ -459,6 +459,65 @@ async fn bursts_both_ways_arrive_complete_and_in_order() {
     relay.shutdown().await;
 }
 
+#[tokio::test]
+async fn bursts_of_equal_datagrams_with_a_shorter_tail_keep_their_boundaries() {
+    // Runs of four or more equal datagrams to one destination leave in one GSO send that the
+    // kernel cuts back into datagrams (a video frame's packets): each must arrive on its own,
+    // whole, in order — the full-size ones and the shorter last one of every frame.
+    const FRAMES: usize = 4;
+    const PACKETS: usize = 12;
+    let payload = |f: usize, p: usize| {
+        let len = if p == PACKETS - 1 { 311 } else { 1_100 };
+        let mut v = vec![u8::try_from(f * PACKETS + p).unwrap(); len];
+        v[0] = 0xee;
+        v
+    };
+    let relay = Running::start("").await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut c = RawClient::new(relay.addr, "frames").await;
+    let r = c
+        .request(
+            method::ALLOCATE,
+            &[(attr::REQUESTED_TRANSPORT, UDP.to_vec())],
+        )
+        .await;
+    assert_eq!(r.code, None);
+    let relayed = r.addresses(attr::XOR_RELAYED_ADDRESS)[0];
+    c.permit(peer_addr).await;
+
+    for f in 0..FRAMES {
+        for p in 0..PACKETS {
+            c.send(peer_addr, &payload(f, p)).await;
+        }
+    }
+    for f in 0..FRAMES {
+        for p in 0..PACKETS {
+            let (got, from) = recv(&peer).await;
+            assert_eq!(from, relayed);
+            assert_eq!(got, payload(f, p), "frame {f} packet {p} to the peer");
+        }
+    }
+
+    for f in 0..FRAMES {
+        for p in 0..PACKETS {
+            peer.send_to(&payload(f, p), relayed).await.unwrap();
+        }
+    }
+    for f in 0..FRAMES {
+        for p in 0..PACKETS {
+            let (raw, from) = recv(&c.sock).await;
+            assert_eq!(from, relay.addr);
+            assert_eq!(
+                data_of(&raw),
+                payload(f, p),
+                "frame {f} packet {p} to the client"
+            );
+        }
+    }
+    relay.shutdown().await;
+}
+
 /// `relay.challenge-rate` reaches every shard's core: with 10 answers a second (burst 20) per
 /// source IP, a burst of 200 unauthenticated Allocates from one socket gets at most a few dozen
 /// 401s and the rest are dropped and counted, while the default (500) would answer them all.
