@@ -9,7 +9,8 @@
 # (utime + stime, /proc/PID/stat fields 14 and 15) just before and just after the load, and stops
 # it. Loads: coturn's own client, client-to-client (-y) and client-to-peer (through coturn's
 # turnutils_peer echo peer); turnpike-load client-to-client and client-to-peer at an even
-# 20 000 msg/s and client-to-peer in 10 ms ticks; find-max. The turnpike-load client-to-peer loads
+# 20 000 msg/s, client-to-peer in 10 ms ticks, and video-like frames (10 flows, 20 packets of
+# 1 000 bytes per flow every 10 ms); find-max. The turnpike-load client-to-peer loads
 # also run against turnpike-forward, the bare one-recv-one-send UDP forwarder (turnpike-load
 # --mode raw-to-peer), as the baseline. --only-forwarder runs just those against Turnpike and
 # the forwarder (no coturn, no memory). Writes a
@@ -29,7 +30,7 @@ while [ $# -gt 0 ]; do
     --quick) QUICK=1; ROUNDS=1; shift ;;
     --no-memory) MEMORY=0; shift ;;
     --only-forwarder) ONLY_FWD=1; MEMORY=0; shift ;;
-    -h|--help) sed -n '2,19p' "$0"; exit 0 ;;
+    -h|--help) sed -n '2,20p' "$0"; exit 0 ;;
     *) echo "compare.sh: unknown option $1" >&2; exit 1 ;;
   esac
 done
@@ -168,14 +169,16 @@ run_load() {
       kill "$peer_pid" 2>/dev/null || true
       wait "$peer_pid" 2>/dev/null || true
       ;;
-    c2c|c2p|c2p_tick)
-      local mode=client-to-client pacing=()
+    c2c|c2p|c2p_tick|c2p_frames)
+      local mode=client-to-client pacing=() allocs=100 size=200
       [ "$load" != c2c ] && mode=client-to-peer
       [ "$load" = c2p_tick ] && pacing=(--tick 10ms)
+      # Video-like: 10 flows, each sending a 20-packet "frame" of 1 000-byte packets every 10 ms.
+      [ "$load" = c2p_frames ] && { pacing=(--tick 10ms); allocs=10; size=1000; }
       local who=(--secret "$SECRET")
       [ "$server" = forward ] && { mode=raw-to-peer; who=(--echo "127.0.0.1:$ECHO_PORT"); }
-      "$LOAD" --server "127.0.0.1:$PORT" "${who[@]}" --mode "$mode" --allocations 100 \
-        --size 200 --rate 20000 "${pacing[@]}" --duration "$DUR" --drain "$DRAIN" --json-only \
+      "$LOAD" --server "127.0.0.1:$PORT" "${who[@]}" --mode "$mode" --allocations "$allocs" \
+        --size "$size" --rate 20000 "${pacing[@]}" --duration "$DUR" --drain "$DRAIN" --json-only \
         > "$out" 2>/dev/null || true
       ;;
     max)
@@ -198,7 +201,7 @@ run_load() {
       if [ "$lost" = NA ]; then loss=NA
       else loss=$(awk -v l="$lost" -v m="$UC_MSGS" 'BEGIN{printf "%.4f", 100*l/m}'); fi
       ;;
-    c2c|c2p|c2p_tick)
+    c2c|c2p|c2p_tick|c2p_frames)
       if [ -s "$out" ]; then
         msgs=$(json 'd["received"]' < "$out"); lost=$(json 'd["lost"]' < "$out")
         loss=$(json 'd["loss_pct"]' < "$out"); p99=$(json 'd["latency_us"]["p99"]' < "$out")
@@ -242,13 +245,13 @@ measure_memory() {
 }
 
 # ---------------------------------------------------------------- run
-LOADS="uclient uclient_peer c2c c2p c2p_tick max"
-[ "$ONLY_FWD" = 1 ] && LOADS="c2p c2p_tick"
+LOADS="uclient uclient_peer c2c c2p c2p_tick c2p_frames max"
+[ "$ONLY_FWD" = 1 ] && LOADS="c2p c2p_tick c2p_frames"
 START=$(date +%s)
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     servers="turnpike coturn"
-    case "$load" in c2p|c2p_tick) servers="turnpike coturn forward" ;; esac
+    case "$load" in c2p|c2p_tick|c2p_frames) servers="turnpike coturn forward" ;; esac
     [ "$ONLY_FWD" = 1 ] && servers="turnpike forward"
     for server in $servers; do
       run_load "$server" "$load" "$round"
@@ -272,8 +275,9 @@ names = {"uclient": "turnutils_uclient -y -s, client-to-client (anchor)",
          "c2c": "turnpike-load client-to-client 20k/s even",
          "c2p": "turnpike-load client-to-peer 20k/s even",
          "c2p_tick": "turnpike-load client-to-peer 20k/s, 10 ms ticks",
+         "c2p_frames": "turnpike-load client-to-peer 20k/s, 10 flows x 20-packet frames of 1000 B every 10 ms",
          "max": "turnpike-load find-max client-to-client"}
-LOADS = ["uclient", "uclient_peer", "c2c", "c2p", "c2p_tick", "max"]
+LOADS = ["uclient", "uclient_peer", "c2c", "c2p", "c2p_tick", "c2p_frames", "max"]
 UC = ("uclient", "uclient_peer")
 def num(x):
     try: return float(x)
@@ -315,7 +319,7 @@ for load in LOADS:
     print(f"| {names[load]} | {ratio(t['cpu'], c['cpu'])} | {ratio(t['p99'], c['p99']) if load not in UC else '—'} | "
           f"{ratio(t['max'], c['max']) if load == 'max' else '—'} | "
           f"{f(t['loss'],3) if load != 'max' else '—'} / {f(c['loss'],3) if load != 'max' else '—'} |")
-fw = [(l, meds.get((l, "turnpike")), meds.get((l, "forward"))) for l in ("c2p", "c2p_tick")]
+fw = [(l, meds.get((l, "turnpike")), meds.get((l, "forward"))) for l in ("c2p", "c2p_tick", "c2p_frames")]
 fw = [x for x in fw if x[1] and x[2]]
 if fw:
     print()
@@ -369,7 +373,8 @@ PY
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-client --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --tick 10ms --duration $DUR --drain $DRAIN --json-only"
-  echo "turnpike-load --server 127.0.0.1:\$FWD_PORT --echo 127.0.0.1:\$ECHO_PORT --mode raw-to-peer --allocations 100 --size 200 --rate 20000 [--tick 10ms] --duration $DUR --drain $DRAIN --json-only   # against the forwarder"
+  echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 10 --size 1000 --rate 20000 --tick 10ms --duration $DUR --drain $DRAIN --json-only   # frames"
+  echo "turnpike-load --server 127.0.0.1:\$FWD_PORT --echo 127.0.0.1:\$ECHO_PORT --mode raw-to-peer --allocations 100 --size 200 --rate 20000 [--tick 10ms] --duration $DUR --drain $DRAIN --json-only   # against the forwarder (frames: --allocations 10 --size 1000 --tick 10ms)"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --find-max --mode client-to-client --allocations 100 --size 200 --rate 10000 --step-duration $STEP --max-steps $MAXSTEPS --drain $DRAIN --json-only"
   echo '```'
   echo
