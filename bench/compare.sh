@@ -351,7 +351,7 @@ PY
   echo "rounds: $ROUNDS (A B alternating per load, each on a freshly started server); quick: $QUICK; wall time ${ELAPSED}s; load average at the end: $(cut -d' ' -f1-3 /proc/loadavg)."
   echo
   # TURNPIKE_* variables in the caller's environment reach the Turnpike server: say so.
-  OVERRIDES=$(env | grep '^TURNPIKE_' | sort | tr '\n' ' ' | sed 's/ $//')
+  OVERRIDES=$(env | grep '^TURNPIKE_' | sort | tr '\n' ' ' | sed 's/ $//' || true)
   echo "Command: \`${OVERRIDES:+$OVERRIDES }bench/compare.sh --rounds $ROUNDS$([ "$QUICK" = 1 ] && echo ' --quick')$([ "$ONLY_FWD" = 1 ] && echo ' --only-forwarder')$([ "$MEMORY" = 0 ] && [ "$ONLY_FWD" = 0 ] && echo ' --no-memory')\`"
   echo
   report
