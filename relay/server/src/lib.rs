@@ -15,6 +15,12 @@
 //! - **Bounded work per turn**: a task reads at most [`IO_LOOP_BOUND`] datagrams before flushing
 //!   and yielding; sends are non-blocking and a full socket buffer drops (and counts) the packet
 //!   rather than queueing without bound.
+//! - **Few system calls per datagram**: receives are `recvmmsg` batches; a shard's outputs leave
+//!   after every socket the reactor found ready was read, consecutive datagrams from one socket in
+//!   one `sendmmsg`, and four or more equal datagrams to one destination (a video frame's
+//!   packets) in one UDP GSO `sendmsg`. Sockets are registered for readability only: sends never
+//!   wait, and write interest would make every send wake the reactor again on loopback. What each
+//!   step bought is measured in `docs/benchmarks.md`.
 //! - The admin listener (`/metrics`, `/live`, `/ready`, [`admin`]) runs on the caller's runtime,
 //!   off the data path.
 //! - **Revocations** ([`RelayServer::revoker`]) reach every shard over a bounded queue per shard:
