@@ -215,7 +215,7 @@ run_load() {
         loss=""
         # p99 at the highest step that stayed under 0.1 % loss
         p99=$(json 'max([s for s in d["steps"] if s["ok"]], key=lambda s: s["rate_target"], default={"latency_us":{"p99":None}})["latency_us"]["p99"]' < "$out")
-        extra=$(json '";".join("%d:%s%s" % (s["rate_target"], round(s["loss_pct"],3), "g" if s.get("generator_limited") else "") for s in d["steps"])' < "$out")
+        extra=$(json '";".join("%d:%s%s@%s" % (s["rate_target"], round(s["loss_pct"],3), "g" if s.get("generator_limited") else "", round(s["latency_us"]["p99"] or 0)) for s in d["steps"])' < "$out")
       else msgs=0; lost=NA; loss=NA; limit=timeout; fi
       ;;
   esac
@@ -329,8 +329,40 @@ if fw:
     print("|---|---|---|---|")
     for l, t, w in fw:
         print(f"| {names[l]} | {ratio(t['cpu'], w['cpu'])} | {ratio(t['p99'], w['p99'])} | {f(t['loss'],3)} / {f(w['loss'],3)} |")
+# Target 4 at one rate: each server's p99 at its own maximum compares different rates, so also
+# compare at the highest step both servers relayed with < 0.1 % loss, round by round.
+def steps(r):
+    out = {}
+    for st_ in r[10].split(";"):
+        try:
+            rate, rest = st_.split(":", 1)
+            loss_, p = rest.split("@")
+            out[int(rate)] = (float(loss_.rstrip("g")), float(p))
+        except ValueError:
+            pass
+    return out
+common = []
+for rnd in sorted(set(r[2] for r in rows if r[1] == "max")):
+    t = [r for r in rows if r[1] == "max" and r[0] == "turnpike" and r[2] == rnd]
+    c = [r for r in rows if r[1] == "max" and r[0] == "coturn" and r[2] == rnd]
+    if not t or not c: continue
+    ts, cs = steps(t[0]), steps(c[0])
+    ok = [k for k in ts if k in cs and ts[k][0] < 0.1 and cs[k][0] < 0.1]
+    if ok:
+        k = max(ok)
+        common.append((rnd, k, ts[k][1], cs[k][1]))
+if common:
+    print()
+    print("p99 at the highest find-max step both servers relayed with < 0.1 % loss (per round):")
+    print()
+    print("| Round | rate msg/s | Turnpike p99 µs | coturn p99 µs | Turnpike / coturn |")
+    print("|---|---|---|---|---|")
+    for rnd, k, tp, cp in common:
+        print(f"| {rnd} | {k} | {tp:.0f} | {cp:.0f} | {ratio(tp, cp)} |")
+    print(f"| median | — | {st.median(x[2] for x in common):.0f} | {st.median(x[3] for x in common):.0f} | "
+          f"{ratio(st.median(x[2] for x in common), st.median(x[3] for x in common))} |")
 print()
-print("Find-max steps per round (rate:loss% , g = generator could not send the target rate):")
+print("Find-max steps per round (rate:loss%[g]@p99µs, g = generator could not send the target rate):")
 print()
 for r in rows:
     if r[1] == "max":
