@@ -415,16 +415,12 @@ fn data_of(raw: &[u8]) -> Vec<u8> {
         .expect("a Data indication")
 }
 
-#[tokio::test]
-async fn bursts_both_ways_arrive_complete_and_in_order() {
-    // Back-to-back datagrams are read in batches and their answers leave in batched sends
-    // (runs of up to SEND_BATCH per socket): every datagram must still arrive, once, in order,
-    // at its own destination.
-    const BURST: usize = 100;
+/// A relay, a peer socket, and a client of user `user` with an allocation that permits the
+/// peer; returns them with the relayed address.
+async fn allocated_with_peer(user: &str) -> (Running, UdpSocket, RawClient, std::net::SocketAddr) {
     let relay = Running::start("").await;
     let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
-    let peer_addr = peer.local_addr().unwrap();
-    let mut c = RawClient::new(relay.addr, "burst").await;
+    let mut c = RawClient::new(relay.addr, user).await;
     let r = c
         .request(
             method::ALLOCATE,
@@ -433,7 +429,18 @@ async fn bursts_both_ways_arrive_complete_and_in_order() {
         .await;
     assert_eq!(r.code, None);
     let relayed = r.addresses(attr::XOR_RELAYED_ADDRESS)[0];
-    c.permit(peer_addr).await;
+    c.permit(peer.local_addr().unwrap()).await;
+    (relay, peer, c, relayed)
+}
+
+#[tokio::test]
+async fn bursts_both_ways_arrive_complete_and_in_order() {
+    // Back-to-back datagrams are read in batches and their answers leave in batched sends
+    // (runs of up to SEND_BATCH per socket): every datagram must still arrive, once, in order,
+    // at its own destination.
+    const BURST: usize = 100;
+    let (relay, peer, mut c, relayed) = allocated_with_peer("burst").await;
+    let peer_addr = peer.local_addr().unwrap();
 
     for i in 0..BURST {
         c.send(peer_addr, format!("up {i}").as_bytes()).await;
@@ -472,19 +479,8 @@ async fn bursts_of_equal_datagrams_with_a_shorter_tail_keep_their_boundaries() {
         v[0] = 0xee;
         v
     };
-    let relay = Running::start("").await;
-    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let (relay, peer, mut c, relayed) = allocated_with_peer("frames").await;
     let peer_addr = peer.local_addr().unwrap();
-    let mut c = RawClient::new(relay.addr, "frames").await;
-    let r = c
-        .request(
-            method::ALLOCATE,
-            &[(attr::REQUESTED_TRANSPORT, UDP.to_vec())],
-        )
-        .await;
-    assert_eq!(r.code, None);
-    let relayed = r.addresses(attr::XOR_RELAYED_ADDRESS)[0];
-    c.permit(peer_addr).await;
 
     for f in 0..FRAMES {
         for p in 0..PACKETS {
