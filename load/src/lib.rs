@@ -62,6 +62,7 @@ mod worker;
 
 use std::io;
 use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, SocketAddr};
+use std::num::NonZeroUsize;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -211,9 +212,9 @@ pub struct Config {
     pub pacing: Pacing,
     /// REST usernames are `expiry:PREFIX-i`.
     pub user_prefix: String,
-    /// Worker threads; 0 picks one per core (at most one per allocation).
-    pub threads: usize,
-    /// Progress events this often; `None` for none.
+    /// Worker threads; `None` picks one per core. At most one per allocation either way.
+    pub threads: Option<NonZeroUsize>,
+    /// Progress events this often (more than zero); `None` for none.
     pub progress_interval: Option<Duration>,
     /// How long to keep receiving after sending stops (and between find-max steps).
     pub drain: Duration,
@@ -261,7 +262,7 @@ impl Config {
             burst: 1,
             pacing: Pacing::Smooth,
             user_prefix: "load".into(),
-            threads: 0,
+            threads: None,
             progress_interval: Some(Duration::from_secs(1)),
             drain: Duration::from_secs(1),
             setup_concurrency: 64,
@@ -340,16 +341,19 @@ impl Config {
         if self.tries == 0 {
             return bad("tries must be at least 1".into());
         }
+        if self.progress_interval.is_some_and(|d| d.is_zero()) {
+            return bad(
+                "the progress interval must be longer than zero (no progress: none)".into(),
+            );
+        }
         Ok(())
     }
 
     fn worker_count(&self) -> usize {
-        let auto = std::thread::available_parallelism().map_or(1, |n| n.get());
-        let n = if self.threads == 0 {
-            auto
-        } else {
-            self.threads
-        };
+        let n = self
+            .threads
+            .or_else(|| std::thread::available_parallelism().ok())
+            .map_or(1, NonZeroUsize::get);
         n.clamp(1, self.allocations.max(1))
     }
 }
@@ -606,10 +610,10 @@ pub struct SetupReport {
 pub struct Progress {
     /// Since traffic started (pauses included).
     pub elapsed: Duration,
-    /// Current step and its target rate.
+    /// Current step (the last one while draining).
     pub step: usize,
-    /// Target packets per second now.
-    pub rate_target: u64,
+    /// Target packets per second now; `None` while nothing is sent (draining after a step).
+    pub rate_target: Option<u64>,
     /// Packets sent so far.
     pub sent: u64,
     /// Unique packets received so far.
@@ -990,7 +994,8 @@ struct Controller {
     next_progress: Instant,
     last: (Instant, u64, u64),
     steps: Vec<StepRun>,
-    current: (usize, u64),
+    /// The step running and its rate (`None` while draining).
+    current: (usize, Option<u64>),
 }
 
 /// How a find-max search ended, and its best rate.
@@ -1004,12 +1009,12 @@ impl Controller {
         let now = Instant::now();
         Self {
             shared,
-            interval: cfg.progress_interval.filter(|d| !d.is_zero()),
+            interval: cfg.progress_interval,
             started: now,
             next_progress: now + cfg.progress_interval.unwrap_or_default(),
             last: (now, 0, 0),
             steps: Vec::new(),
-            current: (0, 0),
+            current: (0, None),
         }
     }
 
@@ -1064,14 +1069,14 @@ impl Controller {
         observe: &mut dyn FnMut(Event<'_>),
     ) -> usize {
         let step = self.steps.len();
-        self.current = (step, rate);
+        self.current = (step, Some(rate));
         let t = Instant::now();
         self.shared.start_step(step, rate);
         self.wait(t + length, observe);
         self.shared.pause();
         let sending = t.elapsed();
         self.steps.push(StepRun { rate, sending });
-        self.current = (step, 0);
+        self.current = (step, None);
         self.wait(Instant::now() + drain, observe);
         step
     }

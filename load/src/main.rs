@@ -2,6 +2,7 @@
 
 use std::io::Write as _;
 use std::net::{SocketAddr, ToSocketAddrs};
+use std::num::NonZeroUsize;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -77,12 +78,15 @@ struct Args {
     /// Print only the JSON summary (no progress, no human summary).
     #[arg(long)]
     json_only: bool,
-    /// How often to print a progress line on stderr (0 for never).
-    #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
+    /// How often to print a progress line on stderr (more than zero).
+    #[arg(long, default_value = "1s", value_parser = positive_duration)]
     progress_interval: Duration,
-    /// Worker threads (0: one per core).
-    #[arg(long, default_value_t = 0)]
-    threads: usize,
+    /// Print no progress lines (the human summary still goes to stderr).
+    #[arg(long)]
+    no_progress: bool,
+    /// Worker threads [default: one per core].
+    #[arg(long)]
+    threads: Option<NonZeroUsize>,
     /// How long to wait for late packets after sending stops (also between find-max steps).
     #[arg(long, default_value = "1s", value_parser = humantime::parse_duration)]
     drain: Duration,
@@ -114,6 +118,17 @@ enum CliMode {
     ClientToPeer,
     #[value(alias = "raw")]
     RawToPeer,
+}
+
+/// A duration longer than zero (`--progress-interval`; `--no-progress` turns progress off).
+fn positive_duration(s: &str) -> Result<Duration, String> {
+    match humantime::parse_duration(s) {
+        Ok(d) if d.is_zero() => {
+            Err("must be longer than zero (for no progress lines: --no-progress)".into())
+        }
+        Ok(d) => Ok(d),
+        Err(e) => Err(e.to_string()),
+    }
 }
 
 fn resolve(option: &str, server: &str) -> Result<SocketAddr, String> {
@@ -176,8 +191,7 @@ fn config(a: &Args) -> Result<Config, String> {
     c.pacing = a.tick.map_or(Pacing::Smooth, Pacing::Tick);
     c.user_prefix = a.user_prefix.clone();
     c.threads = a.threads;
-    c.progress_interval =
-        (!a.json_only && !a.progress_interval.is_zero()).then_some(a.progress_interval);
+    c.progress_interval = (!a.json_only && !a.no_progress).then_some(a.progress_interval);
     c.drain = a.drain;
     c.setup_concurrency = a.setup_concurrency;
     Ok(c)
@@ -212,10 +226,9 @@ fn on_event(e: Event<'_>) {
             s.threads
         ),
         Event::Progress(p) => {
-            let target = if p.rate_target == 0 {
-                "draining".to_owned()
-            } else {
-                format!("step {} @ {} pkt/s", p.step, p.rate_target)
+            let target = match p.rate_target {
+                Some(rate) => format!("step {} @ {rate} pkt/s", p.step),
+                None => "draining".to_owned(),
             };
             eprintln!(
                 "[{:6.1}s] {target}: sent {} ({:.0}/s)  received {} ({:.0}/s)  missing {}",

@@ -45,7 +45,7 @@ fn raw_to_peer_through_the_forwarder_loses_nothing() {
     cfg.rate = Rate::Fixed(2000);
     cfg.duration = Duration::from_secs(1);
     cfg.drain = Duration::from_millis(500);
-    cfg.threads = 2;
+    cfg.threads = std::num::NonZeroUsize::new(2);
     cfg.progress_interval = None;
     let result = turnpike_load::run(&cfg, &mut |_| {});
     let _ = fwd.kill();

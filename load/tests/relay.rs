@@ -94,7 +94,7 @@ fn config(server: SocketAddr, mode: Mode) -> Config {
     c.rate = Rate::Fixed(2000);
     c.duration = Duration::from_secs(1);
     c.drain = Duration::from_millis(500);
-    c.threads = 2;
+    c.threads = std::num::NonZeroUsize::new(2);
     c.progress_interval = Some(Duration::from_millis(300));
     c
 }
@@ -312,9 +312,26 @@ fn bad_configurations_are_refused_before_any_socket() {
     no_tick.pacing = Pacing::Tick(Duration::ZERO);
     let mut slow_tick = config(server, Mode::ClientToPeer);
     slow_tick.pacing = Pacing::Tick(Duration::from_secs(1));
-    for cfg in [odd, small, long, no_tick, slow_tick] {
+    let mut busy_progress = config(server, Mode::ClientToPeer);
+    busy_progress.progress_interval = Some(Duration::ZERO);
+    for cfg in [odd, small, long, no_tick, slow_tick, busy_progress] {
         let e = run(&cfg).0.unwrap_err();
         assert!(matches!(e, LoadError::Config(_)), "{e}");
+    }
+}
+
+#[test]
+fn the_binary_refuses_zero_threads_and_a_zero_progress_interval() {
+    let bin = env!("CARGO_BIN_EXE_turnpike-load");
+    for (flag, value) in [("--threads", "0"), ("--progress-interval", "0s")] {
+        let out = std::process::Command::new(bin)
+            .args(["--server", "127.0.0.1:9", "--secret", SECRET, flag, value])
+            .output()
+            .unwrap();
+        assert!(!out.status.success(), "{flag} {value}: {out:?}");
+        assert!(out.stdout.is_empty());
+        let stderr = String::from_utf8(out.stderr).unwrap();
+        assert!(stderr.contains(flag), "{flag}: {stderr}");
     }
 }
 
