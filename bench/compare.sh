@@ -12,8 +12,9 @@
 # 20 000 msg/s, client-to-peer in 10 ms ticks, and video-like frames (10 flows, 20 packets of
 # 1 000 bytes per flow every 10 ms); find-max. The turnpike-load client-to-peer loads
 # also run against turnpike-forward, the bare one-recv-one-send UDP forwarder (turnpike-load
-# --mode raw-to-peer), as the baseline. --only-forwarder runs just those against Turnpike and
-# the forwarder (no coturn, no memory). Writes a
+# --mode raw-to-peer), as the baseline, and against Turnpike with one shard as well (the
+# forwarder is one thread; the default is one shard per core). --only-forwarder runs just those
+# against Turnpike and the forwarder (no coturn, no memory). Writes a
 # markdown table to stdout and to bench/results-<date>.md (-2, -3 ... for later runs that day).
 # TURNPIKE_* variables in the environment reach the Turnpike server and are named in the
 # report. Documented in docs/benchmarks.md.
@@ -91,7 +92,12 @@ rss_kib() { awk '/^VmRSS:/ {print $2}' "/proc/$1/status"; }
 start_server() {
   local server=$1 log="$WORK/$1.log"
   case "$server" in
-    turnpike)
+    turnpike|turnpike1)
+      # turnpike1: one shard, as many threads as the forwarder (see the forwarder loads below);
+      # turnpike: the default (one shard per core) or the caller's TURNPIKE_RELAY_THREADS.
+      local one=()
+      [ "$server" = turnpike1 ] && one=(TURNPIKE_RELAY_THREADS=1)
+      env "${one[@]}" \
       TURNPIKE_RELAY_LISTEN=udp://127.0.0.1:0 TURNPIKE_ADMIN_LISTEN=127.0.0.1:0 TURNPIKE_CONTROL_LISTEN=127.0.0.1:0 \
       TURNPIKE_RELAY_SECRETS="$SECRET" TURNPIKE_RELAY_USER_QUOTA=100000 \
       TURNPIKE_RELAY_GRACE_PERIOD=0s TURNPIKE_RELAY_RELAY_PORTS="$RELAY_MIN-$RELAY_MAX" \
@@ -251,8 +257,8 @@ START=$(date +%s)
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     servers="turnpike coturn"
-    case "$load" in c2p|c2p_tick|c2p_frames) servers="turnpike coturn forward" ;; esac
-    [ "$ONLY_FWD" = 1 ] && servers="turnpike forward"
+    case "$load" in c2p|c2p_tick|c2p_frames) servers="turnpike coturn forward turnpike1" ;; esac
+    [ "$ONLY_FWD" = 1 ] && servers="turnpike forward turnpike1"
     for server in $servers; do
       run_load "$server" "$load" "$round"
     done
@@ -293,7 +299,7 @@ meds = {}
 print("| Load | Server | CPU µs/msg (median) | CPU µs/msg (rounds) | Loss % (rounds) | p99 µs (median; rounds) | Max msg/s < 0.1 % loss (rounds; limit) |")
 print("|---|---|---|---|---|---|---|")
 for load in LOADS:
-    for server in ["turnpike", "coturn", "forward"]:
+    for server in ["turnpike", "coturn", "forward", "turnpike1"]:
         rs = [r for r in rows if r[0] == server and r[1] == load]
         if not rs: continue
         cpu = [num(r[3]) / num(r[4]) if num(r[4]) else None for r in rs]
@@ -305,7 +311,8 @@ for load in LOADS:
         lossc = "—" if load == "max" else allr(loss, 3)
         p99c = "—" if load in UC else f"{f(med(p99),0)}; {allr(p99,0)}"
         maxc = f"{f(med(mx),0)} ({allr(mx,0)}; {limits})" if load == "max" else "—"
-        label = "turnpike-forward (raw-to-peer baseline)" if server == "forward" else server
+        label = {"forward": "turnpike-forward (raw-to-peer baseline)",
+                 "turnpike1": "turnpike, one shard (relay.threads = 1, the forwarder's one thread)"}.get(server, server)
         print(f"| {names[load]} | {label} | {f(med(cpu),2)} | {allr(cpu,2)} | {lossc} | {p99c} | {maxc} |")
 print()
 print("Ratio Turnpike / coturn (medians; lower is better except max msg/s):")
@@ -319,16 +326,19 @@ for load in LOADS:
     print(f"| {names[load]} | {ratio(t['cpu'], c['cpu'])} | {ratio(t['p99'], c['p99']) if load not in UC else '—'} | "
           f"{ratio(t['max'], c['max']) if load == 'max' else '—'} | "
           f"{f(t['loss'],3) if load != 'max' else '—'} / {f(c['loss'],3) if load != 'max' else '—'} |")
-fw = [(l, meds.get((l, "turnpike")), meds.get((l, "forward"))) for l in ("c2p", "c2p_tick", "c2p_frames")]
-fw = [x for x in fw if x[1] and x[2]]
+fw = [(l, who, meds.get((l, who)), meds.get((l, "forward")))
+      for who in ("turnpike", "turnpike1") for l in ("c2p", "c2p_tick", "c2p_frames")]
+fw = [x for x in fw if x[2] and x[3]]
 if fw:
     print()
-    print("Ratio Turnpike / turnpike-forward, the bare one-recv-one-send forwarder (medians; the issue asks for ≤ 1.2× on CPU):")
+    print("Ratio Turnpike / turnpike-forward, the bare one-recv-one-send forwarder on one thread (medians; the issue asks for ≤ 1.2× on CPU). "
+          "Turnpike by default (one shard per core) and with one shard, the forwarder's thread count:")
     print()
-    print("| Load | CPU µs/msg | p99 | worst loss % Turnpike / forwarder |")
-    print("|---|---|---|---|")
-    for l, t, w in fw:
-        print(f"| {names[l]} | {ratio(t['cpu'], w['cpu'])} | {ratio(t['p99'], w['p99'])} | {f(t['loss'],3)} / {f(w['loss'],3)} |")
+    print("| Load | Turnpike | CPU µs/msg | p99 | worst loss % Turnpike / forwarder |")
+    print("|---|---|---|---|---|")
+    for l, who, t, w in fw:
+        label = "one shard" if who == "turnpike1" else "default"
+        print(f"| {names[l]} | {label} | {ratio(t['cpu'], w['cpu'])} | {ratio(t['p99'], w['p99'])} | {f(t['loss'],3)} / {f(w['loss'],3)} |")
 # Target 4 at one rate: each server's p99 at its own maximum compares different rates, so also
 # compare at the highest step both servers relayed with < 0.1 % loss, round by round.
 def steps(r):
@@ -414,6 +424,7 @@ PY
   echo
   echo '```sh'
   echo "TURNPIKE_RELAY_LISTEN=udp://127.0.0.1:0 TURNPIKE_ADMIN_LISTEN=127.0.0.1:0 TURNPIKE_RELAY_SECRETS=\$SECRET TURNPIKE_RELAY_USER_QUOTA=100000 TURNPIKE_RELAY_GRACE_PERIOD=0s TURNPIKE_RELAY_RELAY_PORTS=$RELAY_MIN-$RELAY_MAX TURNPIKE_LOG_LEVEL=warn target/release/turnpike serve"
+  echo "# one shard (the forwarder loads): the same with TURNPIKE_RELAY_THREADS=1"
   echo "target/release/turnpike-forward --listen 127.0.0.1:0 --upstream 127.0.0.1:\$ECHO_PORT"
   echo "turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port=\$PORT --use-auth-secret --static-auth-secret=\$SECRET --realm=turnpike.local --allow-loopback-peers --no-tls --no-dtls --no-cli --no-multicast-peers --min-port=$RELAY_MIN --max-port=$RELAY_MAX --total-quota=0 --user-quota=0 --log-file=stdout --simple-log"
   echo '```'
