@@ -640,6 +640,18 @@ impl Conn {
                 // Gone for good from the room a moment ago, before the store heard of it.
                 Ok(Err(JoinRefused::Left)) => return Err(self.left()),
                 Ok(Err(JoinRefused::Full)) => {
+                    // The store counted this participant's seat (and holds it for good once
+                    // marked connected, above) while the room, which knows who is present on
+                    // every node, has no room for it: two nodes' clocks disagreed on when
+                    // another seat lapsed. Give the seat back, or the call stays one seat
+                    // short until it ends; the token is done with (a fresh join is the way in).
+                    if let Err(e) = app
+                        .store
+                        .set_left(&call.id, &claims.sub, Some(app.clock.now_ms()))
+                        .await
+                    {
+                        tracing::warn!(error = %e, "cannot release the seat of a peer refused as full");
+                    }
                     return Err(self.refuse(
                         "full",
                         "the call is full",

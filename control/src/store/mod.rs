@@ -425,7 +425,7 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// callers': a mark at a `now` just before `seat_until` that lands after an admission at a
     /// later `now` that already took the seat still marks (the store cannot order two nodes'
     /// clocks); signaling's room, which refuses a peer beyond `max_participants` connected,
-    /// covers that moment.
+    /// covers that moment, and gives the refused peer's seat back with [`Store::set_left`].
     async fn mark_connected(
         &self,
         call_id: &str,
