@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # One command that runs every test on a fresh machine.
 #
-#   scripts/test.sh            install what is missing, then fmt, clippy, tests, fuzz build
+#   scripts/test.sh            install what is missing, then fmt, clippy, docs, tests, fuzz build
 #   scripts/test.sh STEP...    only those steps, in the order given:
-#                              install fmt clippy test fuzz
+#                              install fmt clippy doc test fuzz
 #
 # CI runs exactly this script (.ci/run), as root, with CI=true and no stdin. Missing tools are
 # installed with apt-get (as root, or through sudo). The script stops at the first failing step
@@ -148,6 +148,12 @@ step_clippy() {
     cargo clippy --workspace --all-targets -- -D warnings
 }
 
+# Rustdoc's own lints (broken and private intra-doc links) as errors, as clippy's are: a doc
+# link that resolves nowhere is a doc that lies.
+step_doc() {
+    RUSTDOCFLAGS="-D warnings" cargo doc --workspace --no-deps
+}
+
 step_test() {
     local log="$WORK_DIR/cargo-test.log" rc=0
     cargo test --workspace 2>&1 | tee "$log" || rc=$?
@@ -185,7 +191,7 @@ step_fuzz() {
     cargo build --manifest-path fuzz/Cargo.toml
 }
 
-ALL_STEPS=(install fmt clippy test fuzz)
+ALL_STEPS=(install fmt clippy doc test fuzz)
 if (($# > 0)); then
     STEPS=("$@")
 else
@@ -221,6 +227,7 @@ for s in "${STEPS[@]}"; do
         install) CURRENT_STEP="install missing test tools (apt-get)" ;;
         fmt) CURRENT_STEP="cargo fmt --all -- --check" ;;
         clippy) CURRENT_STEP="cargo clippy --workspace --all-targets -- -D warnings" ;;
+        doc) CURRENT_STEP="cargo doc --workspace --no-deps (RUSTDOCFLAGS=-D warnings)" ;;
         test) CURRENT_STEP="cargo test --workspace" ;;
         fuzz) CURRENT_STEP="build the fuzz targets (fuzz/)" ;;
     esac

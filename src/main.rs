@@ -46,14 +46,14 @@ enum Command {
         config: PathBuf,
     },
     /// Run the control plane's HTTP API only (and the admin listener); it mints credentials for
-    /// relays that share its [relay] secrets.
+    /// relays that share its `relay.secrets`.
     Control {
         /// TOML configuration file (also: TURNPIKE_CONFIG).
         #[arg(long, env = "TURNPIKE_CONFIG")]
         config: PathBuf,
     },
     /// Run WebSocket signaling only (and the admin listener) on `[signal] listen`; it needs the
-    /// [control] section's keys and the [store] the control plane uses.
+    /// `control` section's keys and the `store` the control plane uses.
     Signal {
         /// TOML configuration file (also: TURNPIKE_CONFIG).
         #[arg(long, env = "TURNPIKE_CONFIG")]

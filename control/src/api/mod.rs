@@ -289,7 +289,7 @@ pub fn router(state: AppState) -> Router {
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then finishes the requests in
-/// flight (graceful shutdown, at most [`GRACEFUL_LIMIT`]).
+/// flight (graceful shutdown, at most 65 s: `GRACEFUL_LIMIT`).
 ///
 /// Written on hyper directly rather than `axum::serve`, which sets no timer and so never times
 /// out a client that trickles its request head (slowloris): here a connection must deliver a
