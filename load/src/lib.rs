@@ -343,7 +343,7 @@ impl Config {
         }
         if self.progress_interval.is_some_and(|d| d.is_zero()) {
             return bad(
-                "the progress interval must be longer than zero (no progress: none)".into(),
+                "progress_interval must be longer than zero (`None` for no progress)".into(),
             );
         }
         Ok(())
