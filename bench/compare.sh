@@ -253,6 +253,7 @@ measure_memory() {
 # ---------------------------------------------------------------- run
 LOADS="uclient uclient_peer c2c c2p c2p_tick c2p_frames max"
 [ "$ONLY_FWD" = 1 ] && LOADS="c2p c2p_tick c2p_frames"
+has() { case " $LOADS " in *" $1 "*) return 0 ;; esac; return 1; }
 START=$(date +%s)
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
@@ -314,15 +315,16 @@ for load in LOADS:
         label = {"forward": "turnpike-forward (raw-to-peer baseline)",
                  "turnpike1": "turnpike, one shard (relay.threads = 1, the forwarder's one thread)"}.get(server, server)
         print(f"| {names[load]} | {label} | {f(med(cpu),2)} | {allr(cpu,2)} | {lossc} | {p99c} | {maxc} |")
-print()
-print("Ratio Turnpike / coturn (medians; lower is better except max msg/s):")
-print()
-print("| Load | CPU µs/msg | p99 | max msg/s | worst loss % Turnpike / coturn |")
-print("|---|---|---|---|---|")
 def ratio(a, b): return "—" if a is None or b is None or b == 0 else f"{a/b:.2f}×"
-for load in LOADS:
-    t, c = meds.get((load, "turnpike")), meds.get((load, "coturn"))
-    if not t or not c: continue
+vs_coturn = [l for l in LOADS if meds.get((l, "turnpike")) and meds.get((l, "coturn"))]
+if vs_coturn:
+    print()
+    print("Ratio Turnpike / coturn (medians; lower is better except max msg/s):")
+    print()
+    print("| Load | CPU µs/msg | p99 | max msg/s | worst loss % Turnpike / coturn |")
+    print("|---|---|---|---|---|")
+for load in vs_coturn:
+    t, c = meds[(load, "turnpike")], meds[(load, "coturn")]
     print(f"| {names[load]} | {ratio(t['cpu'], c['cpu'])} | {ratio(t['p99'], c['p99']) if load not in UC else '—'} | "
           f"{ratio(t['max'], c['max']) if load == 'max' else '—'} | "
           f"{f(t['loss'],3) if load != 'max' else '—'} / {f(c['loss'],3) if load != 'max' else '—'} |")
@@ -371,12 +373,13 @@ if common:
         print(f"| {rnd} | {k} | {tp:.0f} | {cp:.0f} | {ratio(tp, cp)} |")
     print(f"| median | — | {st.median(x[2] for x in common):.0f} | {st.median(x[3] for x in common):.0f} | "
           f"{ratio(st.median(x[2] for x in common), st.median(x[3] for x in common))} |")
-print()
-print("Find-max steps per round (rate:loss%[g]@p99µs, g = generator could not send the target rate):")
-print()
-for r in rows:
-    if r[1] == "max":
-        print(f"- {r[0]} round {r[2]}: {r[10]}")
+maxrows = [r for r in rows if r[1] == "max"]
+if maxrows:
+    print()
+    print("Find-max steps per round (rate:loss%[g]@p99µs, g = generator could not send the target rate):")
+    print()
+for r in maxrows:
+    print(f"- {r[0]} round {r[2]}: {r[10]}")
 for load in UC:
     uc = [r for r in rows if r[1] == load and r[10]]
     if uc:
@@ -409,15 +412,15 @@ PY
   echo "Loads (per round, per server; SECRET is random per run, PORT free per start):"
   echo
   echo '```sh'
-  echo "turnutils_uclient -c -y -s -m 100 -n $UC_N -l 200 -z 1 -W \$SECRET -u benchuser -p \$PORT 127.0.0.1"
-  echo "turnutils_peer -p \$PEER_PORT -L 127.0.0.1 &   # then:"
-  echo "turnutils_uclient -c -s -m 100 -n $UC_N -l 200 -z 1 -e 127.0.0.1 -r \$PEER_PORT -W \$SECRET -u benchuser -p \$PORT 127.0.0.1"
-  echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-client --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
+  if has uclient; then echo "turnutils_uclient -c -y -s -m 100 -n $UC_N -l 200 -z 1 -W \$SECRET -u benchuser -p \$PORT 127.0.0.1"; fi
+  if has uclient_peer; then echo "turnutils_peer -p \$PEER_PORT -L 127.0.0.1 &   # then:"; fi
+  if has uclient_peer; then echo "turnutils_uclient -c -s -m 100 -n $UC_N -l 200 -z 1 -e 127.0.0.1 -r \$PEER_PORT -W \$SECRET -u benchuser -p \$PORT 127.0.0.1"; fi
+  if has c2c; then echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-client --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"; fi
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --tick 10ms --duration $DUR --drain $DRAIN --json-only"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 10 --size 1000 --rate 20000 --tick 10ms --duration $DUR --drain $DRAIN --json-only   # frames"
   echo "turnpike-load --server 127.0.0.1:\$FWD_PORT --echo 127.0.0.1:\$ECHO_PORT --mode raw-to-peer --allocations 100 --size 200 --rate 20000 [--tick 10ms] --duration $DUR --drain $DRAIN --json-only   # against the forwarder (frames: --allocations 10 --size 1000 --tick 10ms)"
-  echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --find-max --mode client-to-client --allocations 100 --size 200 --rate 10000 --step-duration $STEP --max-steps $MAXSTEPS --drain $DRAIN --json-only"
+  if has max; then echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --find-max --mode client-to-client --allocations 100 --size 200 --rate 10000 --step-duration $STEP --max-steps $MAXSTEPS --drain $DRAIN --json-only"; fi
   echo '```'
   echo
   echo "Servers:"
@@ -426,7 +429,7 @@ PY
   echo "TURNPIKE_RELAY_LISTEN=udp://127.0.0.1:0 TURNPIKE_ADMIN_LISTEN=127.0.0.1:0 TURNPIKE_RELAY_SECRETS=\$SECRET TURNPIKE_RELAY_USER_QUOTA=100000 TURNPIKE_RELAY_GRACE_PERIOD=0s TURNPIKE_RELAY_RELAY_PORTS=$RELAY_MIN-$RELAY_MAX TURNPIKE_LOG_LEVEL=warn target/release/turnpike serve"
   echo "# one shard (the forwarder loads): the same with TURNPIKE_RELAY_THREADS=1"
   echo "target/release/turnpike-forward --listen 127.0.0.1:0 --upstream 127.0.0.1:\$ECHO_PORT"
-  echo "turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port=\$PORT --use-auth-secret --static-auth-secret=\$SECRET --realm=turnpike.local --allow-loopback-peers --no-tls --no-dtls --no-cli --no-multicast-peers --min-port=$RELAY_MIN --max-port=$RELAY_MAX --total-quota=0 --user-quota=0 --log-file=stdout --simple-log"
+  if [ "$ONLY_FWD" = 0 ]; then echo "turnserver -n --listening-ip=127.0.0.1 --relay-ip=127.0.0.1 --listening-port=\$PORT --use-auth-secret --static-auth-secret=\$SECRET --realm=turnpike.local --allow-loopback-peers --no-tls --no-dtls --no-cli --no-multicast-peers --min-port=$RELAY_MIN --max-port=$RELAY_MAX --total-quota=0 --user-quota=0 --log-file=stdout --simple-log"; fi
   echo '```'
   echo
   echo "CPU = utime + stime of the server process (/proc/PID/stat fields 14 + 15, $HZ ticks/s) read just before and after each load; µs per message = CPU ÷ messages received (uclient: ÷ $UC_MSGS sent)."
