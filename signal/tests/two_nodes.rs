@@ -32,19 +32,6 @@ async fn node(redis: &str, id: &str, store: &Arc<MemoryStore>, clock: &Arc<Manua
     .await
 }
 
-/// `/v1/join` by code: status and answer, whatever the status.
-async fn join_status(node: &Node, code: &str, name: &str) -> (u16, serde_json::Value) {
-    let (status, v) = node
-        .http(
-            "POST",
-            "/v1/join",
-            None,
-            Some(json!({"code": code, "name": name})),
-        )
-        .await;
-    (status.as_u16(), v)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_peer_the_room_refuses_as_full_gives_its_seat_back() {
     const T0_MS: u64 = 1_800_000_000_000;
@@ -100,8 +87,8 @@ async fn a_peer_the_room_refuses_as_full_gives_its_seat_back() {
         seen[0]["message"].as_str().unwrap().contains("left"),
         "{seen:?}"
     );
-    let (status, v) = join_status(&n1, &code, "D").await;
-    assert_eq!(status, 409, "A and C hold both seats: {v}");
+    let (status, v) = n1.try_join(&code, "D").await;
+    assert_eq!(status.as_u16(), 409, "A and C hold both seats: {v}");
 
     // Once C leaves, its seat is free (and B holds none).
     c.send(json!({"v": 1, "type": "leave"})).await;
@@ -109,11 +96,11 @@ async fn a_peer_the_room_refuses_as_full_gives_its_seat_back() {
     assert_eq!(end, End::Closed(1000, "leave".into()));
     let deadline = Instant::now() + PATIENCE;
     loop {
-        let (status, v) = join_status(&n1, &code, "D").await;
-        if status == 200 {
+        let (status, v) = n1.try_join(&code, "D").await;
+        if status.as_u16() == 200 {
             break;
         }
-        assert_eq!(status, 409, "{v}");
+        assert_eq!(status.as_u16(), 409, "{v}");
         assert!(
             Instant::now() < deadline,
             "C's seat never came free: B still holds one ({v})"

@@ -690,14 +690,7 @@ async fn a_call_at_max_participants_refuses_the_next_socket() {
     let (_a, _, _) = enter(&node, &code, "A").await;
     let (_b, _, _) = enter(&node, &code, "B").await;
     // /v1/join itself says 409 for the third.
-    let (status, v) = node
-        .http(
-            "POST",
-            "/v1/join",
-            None,
-            Some(json!({"code": code, "name": "C"})),
-        )
-        .await;
+    let (status, v) = node.try_join(&code, "C").await;
     assert_eq!(status.as_u16(), 409, "{v}");
 }
 
@@ -730,23 +723,9 @@ async fn a_connected_peer_keeps_its_seat_after_its_join_token_is_refused() {
 
     // Past both join tokens' last moment: B's seat is free, A's is not.
     clock.set(seat_until);
-    let (status, v) = node
-        .http(
-            "POST",
-            "/v1/join",
-            None,
-            Some(json!({"code": code, "name": "C"})),
-        )
-        .await;
+    let (status, v) = node.try_join(&code, "C").await;
     assert_eq!(status.as_u16(), 200, "{v}");
-    let (status, v) = node
-        .http(
-            "POST",
-            "/v1/join",
-            None,
-            Some(json!({"code": code, "name": "D"})),
-        )
-        .await;
+    let (status, v) = node.try_join(&code, "D").await;
     assert_eq!(status.as_u16(), 409, "A still holds its seat: {v}");
     // A's socket is still in the call.
     assert!(until_pong(&mut a)

@@ -228,16 +228,20 @@ impl Node {
 
     /// `/v1/join` by code: the whole answer.
     pub async fn join(&self, code: &str, name: &str) -> Value {
-        let (s, v) = self
-            .http(
-                "POST",
-                "/v1/join",
-                None,
-                Some(json!({"code": code, "name": name})),
-            )
-            .await;
+        let (s, v) = self.try_join(code, name).await;
         assert_eq!(s, StatusCode::OK, "{v}");
         v
+    }
+
+    /// `/v1/join` by code: status and answer, whatever the status.
+    pub async fn try_join(&self, code: &str, name: &str) -> (StatusCode, Value) {
+        self.http(
+            "POST",
+            "/v1/join",
+            None,
+            Some(json!({"code": code, "name": name})),
+        )
+        .await
     }
 
     pub fn ws_url(&self) -> String {
