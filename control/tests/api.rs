@@ -227,6 +227,10 @@ impl Store for ProbeStore {
         self.enter("hit").await?;
         self.inner.hit(key, window_ms, now).await
     }
+    async fn peek(&self, key: &str, now: Millis) -> Result<(u64, u64), StoreError> {
+        self.enter("peek").await?;
+        self.inner.peek(key, now).await
+    }
     async fn live_calls(&self, now: Millis) -> Result<u64, StoreError> {
         self.enter("live_calls").await?;
         self.inner.live_calls(now).await
@@ -1570,7 +1574,8 @@ async fn every_refused_code_or_token_gets_the_same_404() {
         assert_eq!(r.headers.len(), reference.headers.len(), "{body}");
     }
 
-    // Each refusal did the same store work: three rate-limit hits, one lookup, one mark.
+    // Each refusal did the same store work: two rate-limit hits and a read of the failures,
+    // one lookup, one failure counted.
     for body in [
         json!({ "code": UNKNOWN_CODE, "name": "x" }),
         json!({ "code": "nonsense", "name": "x" }),
@@ -1580,7 +1585,7 @@ async fn every_refused_code_or_token_gets_the_same_404() {
         api.join_from(ip(150), body).await;
         assert_eq!(
             api.store.take_ops(),
-            vec!["hit", "hit", "hit", "call_for_code", "hit"]
+            vec!["hit", "peek", "hit", "call_for_code", "hit"]
         );
     }
 

@@ -702,6 +702,29 @@ async fn hits(s: S) {
     assert_eq!(counts, (1..=30).collect::<Vec<u64>>());
 }
 
+async fn peeks(s: S) {
+    let t = base();
+    // Nothing counted yet: no window.
+    assert_eq!(s.peek("fail:a", t).await.unwrap(), (0, 0));
+    s.hit("fail:a", 60_000, t).await.unwrap();
+    s.hit("fail:a", 60_000, t + 5).await.unwrap();
+    // A peek counts nothing: the same answer twice, then the next hit is the third.
+    assert_eq!(s.peek("fail:a", t + 10).await.unwrap(), (2, 59_990));
+    assert_eq!(s.peek("fail:a", t + 10).await.unwrap(), (2, 59_990));
+    assert_eq!(s.hit("fail:a", 60_000, t + 10).await.unwrap(), (3, 59_990));
+    assert_eq!(s.peek("fail:a", t + 59_999).await.unwrap(), (3, 1));
+    // Other keys are apart.
+    assert_eq!(s.peek("fail:b", t + 10).await.unwrap(), (0, 0));
+    // Once the window has ended (even before Redis drops the key), nothing is counted, and
+    // the next hit opens a new window.
+    assert_eq!(s.peek("fail:a", t + 60_000).await.unwrap(), (0, 0));
+    assert_eq!(
+        s.hit("fail:a", 60_000, t + 60_000).await.unwrap(),
+        (1, 60_000)
+    );
+    assert_eq!(s.peek("fail:a", t + 60_000).await.unwrap(), (1, 60_000));
+}
+
 async fn live_calls(s: S) {
     let t = base();
     assert_eq!(s.live_calls(t).await.unwrap(), 0);
@@ -1180,6 +1203,7 @@ contract!(
     token_admission,
     token_admission_race,
     hits,
+    peeks,
     live_calls,
     hostile_strings,
     ping,

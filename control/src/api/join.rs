@@ -119,23 +119,22 @@ async fn admit(state: &AppState, client: SocketAddr, req: JoinRequest) -> Result
     let window_ms = limits.window.as_millis() as u64;
     let now = state.clock.now_ms();
 
-    // Per address. The trait has no "read a counter" call, so failures are counted as the
-    // difference of two counters hit together with the same `now` (hence windows that start
-    // and end together): `marks` is hit once per attempt and once more per failure, `attempts`
-    // once per attempt.
+    // Per address: every attempt counts against `join_per_ip`; failures are counted apart (a
+    // hit only when one happens, below) and read here, so concurrent successful joins from one
+    // address can never look like failures.
     let client = client_key(client.ip());
     let attempts_key = format!("join:ip:{client}");
-    let marks_key = format!("join:fail:{client}");
+    let failures_key = format!("join:fail:{client}");
     let (attempts, attempts_reset) = store.hit(&attempts_key, window_ms, now).await?;
-    let (marks, marks_reset) = store.hit(&marks_key, window_ms, now).await?;
     if attempts > limits.join_per_ip {
         return Err(ApiError::RateLimited {
             retry_after_s: retry_after_s(attempts_reset),
         });
     }
-    if marks.saturating_sub(attempts) >= limits.join_failures_per_ip {
+    let (failures, failures_reset) = store.peek(&failures_key, now).await?;
+    if failures >= limits.join_failures_per_ip {
         return Err(ApiError::RateLimited {
-            retry_after_s: retry_after_s(marks_reset),
+            retry_after_s: retry_after_s(failures_reset),
         });
     }
 
@@ -164,8 +163,7 @@ async fn admit(state: &AppState, client: SocketAddr, req: JoinRequest) -> Result
 
     let outcome = lookup_and_admit(state, &kind, digest, name, now).await;
     if let Err(ApiError::InvalidOrExpired) = outcome {
-        // The failure mark, with the same `now` as the attempt's (see above).
-        store.hit(&marks_key, window_ms, now).await?;
+        store.hit(&failures_key, window_ms, now).await?;
     }
     outcome
 }

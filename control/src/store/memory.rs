@@ -561,6 +561,14 @@ impl Store for MemoryStore {
         Ok((count, end - now))
     }
 
+    async fn peek(&self, key: &str, now: Millis) -> Result<(u64, u64), StoreError> {
+        let inner = self.lock();
+        Ok(match inner.windows.get(key) {
+            Some(&(count, end)) if now < end => (count, end - now),
+            _ => (0, 0),
+        })
+    }
+
     async fn live_calls(&self, now: Millis) -> Result<u64, StoreError> {
         let inner = self.lock();
         let Some(after) = now.checked_add(1) else {

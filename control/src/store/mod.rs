@@ -460,6 +460,9 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
     /// hit) and returns the hits in the current window including this one, and the milliseconds
     /// until the window ends.
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError>;
+    /// Reads the counter `key` at `now` without counting a hit: the hits in its current window
+    /// and the milliseconds until that window ends; `(0, 0)` when no window is open.
+    async fn peek(&self, key: &str, now: Millis) -> Result<(u64, u64), StoreError>;
 
     /// Calls neither ended nor expired at `now`, over all apps (the `calls_active` gauge).
     async fn live_calls(&self, now: Millis) -> Result<u64, StoreError>;

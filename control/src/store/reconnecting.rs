@@ -187,6 +187,9 @@ impl Store for Reconnecting {
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError> {
         self.get().await?.hit(key, window_ms, now).await
     }
+    async fn peek(&self, key: &str, now: Millis) -> Result<(u64, u64), StoreError> {
+        self.get().await?.peek(key, now).await
+    }
     async fn live_calls(&self, now: Millis) -> Result<u64, StoreError> {
         self.get().await?.live_calls(now).await
     }

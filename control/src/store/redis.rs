@@ -1230,6 +1230,23 @@ impl RedisStore {
         Ok((hits.max(0) as u64, (left.max(0) as u64).min(window_ms)))
     }
 
+    async fn peek_op(&self, key: &str, now: Millis) -> Result<(u64, u64), StoreError> {
+        let mut conn = self.conn();
+        // One HMGET reads both fields at once; a window past its end counts nothing, as in
+        // `HIT` (the key may outlive it by the PEXPIRE clamp).
+        let (n, end): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
+            .arg(rl_key(key))
+            .arg("n")
+            .arg("end")
+            .query_async(&mut conn)
+            .await
+            .map_err(map_err)?;
+        Ok(match (n, end) {
+            (Some(n), Some(end)) if now < end => (n, end - now),
+            _ => (0, 0),
+        })
+    }
+
     async fn live_calls_op(&self, now: Millis) -> Result<u64, StoreError> {
         let mut conn = self.conn();
         // Expired entries go (ended ones left when they ended); the rest are live.
@@ -1418,6 +1435,10 @@ impl Store for RedisStore {
 
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError> {
         self.timed(self.hit_op(key, window_ms, now)).await
+    }
+
+    async fn peek(&self, key: &str, now: Millis) -> Result<(u64, u64), StoreError> {
+        self.timed(self.peek_op(key, now)).await
     }
 
     async fn live_calls(&self, now: Millis) -> Result<u64, StoreError> {
