@@ -7,7 +7,7 @@
 
 use std::collections::{BTreeSet, HashSet};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -58,6 +58,21 @@ struct ProbeStore {
     /// Fails only this operation (a store failure at one step of a request).
     fail_on: Mutex<Option<&'static str>>,
     hang: AtomicBool,
+    /// Orders concurrent requests (see [`HitGate`]).
+    gate: Mutex<Option<HitGate>>,
+}
+
+/// Holds the first `n` rate-limit hits (the first store call of `n` concurrent requests), each
+/// after it was counted, until all `n` were counted; then lets them go on one at a time in the
+/// reverse order of their hits, each once the requests let go before it have finished (the test
+/// counts them in `done`). The worst order for anything that compares counters hit at different
+/// moments: the first request counted goes on last.
+#[derive(Debug)]
+struct HitGate {
+    n: usize,
+    counted: usize,
+    done: Arc<AtomicUsize>,
+    changed: Arc<tokio::sync::Notify>,
 }
 
 impl ProbeStore {
@@ -70,6 +85,34 @@ impl ProbeStore {
             return Err(StoreError::Unavailable("switched off by the test".into()));
         }
         Ok(())
+    }
+
+    /// After a hit was counted: waits for its turn when a [`HitGate`] is armed and not yet full.
+    async fn after_hit(&self) {
+        let turn = {
+            let mut gate = self.gate.lock().unwrap();
+            match gate.as_mut() {
+                Some(g) if g.counted < g.n => {
+                    g.counted += 1;
+                    g.changed.notify_waiters();
+                    Some((g.counted, g.n, g.done.clone(), g.changed.clone()))
+                }
+                _ => None,
+            }
+        };
+        let Some((k, n, done, changed)) = turn else {
+            return;
+        };
+        loop {
+            let notified = changed.notified();
+            tokio::pin!(notified);
+            notified.as_mut().enable();
+            let all_counted = self.gate.lock().unwrap().as_ref().map_or(0, |g| g.counted) == n;
+            if all_counted && done.load(Ordering::SeqCst) >= n - k {
+                return;
+            }
+            notified.await;
+        }
     }
 
     fn take_ops(&self) -> Vec<&'static str> {
@@ -225,7 +268,9 @@ impl Store for ProbeStore {
     }
     async fn hit(&self, key: &str, window_ms: u64, now: Millis) -> Result<(u64, u64), StoreError> {
         self.enter("hit").await?;
-        self.inner.hit(key, window_ms, now).await
+        let counted = self.inner.hit(key, window_ms, now).await;
+        self.after_hit().await;
+        counted
     }
     async fn peek(&self, key: &str, now: Millis) -> Result<(u64, u64), StoreError> {
         self.enter("peek").await?;
@@ -1999,6 +2044,58 @@ async fn twenty_concurrent_joins_for_five_seats() {
     assert_eq!((ok, full), (5, 15));
     let stored = api.stored_call(call["id"].as_str().unwrap()).await;
     assert_eq!(stored.participants.len(), 5);
+}
+
+/// Joins from one address that all succeed or find the call full are never failures, whatever
+/// the order the store sees them in: here every request's first hit is counted before any goes
+/// on, and the first one counted goes on last (see [`HitGate`]). Counting failures as a
+/// difference of two counters hit at different moments refused five of these with 429.
+#[tokio::test]
+async fn joins_from_one_address_in_the_worst_order_are_not_failures() {
+    let api = api();
+    let (_, key) = api.new_app("A").await;
+    let call = api.new_call(&key, json!({ "max_participants": 5 })).await;
+    let code = call["join_code"].as_str().unwrap().to_owned();
+    const N: usize = 20;
+    let done = Arc::new(AtomicUsize::new(0));
+    let changed = Arc::new(tokio::sync::Notify::new());
+    *api.store.gate.lock().unwrap() = Some(HitGate {
+        n: N,
+        counted: 0,
+        done: done.clone(),
+        changed: changed.clone(),
+    });
+    let app = router(api.state.clone()).layer(MockConnectInfo(ip(9)));
+    let tasks: Vec<_> = (0..N)
+        .map(|_| {
+            let app = app.clone();
+            let (done, changed) = (done.clone(), changed.clone());
+            let body = json!({ "code": code, "name": "Ada" });
+            tokio::spawn(async move {
+                let req = request("POST", "/v1/join", None, Some(&body));
+                let status = app.oneshot(req).await.unwrap().status();
+                done.fetch_add(1, Ordering::SeqCst);
+                changed.notify_waiters();
+                status
+            })
+        })
+        .collect();
+    let mut statuses = Vec::new();
+    for t in tasks {
+        statuses.push(t.await.unwrap());
+    }
+    let count = |s: StatusCode| statuses.iter().filter(|x| **x == s).count();
+    assert_eq!(
+        (count(StatusCode::OK), count(StatusCode::CONFLICT)),
+        (5, 15),
+        "{statuses:?}"
+    );
+    // The gate really ordered them: all twenty were held.
+    assert_eq!(api.store.gate.lock().unwrap().as_ref().unwrap().counted, N);
+    // And none counted as a failure: a wrong code from that address is still looked up.
+    api.join_code(ip(9), UNKNOWN_CODE)
+        .await
+        .error(StatusCode::NOT_FOUND, "invalid_or_expired");
 }
 
 // ---------------------------------------------------------------------------------------------
