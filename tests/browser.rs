@@ -372,8 +372,13 @@ async fn a_dropped_signaling_socket_reconnects_and_resumes_unseen() {
 }
 
 /// The host kicks a participant: the kicked page ends (and does not reconnect), the other
-/// page sees it leave, and the relay tears down the kicked browser's allocation (its TURN
-/// credentials are revoked, not only its signaling).
+/// page sees it leave, the kicked browser's allocation ends, and its TURN credentials are
+/// revoked on the relay, not only its signaling.
+///
+/// Which comes first on the relay is a race: the revocation tears the allocation down (reason
+/// `revoked`) unless the page's own release (Chrome frees its allocations when the call's
+/// peer connection closes) reaches the shard first. So the test checks that the allocation is
+/// gone, and then that the kicked page's credentials can no longer allocate.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_kicked_participant_is_ended_in_the_browser_and_on_the_relay() {
     let _one = ONE_BROWSER.lock().await;
@@ -382,6 +387,19 @@ async fn a_kicked_participant_is_ended_in_the_browser_and_on_the_relay() {
     let (mut browser, a, b) = two_in(&url, "kick", "udp").await;
     let ada = browser.eval(&a, "window.__turnpikeCall.peerId").await;
     let ada = ada.as_str().expect("the page exposes its call").to_owned();
+    let turn = browser
+        .eval(
+            &a,
+            "window.__turnpikeCall._iceServers.find(s => s.username)",
+        )
+        .await;
+    let (user, pass) = (turn["username"].as_str(), turn["credential"].as_str());
+    let (user, pass) = (user.expect("TURN credentials"), pass.expect("a password"));
+    let ended = [
+        r#"turnpike_relay_allocations_ended_total{reason="revoked"}"#,
+        r#"turnpike_relay_allocations_ended_total{reason="client"}"#,
+    ];
+    let ended_before = node.metric_sum(&ended);
     let path = format!("/v1/calls/{call_id}/participants/{ada}");
     let (st, body) = raw_http(node.addr("control"), "DELETE", &path, Some(&key), None);
     assert_eq!(st, 204, "{body}");
@@ -397,11 +415,20 @@ async fn a_kicked_participant_is_ended_in_the_browser_and_on_the_relay() {
     browser
         .wait_for(&b, &gone, "the kicked peer's tile removed", EXPLAIN)
         .await;
-    node.wait_metric(
-        r#"turnpike_relay_allocations_ended_total{reason="revoked"}"#,
-        1.0,
-    )
-    .await;
+    // Every shard (`threads = 2`) has applied the revocation, and the kicked page's
+    // allocation is gone, torn down or released.
+    node.wait_metric("turnpike_relay_revocations_applied_total", 2.0)
+        .await;
+    node.wait_metric_sum(&ended, ended_before + 1.0).await;
+    // Its credentials are refused as revoked: what a kicked client could otherwise keep
+    // using. (The page's own release may have been refused so already.)
+    let refused = r#"turnpike_relay_auth_failures_total{reason="revoked"}"#;
+    let refused_before = node.metric(refused);
+    assert_eq!(
+        common::turn::allocate(node.addr("relay"), "example.org", user, pass),
+        Some(401)
+    );
+    node.wait_metric(refused, refused_before + 1.0).await;
     node.wait_metric(r#"turnpike_signal_disconnects_total{reason="kicked"}"#, 1.0)
         .await;
     // It did not come back: still ended, and signaling refused no token of it (the SDK does

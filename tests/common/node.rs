@@ -82,15 +82,25 @@ impl Node {
 
     /// Waits until `series` reaches `at_least`.
     pub(crate) async fn wait_metric(&self, series: &str, at_least: f64) {
+        self.wait_metric_sum(&[series], at_least).await;
+    }
+
+    /// The sum of the values of `series` (each 0 when absent).
+    pub(crate) fn metric_sum(&self, series: &[&str]) -> f64 {
+        series.iter().map(|s| self.metric(s)).sum()
+    }
+
+    /// Waits until the sum of `series` reaches `at_least`.
+    pub(crate) async fn wait_metric_sum(&self, series: &[&str], at_least: f64) {
         let deadline = tokio::time::Instant::now() + WAIT;
         loop {
-            let v = self.metric(series);
+            let v = self.metric_sum(series);
             if v >= at_least {
                 return;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
-                "{series} stayed at {v}"
+                "{series:?} stayed at {v} in all"
             );
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
