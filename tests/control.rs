@@ -212,7 +212,9 @@ fn call_credentials_work_until_the_call_ends(serve: &Serve) {
         }
         std::thread::sleep(Duration::from_millis(50));
     }
-    // A new allocation with the same credentials is refused.
+    // A new allocation with the same credentials is refused, on whichever shard it lands once
+    // both (`threads = 2`) applied the revocation.
+    serve.wait_metric("turnpike_relay_revocations_applied_total", 2.0);
     let mut again = TurnClient::new(serve.udp, &username, &password);
     assert_eq!(again.allocate().0, Some(401));
     // Shards publish their counters every second: poll.
