@@ -616,7 +616,9 @@ async fn frame_limit_framing_errors_and_handshake_timeout_close_with_their_reaso
     expect_metric(&relay, &closed("framing_error"), 4.0).await;
     expect_metric(&relay, &closed("handshake_timeout"), 2.0).await;
     assert_eq!(relay.metric(&closed("idle_timeout")), 0.0);
-    assert_eq!(relay.metric(&bindings("tcp")), 3.0);
+    // Each shard publishes on its own tick: the one that answered the last Binding may not
+    // have yet.
+    expect_metric(&relay, &bindings("tcp"), 3.0).await;
     relay.shutdown().await;
 }
 

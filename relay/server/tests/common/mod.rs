@@ -30,6 +30,11 @@ pub struct Running {
 
 impl Running {
     pub async fn start(extra: &str) -> Self {
+        Self::start_with_grace("1s", extra).await
+    }
+
+    /// [`Running::start`] with the grace period `grace` after a stop.
+    pub async fn start_with_grace(grace: &str, extra: &str) -> Self {
         let text = format!(
             r#"
 [relay]
@@ -40,7 +45,7 @@ relay-ports = "20000-29999"
 secrets = ["{SECRET}"]
 allow-peers = ["127.0.0.0/8"]
 threads = 2
-grace-period = "1s"
+grace-period = "{grace}"
 {extra}
 "#
         );
