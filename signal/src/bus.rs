@@ -74,9 +74,10 @@ pub enum BusEvent {
         /// `api`, `empty`, …
         reason: String,
     },
-    /// Not sent by any node: the bus hands this to every subscribed room after it reconnected
-    /// and resubscribed, because events may have been missed while it was away; the room then
-    /// re-reads presence.
+    /// Not sent by any node: a bus whose subscriptions take effect later than
+    /// [`Bus::subscribe`] returns (Redis) hands this to a room once its subscription is active,
+    /// and to every subscribed room after it reconnected and resubscribed, because events may
+    /// have been missed meanwhile; the room then re-reads presence.
     Resync,
 }
 
@@ -107,10 +108,11 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// This node's id (random per process).
     fn node_id(&self) -> &str;
 
-    /// Delivers every envelope published for `call_id` by *other* nodes to `tx`, from now on,
-    /// until [`Bus::unsubscribe`]; re-subscribing replaces the earlier sender. Survives
-    /// reconnects of the backend (then a [`BusEvent::Resync`] is sent to `tx`). When `tx` is full
-    /// the envelope is dropped and counted: a room that cannot keep up must not stall the bus.
+    /// Delivers every envelope published for `call_id` by *other* nodes to `tx`, from when the
+    /// subscription is active until [`Bus::unsubscribe`]; re-subscribing replaces the earlier
+    /// sender. A backend that subscribes in the background sends a [`BusEvent::Resync`] to `tx`
+    /// once it is active, and again after every reconnect. When `tx` is full the envelope is
+    /// dropped and counted: a room that cannot keep up must not stall the bus.
     fn subscribe(&self, call_id: &str, tx: mpsc::Sender<Envelope>);
 
     /// Stops delivering `call_id`'s envelopes.

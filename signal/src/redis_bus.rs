@@ -13,8 +13,12 @@
 //! Commands go through a [`ConnectionManager`] (reconnects by itself) with per-command
 //! timeouts. Subscriptions live on one dedicated pub/sub connection owned by a task: it keeps
 //! the wanted set of calls, (re)subscribes them on every new connection, forwards messages to
-//! the rooms with `try_send`, and after a reconnect sends every room a [`BusEvent::Resync`] —
-//! messages published while it was away are lost, so rooms re-read presence.
+//! the rooms with `try_send`, and sends a room a [`BusEvent::Resync`] once its call is
+//! subscribed, and every room after a reconnect: messages published before the `SUBSCRIBE`
+//! took effect are lost, so rooms re-read presence. That closes the window of two peers joining
+//! one call on two nodes at once: a peer's presence is written before its `peer_joined` is
+//! published, so a peer whose announcement came too early is in the presence read after the
+//! subscription.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -391,7 +395,6 @@ async fn heartbeat_task(bus: std::sync::Weak<RedisBus>) {
 /// ends the task.
 async fn pubsub_task(weak: std::sync::Weak<RedisBus>) {
     let mut backoff = MIN_BACKOFF;
-    let mut first = true;
     loop {
         let Some(b) = weak.upgrade() else { return };
         if b.stopped.load(Ordering::Relaxed) {
@@ -407,9 +410,7 @@ async fn pubsub_task(weak: std::sync::Weak<RedisBus>) {
         };
         drop(b);
         backoff = MIN_BACKOFF;
-        let resync = !first;
-        first = false;
-        serve_connection(&weak, ps, resync).await;
+        serve_connection(&weak, ps).await;
         if let Some(b) = weak.upgrade() {
             b.active.send_replace(HashSet::new());
         }
@@ -417,7 +418,7 @@ async fn pubsub_task(weak: std::sync::Weak<RedisBus>) {
 }
 
 /// One pub/sub connection's life; returns when it is gone (or the bus is).
-async fn serve_connection(weak: &std::sync::Weak<RedisBus>, ps: redis::aio::PubSub, resync: bool) {
+async fn serve_connection(weak: &std::sync::Weak<RedisBus>, ps: redis::aio::PubSub) {
     let (mut sink, mut stream) = ps.split();
     {
         let Some(b) = weak.upgrade() else { return };
@@ -428,7 +429,6 @@ async fn serve_connection(weak: &std::sync::Weak<RedisBus>, ps: redis::aio::PubS
         }
     }
     let mut subscribed: HashSet<String> = HashSet::new();
-    let mut resync_pending = resync;
     loop {
         let Some(b) = weak.upgrade() else { return };
         if b.stopped.load(Ordering::Relaxed) {
@@ -440,13 +440,15 @@ async fn serve_connection(weak: &std::sync::Weak<RedisBus>, ps: redis::aio::PubS
         tokio::pin!(changed);
         changed.as_mut().enable();
         let wanted: HashSet<String> = b.lock().keys().cloned().collect();
+        let mut newly = Vec::new();
         for call in wanted.difference(&subscribed).cloned().collect::<Vec<_>>() {
             let r = tokio::time::timeout(b.opts.command_timeout, sink.subscribe(channel(&call)));
             if !matches!(r.await, Ok(Ok(()))) {
                 b.errors.fetch_add(1, Ordering::Relaxed);
                 return;
             }
-            subscribed.insert(call);
+            subscribed.insert(call.clone());
+            newly.push(call);
         }
         for call in subscribed.difference(&wanted).cloned().collect::<Vec<_>>() {
             let r = tokio::time::timeout(b.opts.command_timeout, sink.unsubscribe(channel(&call)));
@@ -457,16 +459,14 @@ async fn serve_connection(weak: &std::sync::Weak<RedisBus>, ps: redis::aio::PubS
             subscribed.remove(&call);
         }
         b.active.send_replace(subscribed.clone());
-        if resync_pending {
-            resync_pending = false;
-            // What was published while the connection was down is lost: rooms re-read presence.
-            for call in &subscribed {
-                let env = Envelope {
-                    node: b.node.clone(),
-                    event: BusEvent::Resync,
-                };
-                b.deliver(call, env);
-            }
+        // What was published before a call's SUBSCRIBE took effect (on a new connection: every
+        // call's, including while the last one was down) is lost: those rooms re-read presence.
+        for call in &newly {
+            let env = Envelope {
+                node: b.node.clone(),
+                event: BusEvent::Resync,
+            };
+            b.deliver(call, env);
         }
         drop(b);
         let next = tokio::select! {

@@ -45,6 +45,18 @@ async fn next(rx: &mut mpsc::Receiver<Envelope>) -> Envelope {
         .unwrap()
 }
 
+/// Subscribes `bus` to `call` and waits until the subscription is active, which the bus marks
+/// with a `Resync` first: whatever was published before it took effect was missed.
+async fn subscribed(bus: &RedisBus, call: &str) -> mpsc::Receiver<Envelope> {
+    let (tx, mut rx) = mpsc::channel(16);
+    bus.subscribe(call, tx);
+    bus.wait_subscribed(call).await;
+    let first = next(&mut rx).await;
+    assert_eq!(first.event, BusEvent::Resync);
+    assert_eq!(first.node, bus.node_id());
+    rx
+}
+
 fn left(id: &str) -> BusEvent {
     BusEvent::PeerLeft {
         peer_id: id.into(),
@@ -56,12 +68,8 @@ fn left(id: &str) -> BusEvent {
 async fn events_reach_the_other_node_only_and_stop_after_unsubscribe() {
     let redis = redis_server::RedisServer::start();
     let (a, b) = (bus(&redis.url, "A"), bus(&redis.url, "B"));
-    let (atx, mut arx) = mpsc::channel(16);
-    let (btx, mut brx) = mpsc::channel(16);
-    a.subscribe("c1", atx);
-    b.subscribe("c1", btx);
-    a.wait_subscribed("c1").await;
-    b.wait_subscribed("c1").await;
+    let mut arx = subscribed(&a, "c1").await;
+    let mut brx = subscribed(&b, "c1").await;
     a.publish("c1", &left("p1")).await.unwrap();
     let got = next(&mut brx).await;
     assert_eq!(got.node, "A");
@@ -145,9 +153,7 @@ async fn a_node_is_alive_while_it_beats_and_dead_after_shutdown_or_a_crash() {
 async fn a_redis_restart_resubscribes_and_resyncs() {
     let mut redis = redis_server::RedisServer::start();
     let (a, b) = (bus(&redis.url, "A"), bus(&redis.url, "B"));
-    let (btx, mut brx) = mpsc::channel(16);
-    b.subscribe("c1", btx);
-    b.wait_subscribed("c1").await;
+    let mut brx = subscribed(&b, "c1").await;
     redis.kill();
     // Down: commands fail promptly, nothing panics.
     let started = tokio::time::Instant::now();
@@ -175,9 +181,7 @@ async fn a_redis_restart_resubscribes_and_resyncs() {
 async fn a_dropped_pubsub_connection_is_noticed_and_resubscribed_while_commands_work() {
     let redis = redis_server::RedisServer::start();
     let (a, b) = (bus(&redis.url, "A"), bus(&redis.url, "B"));
-    let (btx, mut brx) = mpsc::channel(16);
-    b.subscribe("c1", btx);
-    b.wait_subscribed("c1").await;
+    let mut brx = subscribed(&b, "c1").await;
     // Only the pub/sub connections are killed; command connections stay.
     let out = std::process::Command::new("redis-cli")
         .args([
