@@ -297,6 +297,20 @@ async fn a_reconnect_within_the_window_resumes_unseen_and_after_it_the_peer_left
     assert_eq!(left["reason"], "timeout");
 }
 
+/// Waits until the store records that `peer` left `call` (the room writes it in the background,
+/// never waiting on the store).
+async fn until_left_in_store(node: &Node, call: &str, peer: &str) {
+    let deadline = tokio::time::Instant::now() + harness::PATIENCE;
+    loop {
+        let c = node.state.store.get_call(call).await.unwrap().unwrap();
+        if c.participant(peer).unwrap().left_at.is_some() {
+            return;
+        }
+        assert!(tokio::time::Instant::now() < deadline, "leave never stored");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
 /// Authenticates with `token` and expects the refusal of a participant that left for good.
 async fn refused_as_left(node: &Node, token: &str) {
     let before = node.metric("turnpike_signal_auth_failures_total", &[("reason", "left")]);
@@ -332,7 +346,8 @@ async fn a_peer_that_left_cannot_come_back_with_its_old_token_and_its_seat_is_gi
     let left = a.recv_type("peer_left").await;
     assert_eq!(left["peer_id"], idb.as_str());
     assert_eq!(left["reason"], "leave");
-    // The seat is free for someone else (the call holds 2).
+    // The seat is free for someone else (the call holds 2) once the store has the leave.
+    until_left_in_store(&node, &call, &idb).await;
     let (mut c, wc, _) = enter(&node, &code, "C").await;
     assert_eq!(a.recv().await["peer"]["peer_id"], wc["peer_id"]);
     // And B's old token still does not get in (the room would be over max_participants).
@@ -390,16 +405,8 @@ async fn the_room_remembers_a_leave_the_store_has_not_recorded_yet() {
     a.recv_type("peer_left").await;
     // The room writes the leave to the store in the background: wait for it, then undo it, as
     // if the write were still on its way (a slow Redis).
+    until_left_in_store(&node, &call, &idb).await;
     let store = std::sync::Arc::clone(&node.state.store);
-    let deadline = tokio::time::Instant::now() + harness::PATIENCE;
-    loop {
-        let c = store.get_call(&call).await.unwrap().unwrap();
-        if c.participant(&idb).unwrap().left_at.is_some() {
-            break;
-        }
-        assert!(tokio::time::Instant::now() < deadline, "leave never stored");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     assert!(store.set_left(&call, &idb, None).await.unwrap());
     refused_as_left(&node, s(&jb["signal_token"])).await;
     a.send(json!({"v":1,"type":"ping"})).await;
