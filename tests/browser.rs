@@ -444,3 +444,67 @@ async fn a_kicked_participant_is_ended_in_the_browser_and_on_the_relay() {
         0.0
     );
 }
+
+/// The call ends while a page's signaling socket is down: the page's next reconnect attempt is
+/// refused with `call_ended`, and the page ends with that reason instead of trying again until
+/// its resume window runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_call_ended_while_a_page_reconnects_ends_the_page_with_call_ended() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve("ended-away", &["udp://127.0.0.1:0"]);
+    let (url, key, call_id) = call_with_key(&node, 2);
+    let (mut browser, a, b) = two_in(&url, "ended-away", "udp").await;
+    // A's attempts wait for `__go`, so the call surely ends before A tries (the first attempt
+    // would otherwise come 500 ms after the drop, racing the request below).
+    browser
+        .eval(
+            &a,
+            "const c = window.__turnpikeCall; window.__call = c; window.__ended = null; window.__tries = 0;
+             window.__go = false; c.on('ended', d => { window.__ended = d; });
+             const attempt = c._attempt.bind(c);
+             c._attempt = () => {
+               const run = () => { if (window.__go) { window.__tries += 1; attempt(); } else setTimeout(run, 20); };
+               run();
+             };
+             true",
+        )
+        .await;
+    let closed = r#"turnpike_signal_disconnects_total{reason="closed"}"#;
+    let closed_before = node.metric(closed);
+    browser
+        .eval(&a, "window.__turnpikeCall._ws.close(); true")
+        .await;
+    node.wait_metric(closed, closed_before + 1.0).await;
+    let path = format!("/v1/calls/{call_id}/end");
+    let (st, body) = raw_http(node.addr("control"), "POST", &path, Some(&key), None);
+    assert_eq!(st, 200, "{body}");
+    // B, still connected, is told at once.
+    browser
+        .wait_for(
+            &b,
+            "document.querySelector('#call').dataset.status === 'ended'",
+            "the connected page ended",
+            EXPLAIN,
+        )
+        .await;
+    let refused = r#"turnpike_signal_auth_failures_total{reason="call_gone"}"#;
+    let refused_before = node.metric(refused);
+    browser.eval(&a, "window.__go = true; true").await;
+    let ended = browser
+        .wait_for(&a, "window.__ended", "the reconnecting page ended", EXPLAIN)
+        .await;
+    assert_eq!(ended["reason"], json!("call_ended"), "{ended}");
+    assert_eq!(
+        browser
+            .eval(&a, "document.querySelector('#call').dataset.status")
+            .await,
+        json!("ended")
+    );
+    // One try, refused by signaling as a call that is gone, and none pending.
+    node.wait_metric(refused, refused_before + 1.0).await;
+    assert_eq!(browser.eval(&a, "window.__tries").await, json!(1));
+    assert_eq!(
+        browser.eval(&a, "window.__call._reconnect").await,
+        json!(null)
+    );
+}
