@@ -409,18 +409,18 @@ impl Conn {
             frame = tokio::time::timeout_at(deadline, self.stream.next()) => match frame {
                 Err(_) => Read::End(DisconnectReason::IdleTimeout),
                 Ok(None) => Read::End(DisconnectReason::Closed),
-                Ok(Some(Err(e))) => {
-                    if is_too_big(e) {
+                Ok(Some(Err(e))) => match read_failure(e) {
+                    ReadFailure::TooBig => {
                         self.close(Close {
                             code: code::TOO_BIG,
                             reason: "too_large",
                             metric: DisconnectReason::TooLarge,
                         });
                         Read::End(DisconnectReason::TooLarge)
-                    } else {
-                        Read::End(DisconnectReason::ProtocolError)
                     }
-                }
+                    ReadFailure::Dropped => Read::End(DisconnectReason::Closed),
+                    ReadFailure::Protocol => Read::End(DisconnectReason::ProtocolError),
+                },
                 Ok(Some(Ok(Message::Text(t)))) => Read::Text(t),
                 Ok(Some(Ok(Message::Binary(_)))) => {
                     self.close(Close {
@@ -951,13 +951,31 @@ fn refresh_delay(now_ms: u64, expires_at_s: u64) -> Duration {
 }
 
 /// Whether a read failed because a frame or message exceeded `signal.max-message`.
-fn is_too_big(e: axum::Error) -> bool {
+/// What a failed WebSocket read means.
+enum ReadFailure {
+    /// A frame or message over the size limit.
+    TooBig,
+    /// The connection went away without a close frame: a closed laptop lid, a lost network, a
+    /// killed tab. As normal as a close, and counted as one.
+    Dropped,
+    /// The client broke the WebSocket protocol.
+    Protocol,
+}
+
+fn read_failure(e: axum::Error) -> ReadFailure {
+    use tungstenite::error::ProtocolError;
     let inner = e.into_inner();
     match inner.downcast_ref::<tungstenite::Error>() {
-        Some(tungstenite::Error::Capacity(_)) => true,
+        Some(tungstenite::Error::Capacity(_)) => ReadFailure::TooBig,
+        Some(
+            tungstenite::Error::Protocol(ProtocolError::ResetWithoutClosingHandshake)
+            | tungstenite::Error::Io(_)
+            | tungstenite::Error::ConnectionClosed
+            | tungstenite::Error::AlreadyClosed,
+        ) => ReadFailure::Dropped,
         other => {
             tracing::debug!(error = ?other, "WebSocket read failed");
-            false
+            ReadFailure::Protocol
         }
     }
 }

@@ -62,7 +62,8 @@ pub enum DisconnectReason {
     Kicked,
     /// The call ended.
     CallEnded,
-    /// Binary frames or a broken WebSocket stream.
+    /// Binary frames, or frames that break the WebSocket protocol (a connection that merely
+    /// ends without a close frame counts as `Closed`).
     ProtocolError,
     /// The server is stopping (1001).
     Shutdown,

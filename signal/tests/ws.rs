@@ -1420,3 +1420,31 @@ async fn welcome_comes_first_even_while_others_broadcast() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     flooding.await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_dropped_without_a_close_frame_counts_as_closed_and_garbage_as_a_protocol_error(
+) {
+    let node = Node::start(Options::default()).await;
+    let (_, _, code) = node.call(8).await;
+    let reason =
+        |r: &'static str| node.metric("turnpike_signal_disconnects_total", &[("reason", r)]);
+    // A network drop (the TCP connection ends without a close frame) is as normal as a close:
+    // dashboards treat `protocol_error` as a fault.
+    let (a, _, _) = enter(&node, &code, "A").await;
+    drop(a);
+    eventually("the drop counted", || reason("closed") == 1.0).await;
+    assert_eq!(reason("protocol_error"), 0.0);
+    // A frame with reserved bits set breaks the protocol.
+    let (mut b, _, _) = enter(&node, &code, "B").await;
+    let tokio_tungstenite::MaybeTlsStream::Plain(tcp) = b.ws.get_mut() else {
+        panic!("a plain TCP connection")
+    };
+    tokio::io::AsyncWriteExt::write_all(tcp, &[0xF1, 0x80, 0, 0, 0, 0])
+        .await
+        .unwrap();
+    eventually("the broken frame counted", || {
+        reason("protocol_error") == 1.0
+    })
+    .await;
+    assert_eq!(reason("closed"), 1.0);
+}
