@@ -789,12 +789,17 @@ impl Room {
             }
             BusEvent::Resync => {
                 // Redis may have restarted empty: put our peers back and announce them again
-                // (rooms that know them already ignore it), then learn who else is there.
+                // (rooms that know them already ignore it), then learn who else is there. A
+                // peer whose socket is gone (in its resume window) is put back but not
+                // announced: it may have come back on another node meanwhile, whose room would
+                // take our announcement for a newer connection and close its live one.
                 for l in self.local.values() {
                     self.bus(BusOp::Put(l.info.clone()));
-                    self.bus(BusOp::Publish(BusEvent::PeerJoined {
-                        peer: l.info.clone(),
-                    }));
+                    if l.conn.is_some() {
+                        self.bus(BusOp::Publish(BusEvent::PeerJoined {
+                            peer: l.info.clone(),
+                        }));
+                    }
                 }
                 self.spawn_presence_read();
             }
