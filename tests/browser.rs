@@ -28,18 +28,23 @@ const EXPLAIN: &str = r#"JSON.stringify({
 /// `tls://` listener is among them), the control plane and signaling, all on free ports. The
 /// `iceServers` the control plane hands out are derived from exactly these listeners.
 fn serve(name: &str, listen: &[&str]) -> Node {
+    serve_with(name, listen, "")
+}
+
+/// [`serve`] with `extra` sections (e.g. `[signal]`) in the configuration.
+fn serve_with(name: &str, listen: &[&str], extra: &str) -> Node {
     let dir = config_dir(name);
     let ck =
         rcgen::generate_simple_self_signed(vec!["localhost".into(), "127.0.0.1".into()]).unwrap();
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
     std::fs::write(&cert, ck.cert.pem()).unwrap();
     std::fs::write(&key, ck.signing_key.serialize_pem()).unwrap();
-    let tls = format!(
-        "[relay.tls]\ncert-file = \"{}\"\nkey-file = \"{}\"\n",
+    let sections = format!(
+        "[relay.tls]\ncert-file = \"{}\"\nkey-file = \"{}\"\n{extra}",
         cert.display(),
         key.display()
     );
-    Node::start("serve", &config_with(name, listen, &tls))
+    Node::start("serve", &config_with(name, listen, &sections))
 }
 
 /// An app and a call of at most `max` participants: its join URL.
@@ -445,6 +450,19 @@ async fn a_kicked_participant_is_ended_in_the_browser_and_on_the_relay() {
     );
 }
 
+/// Holds the page's SDK reconnect attempts until `window.__go` is set, counts them in
+/// `window.__tries`, and keeps the call object (`window.__call`, which the page drops when the
+/// call ends) and its `ended` event (`window.__ended`).
+const GATE_RECONNECTS: &str = "const c = window.__turnpikeCall; window.__call = c;
+    window.__ended = null; window.__tries = 0; window.__go = false;
+    c.on('ended', d => { window.__ended = d; });
+    const attempt = c._attempt.bind(c);
+    c._attempt = () => {
+      const run = () => { if (window.__go) { window.__tries += 1; attempt(); } else setTimeout(run, 20); };
+      run();
+    };
+    true";
+
 /// The call ends while a page's signaling socket is down: the page's next reconnect attempt is
 /// refused with `call_ended`, and the page ends with that reason instead of trying again until
 /// its resume window runs out.
@@ -456,19 +474,7 @@ async fn a_call_ended_while_a_page_reconnects_ends_the_page_with_call_ended() {
     let (mut browser, a, b) = two_in(&url, "ended-away", "udp").await;
     // A's attempts wait for `__go`, so the call surely ends before A tries (the first attempt
     // would otherwise come 500 ms after the drop, racing the request below).
-    browser
-        .eval(
-            &a,
-            "const c = window.__turnpikeCall; window.__call = c; window.__ended = null; window.__tries = 0;
-             window.__go = false; c.on('ended', d => { window.__ended = d; });
-             const attempt = c._attempt.bind(c);
-             c._attempt = () => {
-               const run = () => { if (window.__go) { window.__tries += 1; attempt(); } else setTimeout(run, 20); };
-               run();
-             };
-             true",
-        )
-        .await;
+    browser.eval(&a, GATE_RECONNECTS).await;
     let closed = r#"turnpike_signal_disconnects_total{reason="closed"}"#;
     let closed_before = node.metric(closed);
     browser
@@ -501,6 +507,50 @@ async fn a_call_ended_while_a_page_reconnects_ends_the_page_with_call_ended() {
         json!("ended")
     );
     // One try, refused by signaling as a call that is gone, and none pending.
+    node.wait_metric(refused, refused_before + 1.0).await;
+    assert_eq!(browser.eval(&a, "window.__tries").await, json!(1));
+    assert_eq!(
+        browser.eval(&a, "window.__call._reconnect").await,
+        json!(null)
+    );
+}
+
+/// A page comes back after the server's resume window (2 s here) has run out: its first
+/// reconnect attempt is refused (the peer has left the call), and the page ends with
+/// `disconnected` at once rather than trying until its own window runs out.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_back_after_the_resume_window_is_refused_once_and_ends_disconnected() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve_with(
+        "too-late",
+        &["udp://127.0.0.1:0"],
+        "[signal]\nresume-window = \"2s\"\n",
+    );
+    let (url, _, _) = call_with_key(&node, 2);
+    let (mut browser, a, b) = two_in(&url, "too-late", "udp").await;
+    let ada = browser.eval(&a, "window.__turnpikeCall.peerId").await;
+    let ada = ada.as_str().expect("the page exposes its call").to_owned();
+    browser.eval(&a, GATE_RECONNECTS).await;
+    browser
+        .eval(&a, "window.__turnpikeCall._ws.close(); true")
+        .await;
+    // The server gives A's seat up after the window: B sees A leave.
+    let gone = format!("!document.querySelector('.peer-tile[data-peer-id=\"{ada}\"]')");
+    browser
+        .wait_for(
+            &b,
+            &gone,
+            "A's tile removed after its resume window",
+            EXPLAIN,
+        )
+        .await;
+    let refused = r#"turnpike_signal_auth_failures_total{reason="left"}"#;
+    let refused_before = node.metric(refused);
+    browser.eval(&a, "window.__go = true; true").await;
+    let ended = browser
+        .wait_for(&a, "window.__ended", "the late page ended", EXPLAIN)
+        .await;
+    assert_eq!(ended["reason"], json!("disconnected"), "{ended}");
     node.wait_metric(refused, refused_before + 1.0).await;
     assert_eq!(browser.eval(&a, "window.__tries").await, json!(1));
     assert_eq!(
