@@ -1069,10 +1069,13 @@ impl Server {
         self.begin(now);
         let external = self.config.external_ips.get(relay.family);
         let Some(a) = self.get_mut(relay.alloc) else {
-            // Deleted meanwhile (shutdown, connection closed): give the socket back.
+            // Deleted meanwhile (shutdown, connection closed): give the socket back, before any
+            // output still queued. A later `BindRelay` there may be for a new allocation in the
+            // same slot, whose relay has the same index: the driver must have released this
+            // socket by the time it binds that one.
             if result.is_ok() {
                 self.outputs
-                    .push_back(OutputItem::Other(Output::ReleaseRelay(relay)));
+                    .push_front(OutputItem::Other(Output::ReleaseRelay(relay)));
             }
             return;
         };

@@ -14,7 +14,7 @@ use relay_proto::stun::{
 };
 use relay_proto::{
     AllocResult, BindError, DeleteReason, Dest, Direction, DropReason, Event, Family, FiveTuple,
-    PeerPolicy, Quotas, Transport,
+    Output, PeerPolicy, Quotas, Transport,
 };
 
 use common::*;
@@ -1095,6 +1095,54 @@ fn connection_closed_releases_both_relays_of_a_dual_allocation() {
     assert_eq!(releases(&outs), c.relays);
     assert_eq!(releases(&outs).len(), 2);
     assert_eq!(h.quotas().total(), 0);
+}
+
+/// What a driver does with one turn's outputs: takes them in order, binding as it goes (the
+/// result goes straight back to the core); returns the binds and releases, in order.
+fn drive_binds(h: &mut Harness, now: std::time::Instant) -> Vec<Out> {
+    let mut seen = Vec::new();
+    let mut port = 50100;
+    while let Some(o) = h.server.poll_output() {
+        match o {
+            Output::BindRelay(req) => {
+                seen.push(Out::Bind(req));
+                port += 1;
+                let bound = SocketAddr::new(req.ip, port);
+                h.server.handle_relay_bound(now, req.relay, Ok(bound));
+            }
+            Output::ReleaseRelay(id) => seen.push(Out::Release(id)),
+            _ => {}
+        }
+    }
+    seen
+}
+
+#[test]
+fn a_socket_bound_for_an_allocation_deleted_meanwhile_is_released_before_the_next_bind() {
+    // One driver turn reads X's Allocate, X's connection closing and Y's Allocate before it
+    // takes the outputs. Y's allocation reuses X's slot, so its relay has X's relay index: X's
+    // socket must be given back before Y's is bound there, or the driver loses it (its port
+    // and task) for good.
+    let mut h = Harness::new();
+    let (mut x, mut y) = (
+        Client::on(tcp(46000), Creds::alice()),
+        Client::on(tcp(46001), Creds::bob()),
+    );
+    h.fetch_nonce(h.t0, &mut x);
+    h.fetch_nonce(h.t0, &mut y);
+    let now = h.at(1);
+    let allocate = |c: &Client| c.req_with(method::ALLOCATE, |r| r.transport(UDP)).encode();
+    h.server.handle_client(now, x.five, &allocate(&x));
+    h.server.handle_connection_closed(now, x.five);
+    h.server.handle_client(now, y.five, &allocate(&y));
+    let seen = drive_binds(&mut h, now);
+    let [Out::Bind(bx), Out::Release(released), Out::Bind(by)] = seen.as_slice() else {
+        panic!("expected bind X, release X, bind Y: {seen:?}")
+    };
+    assert_eq!(*released, bx.relay);
+    assert_eq!(by.relay.index(), bx.relay.index(), "Y reuses X's slot");
+    assert_ne!(by.relay, bx.relay);
+    assert_eq!(h.server.allocations(), 1);
 }
 
 #[test]

@@ -909,13 +909,19 @@ impl Shard {
                     if self.relays.len() <= slot {
                         self.relays.resize_with(slot + 1, || None);
                     }
-                    self.relays[slot] = Some(Relay {
+                    let old = self.relays[slot].replace(Relay {
                         id,
                         family,
                         port,
                         socket,
                         task,
                     });
+                    if let Some(old) = old {
+                        // The core releases a slot's relay before binding the next one there;
+                        // should it not, the old socket must still not outlive its entry.
+                        warn!("a relay socket was still held where a new one was bound");
+                        self.free_relay(old);
+                    }
                     return Ok(addr);
                 }
                 Err(e) if e.kind() == io::ErrorKind::AddrInUse => {
@@ -940,11 +946,16 @@ impl Shard {
             return;
         }
         if let Some(r) = slot.take() {
-            r.task.abort();
-            self.siblings.bound.set(r.family, r.port, false);
-            if let Some(pool) = self.ports[r.family.index()].as_mut() {
-                pool.put(r.port);
-            }
+            self.free_relay(r);
+        }
+    }
+
+    /// Stops a relay socket's task (which holds the socket) and gives its port back.
+    fn free_relay(&mut self, r: Relay) {
+        r.task.abort();
+        self.siblings.bound.set(r.family, r.port, false);
+        if let Some(pool) = self.ports[r.family.index()].as_mut() {
+            pool.put(r.port);
         }
     }
 }
