@@ -492,11 +492,8 @@ impl Conn {
         )
     }
 
-    /// Refuses the valid token of a participant that left for good. The message says so (the
-    /// token is genuine, so nothing is given away): the client should join again rather than
-    /// retry.
     /// The store failed during auth: the client may try again shortly (nothing is wrong with
-    /// its token).
+    /// its token). Counted apart from ordinary closes, so an outage shows on the dashboard.
     fn store_unavailable(&self, e: &control::store::StoreError) -> DisconnectReason {
         tracing::warn!(error = %e, "store unavailable during signal auth");
         self.refuse(
@@ -505,11 +502,14 @@ impl Conn {
             Close {
                 code: code::TRY_AGAIN,
                 reason: "unavailable",
-                metric: DisconnectReason::Closed,
+                metric: DisconnectReason::Unavailable,
             },
         )
     }
 
+    /// Refuses the valid token of a participant that left for good. The message says so (the
+    /// token is genuine, so nothing is given away): the client should join again rather than
+    /// retry.
     fn left(&self) -> DisconnectReason {
         self.shared.metrics.auth_failure(AuthFailure::Left);
         self.unauthorized("this peer has left the call: join again (POST /v1/join)")

@@ -69,10 +69,12 @@ pub enum DisconnectReason {
     Shutdown,
     /// The same peer connected again (another tab, a reconnect, another node).
     Replaced,
+    /// The store could not be reached to authenticate (1013: try again shortly).
+    Unavailable,
 }
 
 impl DisconnectReason {
-    const ALL: [Self; 13] = [
+    const ALL: [Self; 14] = [
         Self::Leave,
         Self::Closed,
         Self::AuthTimeout,
@@ -86,6 +88,7 @@ impl DisconnectReason {
         Self::ProtocolError,
         Self::Shutdown,
         Self::Replaced,
+        Self::Unavailable,
     ];
 
     /// The label value.
@@ -104,6 +107,7 @@ impl DisconnectReason {
             Self::ProtocolError => "protocol_error",
             Self::Shutdown => "shutdown",
             Self::Replaced => "replaced",
+            Self::Unavailable => "unavailable",
         }
     }
 }

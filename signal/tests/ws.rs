@@ -5,6 +5,8 @@
 #![allow(clippy::unwrap_used)]
 
 mod harness;
+#[path = "../../control/tests/common/redis.rs"]
+mod redis_server;
 
 use std::sync::Arc;
 use std::time::Duration;
@@ -1447,4 +1449,32 @@ async fn a_connection_dropped_without_a_close_frame_counts_as_closed_and_garbage
     })
     .await;
     assert_eq!(reason("closed"), 1.0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_store_outage_during_auth_is_answered_try_again_and_counted_as_unavailable() {
+    let mut redis = redis_server::RedisServer::start();
+    let metrics = control::store::StoreMetrics::new(&prometheus::Registry::new()).unwrap();
+    let store = control::store::RedisStore::connect(&redis.url, metrics)
+        .await
+        .unwrap();
+    let node = Node::start(Options {
+        store: Arc::new(store),
+        ..Options::default()
+    })
+    .await;
+    let (_, _, code) = node.call(8).await;
+    let j = node.join(&code, "A").await;
+    redis.kill();
+    let mut c = Client::connect(&node.ws_url()).await;
+    c.send(json!({"v":1,"type":"auth","token":j["signal_token"]}))
+        .await;
+    let (end, seen) = c.until_end().await;
+    assert_eq!(end, End::Closed(1013, "unavailable".into()));
+    assert_eq!(seen.len(), 1, "{seen:?}");
+    assert_eq!(seen[0]["code"], "unavailable", "{seen:?}");
+    let reason =
+        |r: &'static str| node.metric("turnpike_signal_disconnects_total", &[("reason", r)]);
+    eventually("counted", || reason("unavailable") == 1.0).await;
+    assert_eq!(reason("closed"), 0.0);
 }
