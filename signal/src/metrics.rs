@@ -414,7 +414,7 @@ mod tests {
         );
         assert_eq!(
             find("turnpike_signal_disconnects_total").get_metric().len(),
-            13
+            14
         );
     }
 
