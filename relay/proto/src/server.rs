@@ -267,9 +267,11 @@ pub enum Event {
 pub enum Output {
     /// Send a datagram.
     Transmit(Transmit),
-    /// Bind a relay socket, then call [`Server::handle_relay_bound`].
+    /// Bind a relay socket, then call [`Server::handle_relay_bound`] before taking the next
+    /// output.
     BindRelay(BindRequest),
-    /// Close a relay socket and give its port back.
+    /// Close a relay socket and give its port back. Always before any later `BindRelay` of a
+    /// relay with the same [`RelayId::index`] (a new allocation in a reused slot).
     ReleaseRelay(RelayId),
     /// Log or count.
     Event(Event),
