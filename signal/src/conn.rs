@@ -583,7 +583,12 @@ impl Conn {
                 .mark_connected(&call.id, &claims.sub, app.clock.now_ms())
                 .await
             {
-                Ok(Some(p)) if p.connected => {}
+                // Kicked between the token check and now: refused like any kicked token.
+                Ok(Some(p)) if p.kicked => {
+                    self.shared.metrics.auth_failure(AuthFailure::Revoked);
+                    return Err(self.unauthorized("invalid or expired token"));
+                }
+                Ok(Some(p)) if p.connected && p.left_at.is_none() => {}
                 // The seat lapsed between the token check and now (the token's last moments):
                 // `/v1/join` may have given it away already, so a fresh join is the way in.
                 Ok(Some(_)) => return Err(self.left()),

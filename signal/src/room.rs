@@ -556,11 +556,16 @@ impl Room {
                         },
                     );
                     self.remove_local(&peer, "kicked");
-                } else if publish {
-                    self.bus(BusOp::Publish(BusEvent::Kick {
-                        peer_id: peer,
-                        reason: "kicked".into(),
-                    }));
+                } else {
+                    // Not here (yet): a join of it already past its token check, here or
+                    // arriving from another node, must not get in after the kick.
+                    self.departed.insert(peer.clone());
+                    if publish {
+                        self.bus(BusOp::Publish(BusEvent::Kick {
+                            peer_id: peer,
+                            reason: "kicked".into(),
+                        }));
+                    }
                 }
             }
             Cmd::End { reason, publish } => {

@@ -1478,3 +1478,33 @@ async fn a_store_outage_during_auth_is_answered_try_again_and_counted_as_unavail
     eventually("counted", || reason("unavailable") == 1.0).await;
     assert_eq!(reason("closed"), 0.0);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_kicked_while_its_first_connection_authenticates_is_refused() {
+    let store = harness::gate::GateStore::new();
+    let node = Node::start(Options {
+        store: store.clone(),
+        ..Options::default()
+    })
+    .await;
+    let (key, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let jb = node.join(&code, "B").await;
+    let idb = s(&jb["peer_id"]).to_owned();
+    // B's first `auth` read the participant (not kicked) and is about to mark it connected
+    // when the host kicks it.
+    store.arm();
+    let mut b = Client::connect(&node.ws_url()).await;
+    b.send(json!({"v":1,"type":"auth","token":jb["signal_token"]}))
+        .await;
+    store.reached().await;
+    let path = format!("/v1/calls/{call}/participants/{idb}");
+    let (status, _) = node.http("DELETE", &path, Some(&key), None).await;
+    assert_eq!(status, 204);
+    store.release();
+    let (end, seen) = b.until_end().await;
+    assert_eq!(end, End::Closed(4001, "unauthorized".into()), "{seen:?}");
+    // A never saw B: its next message is the answer to its ping.
+    a.send(json!({"v":1,"type":"ping"})).await;
+    assert_eq!(a.recv().await["type"], "pong");
+}

@@ -31,6 +31,8 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 use tower::ServiceExt as _;
 
+pub mod gate;
+
 pub const ADMIN: &str = "admin-token-for-tests-0123456789";
 pub const RELAY_SECRET: &[u8] = b"relay-shared-secret-for-tests";
 pub const JWT_KID: &str = "k1";
