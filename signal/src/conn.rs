@@ -608,8 +608,16 @@ impl Conn {
         };
         let conn_id = self.shared.next_conn_id();
         let group = format!("{}.{}", call.cred_group, claims.sub);
-        // A room that is ending refuses by dropping the reply: try once more on a fresh one.
-        for _ in 0..2 {
+        // A room that is ending refuses by dropping the reply: try once more on a fresh one,
+        // unless the call ended with it (a fresh room would hold an ended call open).
+        for attempt in 0..2 {
+            if attempt > 0 {
+                match app.store.get_call(&call.id).await {
+                    Ok(Some(c)) if c.state(app.clock.now_ms()) != CallState::Ended => {}
+                    Ok(_) => break,
+                    Err(e) => return Err(self.store_unavailable(&e)),
+                }
+            }
             let (welcome, refresh) = self.welcome(&claims.sub, &call.id, &group);
             let room = self.shared.rooms.get_or_start(&self.shared, &call);
             let (reply, answer) = oneshot::channel();

@@ -43,9 +43,11 @@ const PUBLISH_QUEUE: usize = 1024;
 /// often, refreshes presence and checks other nodes. A second is finer than any of those
 /// timeouts need.
 const TICK: Duration = Duration::from_secs(1);
-/// Longest a room waits for the presence table when it starts; past it the room starts without
-/// the other nodes' peers and learns them from their events and the next resync.
-const PRESENCE_READ_LIMIT: Duration = Duration::from_secs(2);
+/// Longest a room waits for each of its start-up reads: the presence table (past it the room
+/// starts without the other nodes' peers and learns them from their events and the next
+/// resync) and the call's record (past it the room assumes the call is live, as the join that
+/// started it found).
+const START_READ_LIMIT: Duration = Duration::from_secs(2);
 
 /// How a room closes one connection: code, reason text, and the metric reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -372,8 +374,7 @@ impl Room {
                 publish_rx,
             ));
         }
-        match tokio::time::timeout(PRESENCE_READ_LIMIT, self.shared.bus.presence(&self.call_id))
-            .await
+        match tokio::time::timeout(START_READ_LIMIT, self.shared.bus.presence(&self.call_id)).await
         {
             Ok(Ok(peers)) => self.apply_presence(peers, true),
             Ok(Err(e)) => {
@@ -382,14 +383,26 @@ impl Room {
             }
             Err(_) => tracing::warn!("presence read timed out; starting without other nodes"),
         }
+        // A join that raced the call's end may have started this room after the last one
+        // closed: a room for an ended call would hold it open for that peer. Such a room
+        // stops at once; the joins queued meanwhile retry, find the call ended and are
+        // refused. (Unreadable: carry on, as the join that started the room did.)
+        let store_read = self.shared.app.store.get_call(&self.call_id);
+        let mut done = match tokio::time::timeout(START_READ_LIMIT, store_read).await {
+            Ok(Ok(call)) => {
+                let now = self.shared.app.clock.now_ms();
+                call.is_none_or(|c| c.state(now) == CallState::Ended)
+            }
+            _ => false,
+        };
 
         // The first tick a whole TICK after the start, not at once: the join that started the
         // room comes first.
         let mut tick = tokio::time::interval_at(Instant::now() + TICK, TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shared.shutdown.clone();
-        loop {
-            let done = tokio::select! {
+        while !done {
+            done = tokio::select! {
                 cmd = rx.recv() => match cmd {
                     Some(cmd) => self.handle(cmd),
                     None => true,
@@ -405,9 +418,6 @@ impl Room {
                     true
                 }
             };
-            if done {
-                break;
-            }
         }
         self.shared
             .rooms

@@ -1508,3 +1508,33 @@ async fn a_participant_kicked_while_its_first_connection_authenticates_is_refuse
     a.send(json!({"v":1,"type":"ping"})).await;
     assert_eq!(a.recv().await["type"], "pong");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_authenticating_while_the_call_ends_is_told_it_ended_not_left_alone_in_it() {
+    let store = harness::gate::GateStore::new();
+    let node = Node::start(Options {
+        store: store.clone(),
+        ..Options::default()
+    })
+    .await;
+    let (key, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let jb = node.join(&code, "B").await;
+    // B's first `auth` found the call live and is about to mark itself connected when the host
+    // ends the call (A's room closes).
+    store.arm();
+    let mut b = Client::connect(&node.ws_url()).await;
+    b.send(json!({"v":1,"type":"auth","token":jb["signal_token"]}))
+        .await;
+    store.reached().await;
+    let (status, _) = node
+        .http("POST", &format!("/v1/calls/{call}/end"), Some(&key), None)
+        .await;
+    assert_eq!(status, 200);
+    let (end, _) = a.until_end().await;
+    assert_eq!(end, End::Closed(4000, "call_ended".into()));
+    store.release();
+    let (end, seen) = b.until_end().await;
+    assert_eq!(end, End::Closed(4000, "call_ended".into()), "{seen:?}");
+    assert!(seen.iter().all(|m| m["type"] != "welcome"), "{seen:?}");
+}
