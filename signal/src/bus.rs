@@ -130,9 +130,15 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
         ttl_ms: u64,
     ) -> Result<(), BusError>;
 
-    /// Removes `peer_id` from `call_id`'s presence; `Ok(true)` only for the caller that actually
+    /// Removes `peer_id` from `call_id`'s presence if its entry is `node`'s (the peer has not
+    /// moved to another node meanwhile). [`Removal::Removed`] only for the caller that actually
     /// removed it (of concurrent removers exactly one), so exactly one node reports the leave.
-    async fn presence_remove(&self, call_id: &str, peer_id: &str) -> Result<bool, BusError>;
+    async fn presence_remove(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        node: &str,
+    ) -> Result<Removal, BusError>;
 
     /// Every peer in `call_id`'s presence table, on every node.
     async fn presence(&self, call_id: &str) -> Result<Vec<PeerInfo>, BusError>;
@@ -149,6 +155,17 @@ pub trait Bus: Send + Sync + fmt::Debug + 'static {
     /// Hands every revocation published by other nodes to `tx` (at most one receiver; a later
     /// call replaces it).
     fn on_revocation(&self, tx: mpsc::Sender<Revocation>);
+}
+
+/// What [`Bus::presence_remove`] did.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Removal {
+    /// The entry was the given node's, and this call removed it.
+    Removed,
+    /// There was no entry (removed by someone else, never written, or expired).
+    Absent,
+    /// The entry is another node's: the peer is there now. Left in place.
+    Elsewhere(PeerInfo),
 }
 
 /// A revocation from another node.
@@ -193,9 +210,9 @@ impl Bus for LocalBus {
         Ok(())
     }
 
-    async fn presence_remove(&self, _: &str, _: &str) -> Result<bool, BusError> {
+    async fn presence_remove(&self, _: &str, _: &str, _: &str) -> Result<Removal, BusError> {
         // The room's own bookkeeping decides; alone, this node is always the one that removes.
-        Ok(true)
+        Ok(Removal::Removed)
     }
 
     async fn presence(&self, _: &str) -> Result<Vec<PeerInfo>, BusError> {

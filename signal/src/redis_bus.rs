@@ -30,7 +30,7 @@ use futures_util::StreamExt as _;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use tokio::sync::{mpsc, watch, Notify, OnceCell};
 
-use crate::bus::{Bus, BusError, BusEvent, Envelope, PeerInfo, Revocation};
+use crate::bus::{Bus, BusError, BusEvent, Envelope, PeerInfo, Removal, Revocation};
 
 /// Options of a [`RedisBus`].
 #[derive(Debug, Clone)]
@@ -99,6 +99,18 @@ fn channel(call: &str) -> String {
 fn presence_key(call: &str) -> String {
     format!("tp:{{c:{call}}}:peers")
 }
+
+/// Deletes a presence entry only if node `ARGV[2]` wrote it: `{1, ""}` deleted, `{0, ""}` no
+/// entry, `{2, entry}` another node's entry (left in place). An entry that is not JSON is
+/// nobody's and is deleted.
+const REMOVE_IF_NODE: &str = r"
+local v = redis.call('HGET', KEYS[1], ARGV[1])
+if not v then return {0, ''} end
+local ok, p = pcall(cjson.decode, v)
+if ok and type(p) == 'table' and p.node ~= ARGV[2] then return {2, v} end
+redis.call('HDEL', KEYS[1], ARGV[1])
+return {1, ''}
+";
 
 /// The channel every node listens on for revocations (not per call: a call's allocations may
 /// be on relays of nodes that have no room of it).
@@ -289,19 +301,32 @@ impl Bus for RedisBus {
         .await
     }
 
-    async fn presence_remove(&self, call_id: &str, peer_id: &str) -> Result<bool, BusError> {
+    async fn presence_remove(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        node: &str,
+    ) -> Result<Removal, BusError> {
         let key = presence_key(call_id);
-        let field = peer_id.to_owned();
-        let n: i64 = self
+        let (field, node) = (peer_id.to_owned(), node.to_owned());
+        let (code, entry): (i64, String) = self
             .run(move |mut c| async move {
-                redis::cmd("HDEL")
-                    .arg(key)
+                redis::Script::new(REMOVE_IF_NODE)
+                    .key(key)
                     .arg(field)
-                    .query_async(&mut c)
+                    .arg(node)
+                    .invoke_async(&mut c)
                     .await
             })
             .await?;
-        Ok(n == 1)
+        Ok(match code {
+            1 => Removal::Removed,
+            2 => match serde_json::from_str(&entry) {
+                Ok(p) => Removal::Elsewhere(p),
+                Err(e) => return Err(BusError::Corrupt(e.to_string())),
+            },
+            _ => Removal::Absent,
+        })
     }
 
     async fn presence(&self, call_id: &str) -> Result<Vec<PeerInfo>, BusError> {

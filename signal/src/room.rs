@@ -26,7 +26,7 @@ use control::store::{Call, CallState, Media};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
 
-use crate::bus::{BusEvent, Envelope, PeerInfo};
+use crate::bus::{BusEvent, Envelope, PeerInfo, Removal};
 use crate::metrics::DisconnectReason;
 use crate::protocol::{PeerView, ServerMsg};
 use crate::Shared;
@@ -228,6 +228,9 @@ pub(crate) enum Cmd {
     /// Presence as read from the bus after a resync: peers to add (never to remove: the table
     /// may have been emptied by a Redis restart; leaves come from events and liveness).
     Presence(Vec<PeerInfo>),
+    /// A peer this room gave up on (its resume window ran out) is connected on another node:
+    /// it moved, and that node's `peer_joined` did not reach this room.
+    Moved(PeerInfo),
     /// Nodes of remote peers whose heartbeat is missing (the liveness check's answer).
     NodesDead(Vec<String>),
 }
@@ -313,7 +316,20 @@ struct Local {
 enum BusOp {
     Publish(BusEvent),
     Put(PeerInfo),
-    Remove(String),
+    /// Remove a peer's presence entry if node `node` wrote it (a lost node's peer).
+    Remove {
+        peer: String,
+        node: String,
+    },
+    /// A local peer is gone (`reason`) at `at_ms`: unless its presence entry shows it on another
+    /// node by now (it moved, and that node's `peer_joined` did not reach this room), remove
+    /// the entry, tell the other nodes and record the leave in the store (its seat is free).
+    /// If it did move, the room learns it is remote instead.
+    Depart {
+        peer: String,
+        reason: String,
+        at_ms: u64,
+    },
 }
 
 struct Room {
@@ -372,6 +388,7 @@ impl Room {
                 Arc::clone(&self.shared),
                 self.call_id.clone(),
                 publish_rx,
+                self.me.clone(),
             ));
         }
         match tokio::time::timeout(START_READ_LIMIT, self.shared.bus.presence(&self.call_id)).await
@@ -583,6 +600,11 @@ impl Room {
                 return true;
             }
             Cmd::Presence(peers) => self.apply_presence(peers, false),
+            Cmd::Moved(peer) => {
+                // Not gone after all: it may come back here later with its token.
+                self.departed.remove(&peer.peer_id);
+                self.apply_presence(vec![peer], false);
+            }
             Cmd::NodesDead(nodes) => self.nodes_dead(nodes),
         }
         false
@@ -683,26 +705,21 @@ impl Room {
             },
             peer,
         );
-        self.bus(BusOp::Remove(peer.to_owned()));
-        self.bus(BusOp::Publish(BusEvent::PeerLeft {
-            peer_id: peer.to_owned(),
+        self.bus(BusOp::Depart {
+            peer: peer.to_owned(),
             reason: reason.to_owned(),
-        }));
-        self.record_left(peer);
+            at_ms: self.shared.app.clock.now_ms(),
+        });
     }
 
     /// Records in the store that `peer` left (its seat is free, `GET /v1/calls/{id}` shows
     /// when), in the background: the room does not wait on the store.
     fn record_left(&self, peer: &str) {
-        let store = Arc::clone(&self.shared.app.store);
+        let app = self.shared.app.clone();
         let call = self.call_id.clone();
         let peer = peer.to_owned();
         let now = self.shared.app.clock.now_ms();
-        tokio::spawn(async move {
-            if let Err(e) = store.set_left(&call, &peer, Some(now)).await {
-                tracing::warn!(error = %e, "cannot record a peer leaving");
-            }
-        });
+        tokio::spawn(async move { set_left(&app, &call, &peer, now).await });
     }
 
     fn remote_left(&mut self, peer: &str, reason: &str) {
@@ -886,17 +903,20 @@ impl Room {
                 lost_nodes.push(node);
             }
         }
-        let lost: Vec<String> = self
+        let lost: Vec<(String, String)> = self
             .remote
             .values()
             .filter(|p| lost_nodes.contains(&p.node))
-            .map(|p| p.peer_id.clone())
+            .map(|p| (p.peer_id.clone(), p.node.clone()))
             .collect();
         if !lost.is_empty() {
             tracing::info!(peers = lost.len(), "peers of a lost node left");
         }
-        for id in lost {
-            self.bus(BusOp::Remove(id.clone()));
+        for (id, node) in lost {
+            self.bus(BusOp::Remove {
+                peer: id.clone(),
+                node,
+            });
             self.remote_left(&id, "node_lost");
             // The lost node can no longer record it: its peers would hold their seats forever.
             // Every surviving node writes the same fact, a moment apart.
@@ -970,8 +990,12 @@ impl Room {
             reason: "call_ended",
             metric: DisconnectReason::CallEnded,
         });
+        let me = self.shared.bus.node_id().to_owned();
         for id in self.local.keys() {
-            self.bus(BusOp::Remove(id.clone()));
+            self.bus(BusOp::Remove {
+                peer: id.clone(),
+                node: me.clone(),
+            });
         }
         self.local.clear();
         if publish {
@@ -1000,19 +1024,59 @@ impl Room {
     }
 }
 
-/// Drains a room's bus writes in order.
-async fn publisher(shared: Arc<Shared>, call_id: String, mut rx: mpsc::Receiver<BusOp>) {
+/// Drains a room's bus writes in order. `room` hears of a departed peer found on another node.
+async fn publisher(
+    shared: Arc<Shared>,
+    call_id: String,
+    mut rx: mpsc::Receiver<BusOp>,
+    room: Option<mpsc::WeakSender<Cmd>>,
+) {
     let ttl = presence_ttl_ms(&shared);
+    let me = shared.bus.node_id().to_owned();
     while let Some(op) = rx.recv().await {
-        let result = match &op {
-            BusOp::Publish(event) => shared.bus.publish(&call_id, event).await,
-            BusOp::Put(peer) => shared.bus.presence_put(&call_id, peer, ttl).await,
-            BusOp::Remove(peer) => shared.bus.presence_remove(&call_id, peer).await.map(|_| ()),
+        let result = match op {
+            BusOp::Publish(event) => shared.bus.publish(&call_id, &event).await,
+            BusOp::Put(peer) => shared.bus.presence_put(&call_id, &peer, ttl).await,
+            BusOp::Remove { peer, node } => shared
+                .bus
+                .presence_remove(&call_id, &peer, &node)
+                .await
+                .map(|_| ()),
+            BusOp::Depart {
+                peer,
+                reason,
+                at_ms,
+            } => match shared.bus.presence_remove(&call_id, &peer, &me).await {
+                Ok(Removal::Elsewhere(there)) => {
+                    if let Some(tx) = room.as_ref().and_then(mpsc::WeakSender::upgrade) {
+                        let _ = tx.send(Cmd::Moved(there)).await;
+                    }
+                    Ok(())
+                }
+                // Removed here, or no entry (never written, expired, or the bus failed): the
+                // leave is this node's to report.
+                removal => {
+                    set_left(&shared.app, &call_id, &peer, at_ms).await;
+                    let left = BusEvent::PeerLeft {
+                        peer_id: peer,
+                        reason,
+                    };
+                    let published = shared.bus.publish(&call_id, &left).await;
+                    removal.and(published)
+                }
+            },
         };
         if let Err(e) = result {
             shared.metrics.bus_error();
             tracing::debug!(error = %e, "bus write failed");
         }
+    }
+}
+
+/// Records in the store that `peer` left `call` at `at_ms`.
+async fn set_left(app: &control::AppState, call: &str, peer: &str, at_ms: u64) {
+    if let Err(e) = app.store.set_left(call, peer, Some(at_ms)).await {
+        tracing::warn!(error = %e, "cannot record a peer leaving");
     }
 }
 

@@ -10,7 +10,7 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use control::store::{Media, Role};
-use signal::bus::{Bus, BusError, BusEvent, Envelope, PeerInfo};
+use signal::bus::{Bus, BusError, BusEvent, Envelope, PeerInfo, Removal};
 use signal::redis_bus::{RedisBus, RedisBusOptions};
 use tokio::sync::mpsc;
 
@@ -115,8 +115,28 @@ async fn presence_has_one_remover_and_a_ttl() {
         let ms: i64 = String::from_utf8_lossy(&out.stdout).trim().parse().unwrap();
         assert!(ms > 0, "{ms}");
     }
-    let (ra, rb) = tokio::join!(a.presence_remove("c1", "p1"), b.presence_remove("c1", "p1"));
-    assert!(ra.unwrap() ^ rb.unwrap(), "exactly one remover");
+    // Only the entry's own node removes it: B's p2 stays when A tries, and A learns where.
+    match a.presence_remove("c1", "p2", "A").await.unwrap() {
+        Removal::Elsewhere(p) => assert_eq!((p.peer_id.as_str(), p.node.as_str()), ("p2", "B")),
+        other => panic!("{other:?}"),
+    }
+    // Of two removers of A's p1 (A itself, and B for a lost node A), exactly one removes it.
+    let (ra, rb) = tokio::join!(
+        a.presence_remove("c1", "p1", "A"),
+        b.presence_remove("c1", "p1", "A")
+    );
+    let (ra, rb) = (ra.unwrap(), rb.unwrap());
+    assert!(
+        matches!(
+            (&ra, &rb),
+            (Removal::Removed, Removal::Absent) | (Removal::Absent, Removal::Removed)
+        ),
+        "exactly one remover: {ra:?} {rb:?}"
+    );
+    assert_eq!(
+        a.presence_remove("c1", "p2", "B").await.unwrap(),
+        Removal::Removed
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

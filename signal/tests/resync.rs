@@ -12,7 +12,7 @@ use std::sync::{Arc, Mutex};
 use async_trait::async_trait;
 use harness::{enter, eventually, Node, Options, PATIENCE};
 use serde_json::json;
-use signal::bus::{Bus, BusError, BusEvent, Envelope, PeerInfo, Revocation};
+use signal::bus::{Bus, BusError, BusEvent, Envelope, PeerInfo, Removal, Revocation};
 use tokio::sync::mpsc;
 
 /// What the room did through the bus, in order.
@@ -93,8 +93,21 @@ impl Bus for ScriptedBus {
         Ok(())
     }
 
-    async fn presence_remove(&self, _call_id: &str, peer_id: &str) -> Result<bool, BusError> {
-        Ok(self.presence.lock().unwrap().remove(peer_id).is_some())
+    async fn presence_remove(
+        &self,
+        _call_id: &str,
+        peer_id: &str,
+        node: &str,
+    ) -> Result<Removal, BusError> {
+        let mut presence = self.presence.lock().unwrap();
+        Ok(match presence.get(peer_id) {
+            None => Removal::Absent,
+            Some(p) if p.node != node => Removal::Elsewhere(p.clone()),
+            Some(_) => {
+                presence.remove(peer_id);
+                Removal::Removed
+            }
+        })
     }
 
     async fn presence(&self, _call_id: &str) -> Result<Vec<PeerInfo>, BusError> {
@@ -154,4 +167,51 @@ async fn a_resync_announces_connected_peers_and_puts_back_a_resuming_one_without
     assert!(resync.iter().any(|op| joined(op, &ida)), "{resync:?}");
     assert!(resync.contains(&Op::Put(idb.clone())), "{resync:?}");
     assert!(!resync.iter().any(|op| joined(op, &idb)), "{resync:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_whose_resume_window_ends_after_it_moved_to_another_node_is_not_reported_left() {
+    let bus = Arc::new(ScriptedBus::default());
+    let node = Node::start(Options {
+        bus: Some(bus.clone()),
+        signal: signal::Settings {
+            resume_window: std::time::Duration::from_millis(300),
+            ..signal::Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (b, wb, jb) = enter(&node, &code, "B").await;
+    let idb = wb["peer_id"].as_str().unwrap().to_owned();
+    a.recv_type("peer_joined").await;
+    drop(b);
+    // B comes back on another node, which writes B's presence entry; its `peer_joined` never
+    // reaches this room (a bus hiccup).
+    let mut moved = bus.presence.lock().unwrap()[&idb].clone();
+    moved.node = "other-node".into();
+    bus.presence.lock().unwrap().insert(idb.clone(), moved);
+    // B's window here runs out: the others here see B go, then learn it is on the other node.
+    let left = a.recv_type("peer_left").await;
+    assert_eq!(left["peer_id"], idb.as_str());
+    let back = a.recv_type("peer_joined").await;
+    assert_eq!(back["peer"]["peer_id"], idb.as_str());
+    // The other nodes were not told B left, its entry is the other node's still, and the store
+    // still holds B's seat.
+    assert!(
+        !bus.ops().iter().any(|op| matches!(
+            op,
+            Op::Publish(BusEvent::PeerLeft { peer_id, .. }) if *peer_id == idb
+        )),
+        "{:?}",
+        bus.ops()
+    );
+    assert_eq!(bus.presence.lock().unwrap()[&idb].node, "other-node");
+    let c = node.state.store.get_call(&call).await.unwrap().unwrap();
+    assert_eq!(c.participant(&idb).unwrap().left_at, None);
+    // Not gone, so B may come back here with its token.
+    let token = jb["signal_token"].as_str().unwrap();
+    let (_b, welcome) = harness::Client::joined(&node.ws_url(), token).await;
+    assert_eq!(welcome["peer_id"], idb.as_str());
 }
