@@ -225,14 +225,27 @@ pub(crate) enum Cmd {
     Kick { peer: String, publish: bool },
     /// The call ended; `publish`: tell the other nodes (it did not come from them).
     End { reason: String, publish: bool },
-    /// Presence as read from the bus after a resync: peers to add (never to remove: the table
-    /// may have been emptied by a Redis restart; leaves come from events and liveness).
-    Presence(Vec<PeerInfo>),
+    /// Presence as read from the bus (see [`PresenceRead`]).
+    Presence(Vec<PeerInfo>, PresenceRead),
     /// A peer this room gave up on (its resume window ran out) is connected on another node:
     /// it moved, and that node's `peer_joined` did not reach this room.
     Moved(PeerInfo),
     /// Nodes of remote peers whose heartbeat is missing (the liveness check's answer).
     NodesDead(Vec<String>),
+}
+
+/// Why the room read the presence table, which says how much of it to trust.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum PresenceRead {
+    /// At the start, with nothing to lose: remote peers missing from it are gone.
+    Start,
+    /// After a resync: peers to add only (the table may have been emptied by a Redis restart,
+    /// its owners are putting their peers back), and this node's peers are put back too.
+    Resync,
+    /// The periodic check: peers to add, and remote peers missing from two checks in a row are
+    /// gone. Their `peer_left` was lost (a bus hiccup): their owners put live peers back every
+    /// refresh, so one miss may be a restart, two are not.
+    Check,
 }
 
 /// A room's handle in the hub.
@@ -351,6 +364,8 @@ struct Room {
     last_presence: Instant,
     /// Nodes whose heartbeat was missing, since when.
     suspects: HashMap<String, Instant>,
+    /// Remote peers missing from the last presence check (see [`PresenceRead::Check`]).
+    unlisted: HashSet<String>,
     /// Since when no peer of this call is connected here (while others are elsewhere).
     local_empty_since: Option<Instant>,
     /// Peers removed for good here: they may not join again with the same peer id (the store
@@ -377,6 +392,7 @@ impl Room {
             me: Some(me),
             last_presence: Instant::now(),
             suspects: HashMap::new(),
+            unlisted: HashSet::new(),
             local_empty_since: None,
             departed: HashSet::new(),
         }
@@ -393,7 +409,7 @@ impl Room {
         }
         match tokio::time::timeout(START_READ_LIMIT, self.shared.bus.presence(&self.call_id)).await
         {
-            Ok(Ok(peers)) => self.apply_presence(peers, true),
+            Ok(Ok(peers)) => self.apply_presence(peers, PresenceRead::Start),
             Ok(Err(e)) => {
                 self.shared.metrics.bus_error();
                 tracing::warn!(error = %e, "cannot read presence; starting without other nodes");
@@ -599,11 +615,11 @@ impl Room {
                 self.end(&reason, publish);
                 return true;
             }
-            Cmd::Presence(peers) => self.apply_presence(peers, false),
+            Cmd::Presence(peers, read) => self.apply_presence(peers, read),
             Cmd::Moved(peer) => {
                 // Not gone after all: it may come back here later with its token.
                 self.departed.remove(&peer.peer_id);
-                self.apply_presence(vec![peer], false);
+                self.apply_presence(vec![peer], PresenceRead::Resync);
             }
             Cmd::NodesDead(nodes) => self.nodes_dead(nodes),
         }
@@ -734,25 +750,29 @@ impl Room {
         }
     }
 
-    /// Learns the other nodes' peers from the presence table; `replace`: also forget remote
-    /// peers missing from it (only when the room starts, with nothing to lose).
-    fn apply_presence(&mut self, peers: Vec<PeerInfo>, replace: bool) {
+    /// Learns the other nodes' peers from the presence table, as `read` says.
+    fn apply_presence(&mut self, peers: Vec<PeerInfo>, read: PresenceRead) {
         let me = self.shared.bus.node_id().to_owned();
         let fresh: HashMap<String, PeerInfo> = peers
             .into_iter()
             .filter(|p| p.node != me && !self.local.contains_key(&p.peer_id))
             .map(|p| (p.peer_id.clone(), p))
             .collect();
-        if replace {
-            let gone: Vec<String> = self
-                .remote
-                .keys()
-                .filter(|id| !fresh.contains_key(*id))
-                .cloned()
-                .collect();
-            for id in gone {
-                self.remote_left(&id, "left");
+        let missing = self.remote.keys().filter(|id| !fresh.contains_key(*id));
+        let gone: Vec<String> = match read {
+            PresenceRead::Start => missing.cloned().collect(),
+            PresenceRead::Resync => Vec::new(),
+            PresenceRead::Check => {
+                let missing: HashSet<String> = missing.cloned().collect();
+                self.unlisted.retain(|id| missing.contains(id));
+                let gone = self.unlisted.intersection(&missing).cloned().collect();
+                self.unlisted = missing;
+                gone
             }
+        };
+        for id in gone {
+            self.unlisted.remove(&id);
+            self.remote_left(&id, "left");
         }
         for (id, p) in fresh {
             if !self.remote.contains_key(&id) {
@@ -760,11 +780,14 @@ impl Room {
             }
             self.remote.insert(id, p);
         }
-        // After a Redis restart the table may be empty: put our own peers back.
-        for l in self.local.values() {
-            self.bus(BusOp::Put(l.info.clone()));
+        if read != PresenceRead::Check {
+            // After a Redis restart the table may be empty: put our own peers back. (The
+            // periodic check comes with the refresh, which puts them anyway.)
+            for l in self.local.values() {
+                self.bus(BusOp::Put(l.info.clone()));
+            }
+            self.last_presence = Instant::now();
         }
-        self.last_presence = Instant::now();
     }
 
     fn handle_bus(&mut self, env: Envelope) -> bool {
@@ -833,13 +856,13 @@ impl Room {
                         }));
                     }
                 }
-                self.spawn_presence_read();
+                self.spawn_presence_read(PresenceRead::Resync);
             }
         }
         false
     }
 
-    fn spawn_presence_read(&self) {
+    fn spawn_presence_read(&self, read: PresenceRead) {
         let Some(me) = self.me.clone() else { return };
         let bus = Arc::clone(&self.shared.bus);
         let metrics = self.shared.metrics.clone();
@@ -848,7 +871,7 @@ impl Room {
             match bus.presence(&call).await {
                 Ok(peers) => {
                     if let Some(tx) = me.upgrade() {
-                        let _ = tx.send(Cmd::Presence(peers)).await;
+                        let _ = tx.send(Cmd::Presence(peers, read)).await;
                     }
                 }
                 Err(e) => {
@@ -954,6 +977,7 @@ impl Room {
             }
             if !self.remote.is_empty() {
                 self.spawn_liveness_check();
+                self.spawn_presence_read(PresenceRead::Check);
             }
         }
         if self.local.is_empty() && self.remote.is_empty() {

@@ -215,3 +215,52 @@ async fn a_peer_whose_resume_window_ends_after_it_moved_to_another_node_is_not_r
     let (_b, welcome) = harness::Client::joined(&node.ws_url(), token).await;
     assert_eq!(welcome["peer_id"], idb.as_str());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_remote_peer_gone_from_presence_whose_leave_was_lost_is_reported_left_after_two_checks() {
+    // A node timeout of 300 ms: the room checks presence at every tick (1 s).
+    let bus = Arc::new(ScriptedBus::default());
+    let node = Node::start(Options {
+        bus: Some(bus.clone()),
+        signal: signal::Settings {
+            node_timeout: std::time::Duration::from_millis(300),
+            ..signal::Settings::default()
+        },
+        ..Options::default()
+    })
+    .await;
+    let (_, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    // R joins on another node: its entry, then its announcement.
+    let r = PeerInfo {
+        peer_id: "p_remote".into(),
+        name: "R".into(),
+        role: control::store::Role::Guest,
+        node: "other-node".into(),
+        media: control::store::Media::default(),
+    };
+    bus.presence
+        .lock()
+        .unwrap()
+        .insert(r.peer_id.clone(), r.clone());
+    bus.deliver(&call, BusEvent::PeerJoined { peer: r.clone() })
+        .await;
+    let joined = a.recv_type("peer_joined").await;
+    assert_eq!(joined["peer"]["peer_id"], "p_remote");
+    // Two checks with R listed: nothing happens.
+    let checks = |bus: &ScriptedBus| {
+        bus.ops()
+            .iter()
+            .filter(|op| **op == Op::PresenceRead)
+            .count()
+    };
+    let seen = checks(&bus);
+    eventually("two presence checks", || checks(&bus) >= seen + 2).await;
+    // R leaves over there; its `peer_left` never arrives, but its entry is gone.
+    bus.presence.lock().unwrap().remove("p_remote");
+    let left = a.recv_type("peer_left").await;
+    assert_eq!(left["peer_id"], "p_remote");
+    assert_eq!(left["reason"], "left");
+    // It took two checks without R, not one.
+    assert!(checks(&bus) >= seen + 4, "{} checks", checks(&bus) - seen);
+}
