@@ -242,9 +242,10 @@ pub(crate) enum PresenceRead {
     /// After a resync: peers to add only (the table may have been emptied by a Redis restart,
     /// its owners are putting their peers back), and this node's peers are put back too.
     Resync,
-    /// The periodic check: peers to add, and remote peers missing from two checks in a row are
-    /// gone. Their `peer_left` was lost (a bus hiccup): their owners put live peers back every
-    /// refresh, so one miss may be a restart, two are not.
+    /// The periodic check: remote peers missing from two checks in a row are gone. Their
+    /// `peer_left` was lost (a bus hiccup): their owners put live peers back every refresh, so
+    /// one miss may be a restart, two are not. Nothing is added: a read taken just before a
+    /// peer's owner removed it could otherwise bring back a peer whose `peer_left` came since.
     Check,
 }
 
@@ -764,7 +765,6 @@ impl Room {
             PresenceRead::Resync => Vec::new(),
             PresenceRead::Check => {
                 let missing: HashSet<String> = missing.cloned().collect();
-                self.unlisted.retain(|id| missing.contains(id));
                 let gone = self.unlisted.intersection(&missing).cloned().collect();
                 self.unlisted = missing;
                 gone
@@ -774,20 +774,20 @@ impl Room {
             self.unlisted.remove(&id);
             self.remote_left(&id, "left");
         }
+        if read == PresenceRead::Check {
+            return;
+        }
         for (id, p) in fresh {
             if !self.remote.contains_key(&id) {
                 self.broadcast(&ServerMsg::PeerJoined { peer: view(&p) }, &id);
             }
             self.remote.insert(id, p);
         }
-        if read != PresenceRead::Check {
-            // After a Redis restart the table may be empty: put our own peers back. (The
-            // periodic check comes with the refresh, which puts them anyway.)
-            for l in self.local.values() {
-                self.bus(BusOp::Put(l.info.clone()));
-            }
-            self.last_presence = Instant::now();
+        // After a Redis restart the table may be empty: put our own peers back.
+        for l in self.local.values() {
+            self.bus(BusOp::Put(l.info.clone()));
         }
+        self.last_presence = Instant::now();
     }
 
     fn handle_bus(&mut self, env: Envelope) -> bool {
