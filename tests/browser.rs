@@ -120,6 +120,15 @@ async fn two_in(url: &str, name: &str, protocol: &str) -> (Browser, Page, Page) 
     for page in [&a, &b] {
         let via = connected_via_relay(&mut browser, page).await;
         assert_eq!(via, format!("relay-{protocol}"), "{name}");
+        // Of the pair, the side with the smaller peer id offered, whoever came first.
+        let role = browser
+            .eval(
+                page,
+                "(() => { const c = window.__turnpikeCall; const [p] = [...c._peers.values()];
+                   return p.offerer === (c.peerId < p.id); })()",
+            )
+            .await;
+        assert_eq!(role, json!(true), "{name}: the offerer is the smaller id");
     }
     (browser, a, b)
 }
@@ -557,4 +566,39 @@ async fn a_page_back_after_the_resume_window_is_refused_once_and_ends_disconnect
         browser.eval(&a, "window.__call._reconnect").await,
         json!(null)
     );
+}
+
+/// A signaling socket that goes deaf (a dead path the browser does not notice) is given up
+/// after two ping intervals without a word, and the page reconnects and resumes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_signaling_socket_that_hears_nothing_for_two_ping_intervals_is_replaced() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve_with(
+        "deaf",
+        &["udp://127.0.0.1:0"],
+        "[signal]\nping-interval = \"1s\"\n",
+    );
+    let (url, _, _) = call_with_key(&node, 2);
+    let (mut browser, a, _b) = two_in(&url, "deaf", "udp").await;
+    browser
+        .eval(
+            &a,
+            "window.__reconnecting = []; window.__reconnected = null;
+             window.__turnpikeCall.on('reconnecting', d => window.__reconnecting.push(d));
+             window.__turnpikeCall.on('reconnected', d => { window.__reconnected = d; });
+             window.__turnpikeCall._ws.onmessage = null; true",
+        )
+        .await;
+    let back = browser
+        .wait_for(
+            &a,
+            "window.__reconnected",
+            "A gave up the deaf socket and resumed",
+            EXPLAIN,
+        )
+        .await;
+    assert_eq!(back["resumed"], json!(true), "{back}");
+    let tries = browser.eval(&a, "window.__reconnecting").await;
+    assert_eq!(tries[0]["reason"], json!("timeout"), "{tries}");
+    connected_via_relay(&mut browser, &a).await;
 }

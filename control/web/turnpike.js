@@ -238,6 +238,7 @@ class Call extends EventTarget {
       } catch (_) {
         return;
       }
+      this._heardAt = performance.now();
       if (!welcomed) {
         if (msg.type === "welcome") {
           welcomed = true;
@@ -377,10 +378,32 @@ class Call extends EventTarget {
     this._send({ type: "media", ...this._media });
   }
 
+  /**
+   * Pings every `ping_interval_ms`, and gives up on a socket that has heard nothing for two
+   * intervals (every ping is answered): a dead path (a NAT that forgot the connection, a
+   * captive network) may not close the socket for minutes, while the server already counts
+   * the silence against the resume window.
+   */
   _startPing(welcome) {
     clearInterval(this._pingTimer);
     const interval = finite(welcome.ping_interval_ms) || DEFAULT_PING_MS;
-    this._pingTimer = setInterval(() => this._send({ type: "ping" }), interval);
+    this._heardAt = performance.now();
+    this._pingTimer = setInterval(() => {
+      const ws = this._ws;
+      if (performance.now() - this._heardAt > 2 * interval + interval / 2) {
+        clearInterval(this._pingTimer);
+        this._pingTimer = null;
+        this._ws = null;
+        try {
+          ws.close(4008, "timeout");
+        } catch (_) {
+          // closing anyway
+        }
+        this._onSocketClosed({ code: 4008 });
+        return;
+      }
+      this._send({ type: "ping" });
+    }, interval);
   }
 
   _applyIceServers(iceServers, expiresAt) {
@@ -399,18 +422,14 @@ class Call extends EventTarget {
     const backlog = this._backlog || [];
     this._backlog = null;
     if (this._ended) return;
-    // The newcomer offers to everyone already there; those wait for its offer (no glare).
-    for (const info of welcome.peers || []) {
-      const peer = this._addPeer(info);
-      this._negotiate(peer);
-    }
+    for (const info of welcome.peers || []) this._meet(info);
     for (const msg of backlog) this._onMessage(msg);
   }
 
   _onMessage(msg) {
     switch (msg.type) {
       case "peer_joined":
-        if (msg.peer) this._addPeer(msg.peer);
+        if (msg.peer) this._meet(msg.peer);
         break;
       case "peer_left":
         this._removePeer(msg.peer_id, msg.reason);
@@ -449,6 +468,19 @@ class Call extends EventTarget {
         // pong and anything newer: nothing to do.
         break;
     }
+  }
+
+  /**
+   * A peer of the call, from `welcome` or `peer_joined`. Of each pair the side with the smaller
+   * peer id offers, however each learned of the other: with several signaling nodes two peers
+   * joining at once can both learn of the other by `peer_joined`, and a rule by arrival would
+   * leave both waiting. One offerer per pair, so offers never cross. A peer known already sent
+   * its offer first: it is the offerer.
+   */
+  _meet(info) {
+    const known = this._peers.has(info.peer_id);
+    const peer = this._addPeer(info);
+    if (!known && this.peerId < peer.id) this._negotiate(peer);
   }
 
   _addPeer(info) {
