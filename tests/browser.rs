@@ -602,3 +602,55 @@ async fn a_signaling_socket_that_hears_nothing_for_two_ping_intervals_is_replace
     assert_eq!(tries[0]["reason"], json!("timeout"), "{tries}");
     connected_via_relay(&mut browser, &a).await;
 }
+
+/// While a page's signaling is away, one peer leaves and another joins: nothing of that reaches
+/// the page. When it resumes, it drops the peer who left and connects to the newcomer, from
+/// the welcome's list of who is there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_resumed_page_catches_up_with_who_left_and_who_joined_while_it_was_away() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve("catch-up", &["udp://127.0.0.1:0"]);
+    let (url, _, _) = call_with_key(&node, 3);
+    let (mut browser, a, b) = two_in(&url, "catch-up", "udp").await;
+    let idb = browser.eval(&b, "window.__turnpikeCall.peerId").await;
+    let idb = idb.as_str().unwrap().to_owned();
+    browser.eval(&a, GATE_RECONNECTS).await;
+    let closed = r#"turnpike_signal_disconnects_total{reason="closed"}"#;
+    let closed_before = node.metric(closed);
+    browser
+        .eval(&a, "window.__turnpikeCall._ws.close(); true")
+        .await;
+    node.wait_metric(closed, closed_before + 1.0).await;
+    // B leaves and C joins meanwhile.
+    browser
+        .eval(&b, "document.querySelector('#leave').click(); true")
+        .await;
+    node.wait_metric(r#"turnpike_signal_disconnects_total{reason="leave"}"#, 1.0)
+        .await;
+    let c = browser
+        .open(&format!("{url}?relay=1&autojoin=1&name=Cy"))
+        .await;
+    browser
+        .wait_for(
+            &c,
+            "document.querySelector('#call').dataset.status === 'joined'",
+            "C joined",
+            EXPLAIN,
+        )
+        .await;
+    let idc = browser.eval(&c, "window.__turnpikeCall.peerId").await;
+    let idc = idc.as_str().unwrap().to_owned();
+    // A comes back.
+    browser.eval(&a, "window.__go = true; true").await;
+    let b_gone = format!("!document.querySelector('.peer-tile[data-peer-id=\"{idb}\"]')");
+    browser
+        .wait_for(&a, &b_gone, "A dropped B's tile", EXPLAIN)
+        .await;
+    let c_connected = format!(
+        "(() => {{ const t = document.querySelector('.peer-tile[data-peer-id=\"{idc}\"]'); return !!t && t.dataset.state === 'connected'; }})()"
+    );
+    browser
+        .wait_for(&a, &c_connected, "A connected to C", EXPLAIN)
+        .await;
+    assert_eq!(browser.eval(&a, "window.__tries").await, json!(1));
+}

@@ -10,8 +10,10 @@
 const STATS_INTERVAL_MS = 5000;
 const DEFAULT_PING_MS = 15000;
 const PROTOCOL = 1;
-/** Repeats of an unanswered offer, and the wait before each. */
-const OFFER_RETRIES = 3;
+/**
+ * The wait before each repeat of an unanswered offer. It is repeated for a resume window and
+ * one more try: an answerer whose signaling is away gets it when it is back.
+ */
 const OFFER_RETRY_MS = 8000;
 /**
  * Reconnecting a dropped signaling socket: the first try after RECONNECT_FIRST_MS, each next
@@ -95,6 +97,7 @@ class Call extends EventTarget {
     // that a reconnect after the join's token expired can still resume.
     this._token = joined.signal_token;
     this._resumeWindowMs = finite(opts.resumeWindowMs) ?? DEFAULT_RESUME_WINDOW_MS;
+    this._offerRetries = Math.ceil(Math.max(this._resumeWindowMs, 0) / OFFER_RETRY_MS) + 1;
     this._autoReconnect = opts.reconnect !== false;
     /** While reconnecting: `{deadline, attempt, timer, reason}`. */
     this._reconnect = null;
@@ -349,8 +352,27 @@ class Call extends EventTarget {
     this._startPing(msg);
     this._send({ type: "media", ...this._media });
     if (msg.resumed) {
-      // The others saw nothing: the peer connections go on. Offers or answers sent to us
-      // while away were lost; repeat ours where a pair is still waiting.
+      // The others saw nothing: the peer connections go on. What happened while away was not
+      // sent to us: peers who left are dropped, newcomers met, media states taken from the
+      // welcome's list.
+      const present = new Map((msg.peers || []).map((p) => [p.peer_id, p]));
+      for (const id of [...this._peers.keys()]) {
+        if (!present.has(id)) this._removePeer(id, "left");
+      }
+      for (const info of present.values()) {
+        const peer = this._peers.get(info.peer_id);
+        if (!peer) {
+          this._meet(info);
+        } else if (info.media) {
+          const media = { audio: !!info.media.audio, video: !!info.media.video, screen: !!info.media.screen };
+          if (JSON.stringify(media) !== JSON.stringify(peer.media)) {
+            peer.media = media;
+            this._emit("media", { peerId: peer.id, ...media });
+          }
+        }
+      }
+      // Offers or answers sent to us while away were lost; repeat ours where a pair is still
+      // waiting.
       for (const peer of this._peers.values()) {
         if (!peer.offerer) continue;
         const pc = peer.pc;
@@ -580,7 +602,7 @@ class Call extends EventTarget {
    * answerer takes a repeated offer like any other, so this cannot cross with anything.
    */
   _awaitAnswer(peer, tries) {
-    if (tries >= OFFER_RETRIES) return;
+    if (tries >= this._offerRetries) return;
     setTimeout(() => {
       if (this._ended || this._peers.get(peer.id) !== peer) return;
       const pc = peer.pc;
