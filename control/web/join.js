@@ -33,6 +33,7 @@ const ENDED = {
   expired: "The call has expired.",
   kicked: MESSAGES.kicked,
   replaced: MESSAGES.replaced,
+  unauthorized: MESSAGES.unauthorized,
   call_ended: "The call has ended.",
   disconnected: "Lost the connection to the call.",
   timeout: "Lost the connection to the call.",
