@@ -17,7 +17,7 @@
 //! # external-ip, relay-ports, allow-peers, deny-peers, user-quota,
 //! # total-quota, max-permissions, max-lifetime, nonce-lifetime, threads,
 //! # grace-period, max-connections-per-ip, handshake-timeout, idle-timeout,
-//! # max-frame, stream-queue: optional, see examples/turnpike.toml
+//! # max-frame, stream-queue, write-timeout: optional, see examples/turnpike.toml
 //!
 //! [relay.tls]                           # required by a tls:// listener
 //! cert-file = "/etc/turnpike/fullchain.pem"
@@ -296,6 +296,11 @@ pub struct Relay {
     /// 256: rides out a scheduling hiccup (about a quarter second of a video
     /// call) while bounding what a stuck connection holds. 1 to 65536.
     pub stream_queue: usize,
+    /// Longest one write to a TCP/TLS client may take; a client that reads
+    /// nothing for that long is closed (`slow_reader`), freeing what is
+    /// queued for it. Default 10s: far beyond a live client's stall, short
+    /// enough that a client that stopped reading cannot hold memory. 1s to 5m.
+    pub write_timeout: Duration,
     /// `[relay.tls]`: the certificate for TLS on stream listeners; required
     /// by a `tls://` listener. Default: none.
     pub tls: Option<Tls>,

@@ -109,6 +109,7 @@ pub const SCHEMA: &[Key] = &[
     key("relay", "idle-timeout", ValueKind::Duration),
     key("relay", "max-frame", ValueKind::Integer),
     key("relay", "stream-queue", ValueKind::Integer),
+    key("relay", "write-timeout", ValueKind::Duration),
     key("relay.tls", "cert-file", ValueKind::String),
     key("relay.tls", "key-file", ValueKind::String),
     key("control", "listen", ValueKind::String),

@@ -84,6 +84,11 @@ const MAX_MAX_FRAME: u32 = DEFAULT_MAX_FRAME;
 /// scheduling hiccup, while a stuck connection holds at most 256 frames
 /// (16 MiB at the largest frame, usually far less) per direction.
 const DEFAULT_STREAM_QUEUE: u32 = 256;
+/// A write to a TCP/TLS client may take this long: a client that reads nothing for that long
+/// (its receive window and our send buffer full) is closed rather than left holding its queue.
+const DEFAULT_STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(10);
+const MIN_STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(1);
+const MAX_STREAM_WRITE_TIMEOUT: Duration = Duration::from_secs(300);
 const MAX_STREAM_QUEUE: u32 = 65_536;
 /// Loopback, because the admin endpoint has no authentication.
 const DEFAULT_ADMIN_LISTEN: SocketAddr = SocketAddr::new(IpAddr::V4(Ipv4Addr::LOCALHOST), 9641);
@@ -357,6 +362,11 @@ fn read_relay(
     let idle_timeout = r.duration("idle-timeout", MIN_IDLE_TIMEOUT, MAX_IDLE_TIMEOUT);
     let max_frame = r.integer("max-frame", MIN_MAX_FRAME, MAX_MAX_FRAME);
     let stream_queue = r.integer("stream-queue", 1, MAX_STREAM_QUEUE);
+    let write_timeout = r.duration(
+        "write-timeout",
+        MIN_STREAM_WRITE_TIMEOUT,
+        MAX_STREAM_WRITE_TIMEOUT,
+    );
 
     let tls = r.table("tls").and_then(|table| match table {
         Some(table) => read_tls(&mut Reader::new("relay.tls", table, r.errs())).map(Some),
@@ -464,6 +474,7 @@ fn read_relay(
         idle_timeout: idle_timeout?.unwrap_or(DEFAULT_IDLE_TIMEOUT),
         max_frame: max_frame?.unwrap_or(DEFAULT_MAX_FRAME) as usize,
         stream_queue: stream_queue?.unwrap_or(DEFAULT_STREAM_QUEUE) as usize,
+        write_timeout: write_timeout?.unwrap_or(DEFAULT_STREAM_WRITE_TIMEOUT),
         tls: tls?,
     })
 }

@@ -376,6 +376,7 @@ fn a_minimal_file_gets_the_documented_defaults() {
     assert_eq!(r.max_frame, 20 + 65532);
     assert!(r.max_frame >= 4 + 65535);
     assert_eq!(r.stream_queue, 256);
+    assert_eq!(r.write_timeout, Duration::from_secs(10));
     assert_eq!(r.tls, None);
     assert_eq!(c.admin.listen, addr("127.0.0.1:9641"));
     assert_eq!(c.log.level, "info");
@@ -1123,7 +1124,7 @@ fn external_ip_needs_a_relay_ip_of_its_family() {
 #[test]
 fn stream_keys_take_values_in_range() {
     let c = ok(&with_relay(
-        "max-connections-per-ip = 100000\nhandshake-timeout = \"1s\"\nidle-timeout = \"1h\"\nmax-frame = 548\nstream-queue = 65536",
+        "max-connections-per-ip = 100000\nhandshake-timeout = \"1s\"\nidle-timeout = \"1h\"\nmax-frame = 548\nstream-queue = 65536\nwrite-timeout = \"1s\"",
     ));
     let r = &c.relay;
     assert_eq!(r.max_connections_per_ip, 100_000);
@@ -1131,9 +1132,10 @@ fn stream_keys_take_values_in_range() {
     assert_eq!(r.idle_timeout, Duration::from_secs(3600));
     assert_eq!(r.max_frame, 548);
     assert_eq!(r.stream_queue, 65536);
+    assert_eq!(r.write_timeout, Duration::from_secs(1));
 
     let c = ok(&with_relay(
-        "max-connections-per-ip = 1\nhandshake-timeout = \"5m\"\nidle-timeout = \"5s\"\nmax-frame = 65552\nstream-queue = 1",
+        "max-connections-per-ip = 1\nhandshake-timeout = \"5m\"\nidle-timeout = \"5s\"\nmax-frame = 65552\nstream-queue = 1\nwrite-timeout = \"5m\"",
     ));
     let r = &c.relay;
     assert_eq!(r.max_connections_per_ip, 1);
@@ -1141,6 +1143,7 @@ fn stream_keys_take_values_in_range() {
     assert_eq!(r.idle_timeout, Duration::from_secs(5));
     assert_eq!(r.max_frame, 65552);
     assert_eq!(r.stream_queue, 1);
+    assert_eq!(r.write_timeout, Duration::from_secs(300));
 }
 
 #[test]
@@ -1195,6 +1198,16 @@ fn stream_keys_reject_values_out_of_range() {
             "stream-queue = 65537",
             "relay.stream-queue",
             "must be at most 65536, got 65537",
+        ),
+        (
+            "write-timeout = \"500ms\"",
+            "relay.write-timeout",
+            "must be at least 1s, got \"500ms\"",
+        ),
+        (
+            "write-timeout = \"6m\"",
+            "relay.write-timeout",
+            "must be at most 5m, got \"6m\"",
         ),
     ];
     for (line, path, message) in cases {
@@ -1518,7 +1531,7 @@ fn env_var_names_follow_the_rule_and_are_unique() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), names.len());
-    assert_eq!(SCHEMA.len(), 52);
+    assert_eq!(SCHEMA.len(), 53);
     let lists: Vec<String> = SCHEMA
         .iter()
         .filter(|k| k.kind == ValueKind::List)

@@ -135,6 +135,8 @@ label_enum! {
         TlsUnavailable => "tls_unavailable",
         /// The TLS handshake failed (old protocol version, no common cipher, wrong ALPN).
         TlsHandshakeFailed => "tls_handshake_failed",
+        /// A write did not complete within `write-timeout`: the client stopped reading.
+        SlowReader => "slow_reader",
         /// A read or write failed.
         IoError => "io_error",
         /// The relay shut down.
@@ -377,6 +379,7 @@ impl RelayServer {
                 idle_timeout: cfg.idle_timeout,
                 max_frame: cfg.max_frame,
                 queue: cfg.stream_queue,
+                write_timeout: cfg.write_timeout,
             },
             tls.clone(),
         );

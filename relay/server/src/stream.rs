@@ -42,6 +42,7 @@ pub(crate) struct StreamLimits {
     pub(crate) idle_timeout: Duration,
     pub(crate) max_frame: usize,
     pub(crate) queue: usize,
+    pub(crate) write_timeout: Duration,
 }
 
 /// What every shard's stream side shares: limits, TLS, and the per-source connection counts.
@@ -221,13 +222,17 @@ where
                     Err(_) => break,
                 }
             }
-            // TLS keeps records in its own buffer until flushed: flush every batch.
-            let written = match wr.write_all(&batch).await {
-                Ok(()) => wr.flush().await,
-                Err(e) => Err(e),
+            // TLS keeps records in its own buffer until flushed: flush every batch. A client
+            // that reads nothing (its window and our send buffer full) would hold its queue
+            // forever: past the write timeout it is closed.
+            let write = async {
+                wr.write_all(&batch).await?;
+                wr.flush().await
             };
-            if let Err(e) = written {
-                return closed_by(&e);
+            match tokio::time::timeout(shared.limits.write_timeout, write).await {
+                Ok(Ok(())) => {}
+                Ok(Err(e)) => return closed_by(&e),
+                Err(_) => return StreamClose::SlowReader,
             }
         }
         // The shard dropped our queue: it is shutting down.

@@ -896,3 +896,44 @@ async fn a_thousand_tcp_allocations_dropped_with_their_connections_leave_no_port
     );
     relay.shutdown().await;
 }
+
+#[tokio::test]
+async fn a_tcp_client_that_stops_reading_is_closed_after_the_write_timeout() {
+    let relay = start(&["tcp://127.0.0.1:0"], "write-timeout = \"1s\"", None).await;
+    let addr = stream_addr(&relay, conf::Transport::Tcp);
+    // A allocates over TCP and then never reads again.
+    let mut a = TurnConn::new(tcp(addr).await, "deaf");
+    let a_relayed = a.allocate().await;
+    // B, over UDP, sends it large datagrams through the relay.
+    let mut b = common::RawClient::new(relay.addr, "talker").await;
+    let r = b
+        .request(
+            method::ALLOCATE,
+            &[(attr::REQUESTED_TRANSPORT, common::UDP.to_vec())],
+        )
+        .await;
+    assert_eq!(r.code, None);
+    let b_relayed = r.addresses(attr::XOR_RELAYED_ADDRESS)[0];
+    let (code, _) = a
+        .request(method::CREATE_PERMISSION, |e| {
+            e.xor_address(attr::XOR_PEER_ADDRESS, b_relayed);
+        })
+        .await;
+    assert_eq!(code, None);
+    b.permit(a_relayed).await;
+    let big = vec![0x5a; 60_000];
+    let slow = closed("slow_reader");
+    let deadline = Instant::now() + WAIT;
+    // Its receive window and our send buffer fill (megabytes on loopback), the writer waits,
+    // and a second later the connection is closed.
+    while relay.metric(&slow) < 1.0 {
+        assert!(Instant::now() < deadline, "never closed as a slow reader");
+        for _ in 0..20 {
+            b.send(a_relayed, &big).await;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(relay.metric(&closed("client_closed")), 0.0);
+    drop(a);
+    relay.shutdown().await;
+}
