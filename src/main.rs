@@ -242,26 +242,51 @@ fn print_generated(config: &conf::Config) {
     }
 }
 
-/// Reloads the TLS certificate and key on every SIGHUP; existing connections keep their session.
-pub(crate) async fn reload_tls_on_sighup(tls: relay_server::TlsHandle) {
+/// SIGHUP, taken at startup on every command, before anything is announced: its default action
+/// ends the process, and a fleet-wide "reload your certificates" HUP must not stop nodes without
+/// TLS. The relay's TLS certificate and key are reloaded on each (existing connections keep
+/// their session); without TLS the signal is only logged.
+pub(crate) struct Sighup {
     #[cfg(unix)]
-    {
-        use tokio::signal::unix::{signal, SignalKind};
-        let Ok(mut hup) = signal(SignalKind::hangup()) else {
-            tracing::warn!("cannot listen for SIGHUP: TLS certificates will not be reloaded");
-            return;
-        };
-        while hup.recv().await.is_some() {
-            match tls.reload() {
-                Ok(()) => tracing::info!("TLS certificate reloaded"),
-                Err(e) => {
-                    tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
+    signal: Option<tokio::signal::unix::Signal>,
+}
+
+impl Sighup {
+    /// Takes SIGHUP over from its default action (needs the runtime).
+    pub(crate) fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            let signal = signal(SignalKind::hangup())
+                .inspect_err(|e| tracing::warn!(error = %e, "cannot listen for SIGHUP"))
+                .ok();
+            Self { signal }
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Handles every SIGHUP from now on: reloads `tls` when there is one.
+    pub(crate) async fn serve(self, tls: Option<relay_server::TlsHandle>) {
+        #[cfg(unix)]
+        {
+            let Some(mut hup) = self.signal else { return };
+            while hup.recv().await.is_some() {
+                let Some(tls) = &tls else {
+                    tracing::info!("SIGHUP: no TLS certificate to reload");
+                    continue;
+                };
+                match tls.reload() {
+                    Ok(()) => tracing::info!("TLS certificate reloaded"),
+                    Err(e) => {
+                        tracing::error!(error = %e, "TLS reload failed; keeping the old certificate")
+                    }
                 }
             }
         }
+        #[cfg(not(unix))]
+        drop((self, tls));
     }
-    #[cfg(not(unix))]
-    drop(tls);
 }
 
 /// Completes on SIGTERM or Ctrl-C.

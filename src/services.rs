@@ -105,6 +105,7 @@ pub(crate) async fn run(
     which: Which,
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> anyhow::Result<()> {
+    let hup = crate::Sighup::listen();
     let (stop_tx, stop_rx) = watch::channel(false);
     tokio::spawn(async move {
         shutdown.await;
@@ -132,14 +133,12 @@ pub(crate) async fn run(
             // `l` prints as "udp://…", "tcp://…" or "tls://…".
             println!("turnpike: relay listening on {l}");
         }
-        if let Some(tls) = relay.tls() {
-            tokio::spawn(crate::reload_tls_on_sighup(tls));
-        }
         ready.push(relay.readiness());
         Some(relay)
     } else {
         None
     };
+    tokio::spawn(hup.serve(relay.as_ref().and_then(|r| r.tls())));
 
     // With Redis, the nodes meet on it: signaling rooms, and revocations for every relay.
     let bus = open_bus(&config)?;
