@@ -55,7 +55,7 @@ use rand::RngCore as _;
 use relay_proto::{label_enum, Family, PeerPolicy, PerFamily, Quotas};
 use socket2::{Domain, Protocol, Socket, Type};
 use tokio::sync::{mpsc, watch};
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 pub use metrics::RelayMetrics;
 pub use tls::{TlsError, TlsHandle, ALPN_STUN_TURN};
@@ -266,6 +266,15 @@ pub enum StartError {
     /// A shard thread could not be started.
     #[error("cannot start a shard thread: {0}")]
     Thread(std::io::Error),
+    /// A shard failed or panicked: the relay stopped (the others drained), so the process
+    /// should exit and be restarted rather than run on without it.
+    #[error("relay shard {shard} stopped: {cause}")]
+    Shard {
+        /// Which shard.
+        shard: usize,
+        /// Its error, or that it panicked.
+        cause: String,
+    },
 }
 
 /// A bound, not yet running relay.
@@ -464,9 +473,21 @@ impl RelayServer {
         self.revoker.clone()
     }
     /// Runs the shards until `shutdown` completes, then drains for up to the grace period.
+    /// A shard that fails or panics stops the relay the same way, and `run` then returns
+    /// [`StartError::Shard`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
+        self.run_shards(shutdown, shard::run).await
+    }
+
+    async fn run_shards(
+        self,
+        shutdown: impl Future<Output = ()>,
+        shard_main: fn(usize, shard::ShardSetup, watch::Receiver<Phase>) -> std::io::Result<()>,
+    ) -> Result<(), StartError> {
         let (tx, rx) = watch::channel(Phase::Running);
-        let (done_tx, mut done_rx) = tokio::sync::mpsc::channel::<()>(self.shards.len().max(1));
+        // Each shard reports once, when it ends: its failure, if any.
+        let (done_tx, mut done_rx) =
+            tokio::sync::mpsc::channel::<(usize, Option<String>)>(self.shards.len().max(1));
         let mut handles = Vec::new();
         for (i, setup) in self.shards.into_iter().enumerate() {
             let rx = rx.clone();
@@ -474,11 +495,17 @@ impl RelayServer {
             let h = std::thread::Builder::new()
                 .name(format!("relay-shard-{i}"))
                 .spawn(move || {
-                    if let Err(e) = shard::run(i, setup, rx) {
-                        warn!(shard = i, error = %e, "shard failed");
+                    let run = std::panic::AssertUnwindSafe(|| shard_main(i, setup, rx));
+                    let failure = match std::panic::catch_unwind(run) {
+                        Ok(Ok(())) => None,
+                        Ok(Err(e)) => Some(e.to_string()),
+                        Err(_) => Some("panicked".to_owned()),
+                    };
+                    if let Some(cause) = &failure {
+                        error!(shard = i, cause = %cause, "relay shard failed");
                     }
                     // The receiver may be gone when the whole server is being torn down.
-                    let _ = done.try_send(());
+                    let _ = done.try_send((i, failure));
                 })
                 .map_err(StartError::Thread)?;
             handles.push(h);
@@ -487,9 +514,14 @@ impl RelayServer {
         self.ready.store(true, Ordering::Relaxed);
         let total = handles.len();
         let mut finished = 0;
+        let mut failed: Option<(usize, String)> = None;
         tokio::select! {
             _ = shutdown => {}
-            _ = done_rx.recv() => { finished += 1; }
+            Some((i, failure)) = done_rx.recv() => {
+                // A shard never ends on its own while the relay runs.
+                finished += 1;
+                failed = Some((i, failure.unwrap_or_else(|| "ended while running".to_owned())));
+            }
         }
         self.ready.store(false, Ordering::Relaxed);
         info!(grace = ?self.grace, "relay draining: no new allocations");
@@ -499,7 +531,12 @@ impl RelayServer {
         while finished < total {
             tokio::select! {
                 r = done_rx.recv() => match r {
-                    Some(()) => finished += 1,
+                    Some((i, failure)) => {
+                        finished += 1;
+                        if let (None, Some(cause)) = (&failed, failure) {
+                            failed = Some((i, cause));
+                        }
+                    }
                     None => break,
                 },
                 _ = tokio::time::sleep_until(deadline) => {
@@ -511,10 +548,14 @@ impl RelayServer {
         }
         for h in handles {
             // Join off the async runtime: a shard finishing its last flush takes microseconds.
+            // (A shard's panic was caught in its thread.)
             let _ = tokio::task::spawn_blocking(move || h.join()).await;
         }
         info!("relay stopped");
-        Ok(())
+        match failed {
+            Some((shard, cause)) => Err(StartError::Shard { shard, cause }),
+            None => Ok(()),
+        }
     }
 }
 
@@ -573,4 +614,66 @@ fn own_addresses(
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn two_shards() -> RelayServer {
+        let cfg = conf::parse(
+            r#"
+[relay]
+realm = "example.org"
+listen = ["udp://127.0.0.1:0"]
+relay-ip = "127.0.0.1"
+secrets = ["unit-test-secret-0123456789"]
+threads = 2
+grace-period = "0s"
+"#,
+            &[],
+        )
+        .unwrap();
+        RelayServer::bind(&cfg.relay, None, &prometheus::Registry::new()).unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_shard_that_panics_stops_the_relay_with_an_error() {
+        let relay = two_shards();
+        let ready = relay.readiness();
+        let r = relay
+            .run_shards(std::future::pending(), |i, setup, phase| {
+                if i == 1 {
+                    panic!("a bug in shard 1");
+                }
+                shard::run(i, setup, phase)
+            })
+            .await;
+        match r {
+            Err(StartError::Shard { shard: 1, cause }) => assert_eq!(cause, "panicked"),
+            other => panic!("{other:?}"),
+        }
+        assert!(
+            !ready.load(Ordering::Relaxed),
+            "not ready once a shard is gone"
+        );
+    }
+
+    #[tokio::test]
+    async fn a_shard_that_fails_stops_the_relay_with_its_error() {
+        let relay = two_shards();
+        let r = relay
+            .run_shards(std::future::pending(), |i, setup, phase| {
+                if i == 0 {
+                    return Err(std::io::Error::other("no runtime"));
+                }
+                shard::run(i, setup, phase)
+            })
+            .await;
+        match r {
+            Err(StartError::Shard { shard: 0, cause }) => assert_eq!(cause, "no runtime"),
+            other => panic!("{other:?}"),
+        }
+    }
 }
