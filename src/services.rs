@@ -277,18 +277,37 @@ pub(crate) async fn run(
     }
 
     println!("turnpike: admin listening on http://{admin_addr}");
+    // Not ready from the moment the stop begins, whatever else says (a load balancer takes the
+    // node out while it drains).
+    let up = Arc::new(AtomicBool::new(true));
+    ready.push(Arc::clone(&up));
     let state = relay_server::admin::AdminState { registry, ready };
-    let stop = stopped();
+    // The admin listener outlives the relay's drain: `/ready` answers 503 and `/metrics` stays
+    // scrapable (the drain's last counters included) until the relay has stopped.
+    let (admin_stop_tx, admin_stop) = watch::channel(false);
     tasks.spawn(async move {
+        let mut admin_stop = admin_stop;
+        let stop = async move {
+            let _ = admin_stop.wait_for(|s| *s).await;
+        };
         relay_server::admin::serve(admin, state, stop)
             .await
             .context("admin listener")
     });
-    if let Some(relay) = relay {
-        relay.run(stopped()).await?;
-    } else {
-        stopped().await;
-    }
+    let stopping = stopped();
+    let stop = async move {
+        stopping.await;
+        up.store(false, Ordering::Relaxed);
+    };
+    let relay_result = match relay {
+        Some(relay) => relay.run(stop).await,
+        None => {
+            stop.await;
+            Ok(())
+        }
+    };
+    let _ = admin_stop_tx.send(true);
+    relay_result?;
     while let Some(r) = tasks.join_next().await {
         r.context("a service task panicked")??;
     }

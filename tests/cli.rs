@@ -8,7 +8,10 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::sync::mpsc;
-use std::time::{Duration, Instant};
+use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
+
+#[path = "common/turn.rs"]
+mod turn;
 
 const BIN: &str = env!("CARGO_BIN_EXE_turnpike");
 const SECRET: &str = "cli-test-secret-0123456789";
@@ -108,8 +111,14 @@ impl Relay {
 
     /// GET a path on the admin listener with plain std (no HTTP client dependency).
     fn get(&self, path: &str) -> (u16, String) {
+        self.try_get(path)
+            .unwrap_or_else(|e| panic!("admin {path}: {e}"))
+    }
+
+    /// [`Relay::get`], or why the connection failed.
+    fn try_get(&self, path: &str) -> std::io::Result<(u16, String)> {
         use std::io::{Read, Write};
-        let mut s = std::net::TcpStream::connect(self.admin).unwrap();
+        let mut s = std::net::TcpStream::connect(self.admin)?;
         s.set_read_timeout(Some(WAIT)).unwrap();
         write!(
             s,
@@ -117,14 +126,14 @@ impl Relay {
         )
         .unwrap();
         let mut resp = String::new();
-        s.read_to_string(&mut resp).unwrap();
+        s.read_to_string(&mut resp)?;
         let status = resp[9..12].parse().unwrap();
         let body = resp
             .split_once("\r\n\r\n")
             .map(|x| x.1)
             .unwrap_or("")
             .to_owned();
-        (status, body)
+        Ok((status, body))
     }
 
     fn metric(&self, series: &str) -> f64 {
@@ -335,6 +344,45 @@ fn exit_after(mut relay: Relay, signals: &[&str]) -> std::process::ExitStatus {
 fn sigterm_drains_then_exits() {
     let relay = Relay::start(&relay_config("sigterm", "grace-period = \"2s\"\n"));
     let status = exit_after(relay, &["-TERM"]);
+    assert!(status.success(), "{status}");
+}
+
+#[test]
+fn while_draining_ready_answers_503_and_metrics_stay_up() {
+    let relay = Relay::start(&relay_config("drain-ready", "grace-period = \"3s\"\n"));
+    // An allocation keeps the relay draining for its grace period.
+    let expiry = SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .unwrap()
+        .as_secs()
+        + 600;
+    let (user, pass) = relay_proto::rest_credentials(SECRET.as_bytes(), "drainer", expiry);
+    assert_eq!(turn::allocate(relay.udp, "example.org", &user, &pass), None);
+    assert_eq!(relay.get("/ready").0, 200);
+    let pid = relay.child.id().to_string();
+    assert!(Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap()
+        .success());
+    // The admin listener is still there while the relay drains, and says not ready.
+    let deadline = Instant::now() + WAIT;
+    loop {
+        match relay.try_get("/ready") {
+            Ok((503, _)) => break,
+            Ok((200, _)) => {}
+            other => panic!("/ready during the drain: {other:?}"),
+        }
+        assert!(Instant::now() < deadline, "never turned not ready");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let (status, metrics) = relay.get("/metrics");
+    assert_eq!(status, 200);
+    assert!(
+        metrics.contains("turnpike_relay_allocations_active"),
+        "{metrics}"
+    );
+    let status = exit_after(relay, &[]);
     assert!(status.success(), "{status}");
 }
 

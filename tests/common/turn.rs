@@ -1,12 +1,14 @@
 //! A one-shot TURN Allocate over UDP, built from `relay-proto`'s codec: enough to check from a
-//! test whether the relay still accepts a set of credentials.
+//! test whether the relay still accepts a set of credentials. Self-contained, so test binaries
+//! without the rest of `common` can include it by path.
 #![allow(dead_code, clippy::unwrap_used)]
 
 use std::net::{SocketAddr, UdpSocket};
 
 use relay_proto::stun::{attr, method, Class, Encoder, Message};
 
-use super::serve::WAIT;
+/// How long to wait for the relay's answer (a loaded CI machine; only a failing test waits).
+const WAIT: std::time::Duration = std::time::Duration::from_secs(20);
 
 /// REQUESTED-TRANSPORT UDP ([RFC 8656 §18.11](https://www.rfc-editor.org/rfc/rfc8656#section-18.11)).
 const UDP: [u8; 4] = [17, 0, 0, 0];
