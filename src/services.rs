@@ -62,6 +62,10 @@ async fn apply_revocations(
     }
 }
 
+/// Longest the process waits at shutdown for its signaling sockets to close: each gets 1001 at
+/// once and its closing handshake is bounded well below this.
+const SIGNAL_DRAIN_LIMIT: Duration = Duration::from_secs(5);
+
 /// Revocations waiting for the relay: they come one per ended call or kick.
 const REVOCATION_QUEUE: usize = 1024;
 
@@ -257,9 +261,12 @@ pub(crate) async fn run(
             events.set(&signal);
             app = app.merge(signal.router());
             let stop = stopped();
-            tokio::spawn(async move {
+            // Joined before the process exits, so every socket gets its 1001.
+            tasks.spawn(async move {
                 stop.await;
                 signal.shutdown();
+                signal.drained(SIGNAL_DRAIN_LIMIT).await;
+                Ok(())
             });
         }
         if which.control {

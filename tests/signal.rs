@@ -384,3 +384,27 @@ async fn a_lost_nodes_peers_are_recorded_left_in_the_call() {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
+
+/// SIGTERM: every signaling socket is closed with 1001 `shutdown` before the process exits, so
+/// clients reconnect at once instead of waiting to notice a dead connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_closes_every_signaling_socket_with_1001_before_exiting() {
+    let mut serve = Serve::with_config(&config("sigterm", "", "15s"));
+    let (_, _, ja, jb) = call_with_two(&serve);
+    let (mut a, _) = connect(serve.control, s(&ja["signal_token"])).await;
+    let (mut b, _) = connect(serve.control, s(&jb["signal_token"])).await;
+    recv_type(&mut a, "peer_joined").await;
+    let pid = serve.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(close_code(&mut a).await, 1001);
+    assert_eq!(close_code(&mut b).await, 1001);
+    let deadline = std::time::Instant::now() + WAIT;
+    while serve.child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}

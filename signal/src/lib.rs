@@ -176,6 +176,23 @@ impl Signal {
         let _ = self.0.stop.send(true);
     }
 
+    /// After [`Signal::shutdown`]: resolves once every socket has ended (its 1001 sent and its
+    /// closing handshake done or timed out), or after `limit`. Upgraded sockets are no longer
+    /// the HTTP server's: without this wait, a process that exits drops them unclosed.
+    pub async fn drained(&self, limit: std::time::Duration) {
+        let deadline = tokio::time::Instant::now() + limit;
+        // Polled: this runs once, at shutdown, and a socket ends within its close timeout.
+        while self
+            .0
+            .connections
+            .load(std::sync::atomic::Ordering::Acquire)
+            > 0
+            && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     /// Rooms on this node (calls with peers connected here, or waiting out their empty
     /// timeout).
     pub fn rooms(&self) -> usize {
