@@ -472,6 +472,53 @@ const GATE_RECONNECTS: &str = "const c = window.__turnpikeCall; window.__call = 
     };
     true";
 
+/// Holds `page`'s reconnect attempts ([`GATE_RECONNECTS`]) and drops its signaling socket;
+/// returns once the node has seen the socket go.
+async fn drop_signaling_held(browser: &mut Browser, node: &Node, page: &Page) {
+    browser.eval(page, GATE_RECONNECTS).await;
+    let closed = r#"turnpike_signal_disconnects_total{reason="closed"}"#;
+    let closed_before = node.metric(closed);
+    browser
+        .eval(page, "window.__turnpikeCall._ws.close(); true")
+        .await;
+    node.wait_metric(closed, closed_before + 1.0).await;
+}
+
+/// Lets `page`'s held reconnect attempt go and expects it refused by signaling for `refused`
+/// (an auth-failure reason), the call ended with `reason`, after one try and none pending.
+async fn let_back_and_expect_end(
+    browser: &mut Browser,
+    node: &Node,
+    page: &Page,
+    refused: &str,
+    reason: &str,
+) {
+    let refused = format!(r#"turnpike_signal_auth_failures_total{{reason="{refused}"}}"#);
+    let refused_before = node.metric(&refused);
+    browser.eval(page, "window.__go = true; true").await;
+    let ended = browser
+        .wait_for(
+            page,
+            "window.__ended",
+            "the reconnecting page ended",
+            EXPLAIN,
+        )
+        .await;
+    assert_eq!(ended["reason"], json!(reason), "{ended}");
+    assert_eq!(
+        browser
+            .eval(page, "document.querySelector('#call').dataset.status")
+            .await,
+        json!("ended")
+    );
+    node.wait_metric(&refused, refused_before + 1.0).await;
+    assert_eq!(browser.eval(page, "window.__tries").await, json!(1));
+    assert_eq!(
+        browser.eval(page, "window.__call._reconnect").await,
+        json!(null)
+    );
+}
+
 /// The call ends while a page's signaling socket is down: the page's next reconnect attempt is
 /// refused with `call_ended`, and the page ends with that reason instead of trying again until
 /// its resume window runs out.
@@ -481,15 +528,9 @@ async fn a_call_ended_while_a_page_reconnects_ends_the_page_with_call_ended() {
     let node = serve("ended-away", &["udp://127.0.0.1:0"]);
     let (url, key, call_id) = call_with_key(&node, 2);
     let (mut browser, a, b) = two_in(&url, "ended-away", "udp").await;
-    // A's attempts wait for `__go`, so the call surely ends before A tries (the first attempt
-    // would otherwise come 500 ms after the drop, racing the request below).
-    browser.eval(&a, GATE_RECONNECTS).await;
-    let closed = r#"turnpike_signal_disconnects_total{reason="closed"}"#;
-    let closed_before = node.metric(closed);
-    browser
-        .eval(&a, "window.__turnpikeCall._ws.close(); true")
-        .await;
-    node.wait_metric(closed, closed_before + 1.0).await;
+    // A's attempts wait until let back, so the call surely ends before A tries (the first
+    // attempt would otherwise come 500 ms after the drop, racing the request below).
+    drop_signaling_held(&mut browser, &node, &a).await;
     let path = format!("/v1/calls/{call_id}/end");
     let (st, body) = raw_http(node.addr("control"), "POST", &path, Some(&key), None);
     assert_eq!(st, 200, "{body}");
@@ -502,26 +543,7 @@ async fn a_call_ended_while_a_page_reconnects_ends_the_page_with_call_ended() {
             EXPLAIN,
         )
         .await;
-    let refused = r#"turnpike_signal_auth_failures_total{reason="call_gone"}"#;
-    let refused_before = node.metric(refused);
-    browser.eval(&a, "window.__go = true; true").await;
-    let ended = browser
-        .wait_for(&a, "window.__ended", "the reconnecting page ended", EXPLAIN)
-        .await;
-    assert_eq!(ended["reason"], json!("call_ended"), "{ended}");
-    assert_eq!(
-        browser
-            .eval(&a, "document.querySelector('#call').dataset.status")
-            .await,
-        json!("ended")
-    );
-    // One try, refused by signaling as a call that is gone, and none pending.
-    node.wait_metric(refused, refused_before + 1.0).await;
-    assert_eq!(browser.eval(&a, "window.__tries").await, json!(1));
-    assert_eq!(
-        browser.eval(&a, "window.__call._reconnect").await,
-        json!(null)
-    );
+    let_back_and_expect_end(&mut browser, &node, &a, "call_gone", "call_ended").await;
 }
 
 /// A page comes back after the server's resume window (2 s here) has run out: its first
@@ -539,10 +561,7 @@ async fn a_page_back_after_the_resume_window_is_refused_once_and_ends_disconnect
     let (mut browser, a, b) = two_in(&url, "too-late", "udp").await;
     let ada = browser.eval(&a, "window.__turnpikeCall.peerId").await;
     let ada = ada.as_str().expect("the page exposes its call").to_owned();
-    browser.eval(&a, GATE_RECONNECTS).await;
-    browser
-        .eval(&a, "window.__turnpikeCall._ws.close(); true")
-        .await;
+    drop_signaling_held(&mut browser, &node, &a).await;
     // The server gives A's seat up after the window: B sees A leave.
     let gone = format!("!document.querySelector('.peer-tile[data-peer-id=\"{ada}\"]')");
     browser
@@ -553,19 +572,7 @@ async fn a_page_back_after_the_resume_window_is_refused_once_and_ends_disconnect
             EXPLAIN,
         )
         .await;
-    let refused = r#"turnpike_signal_auth_failures_total{reason="left"}"#;
-    let refused_before = node.metric(refused);
-    browser.eval(&a, "window.__go = true; true").await;
-    let ended = browser
-        .wait_for(&a, "window.__ended", "the late page ended", EXPLAIN)
-        .await;
-    assert_eq!(ended["reason"], json!("disconnected"), "{ended}");
-    node.wait_metric(refused, refused_before + 1.0).await;
-    assert_eq!(browser.eval(&a, "window.__tries").await, json!(1));
-    assert_eq!(
-        browser.eval(&a, "window.__call._reconnect").await,
-        json!(null)
-    );
+    let_back_and_expect_end(&mut browser, &node, &a, "left", "disconnected").await;
 }
 
 /// A signaling socket that goes deaf (a dead path the browser does not notice) is given up
@@ -614,13 +621,7 @@ async fn a_resumed_page_catches_up_with_who_left_and_who_joined_while_it_was_awa
     let (mut browser, a, b) = two_in(&url, "catch-up", "udp").await;
     let idb = browser.eval(&b, "window.__turnpikeCall.peerId").await;
     let idb = idb.as_str().unwrap().to_owned();
-    browser.eval(&a, GATE_RECONNECTS).await;
-    let closed = r#"turnpike_signal_disconnects_total{reason="closed"}"#;
-    let closed_before = node.metric(closed);
-    browser
-        .eval(&a, "window.__turnpikeCall._ws.close(); true")
-        .await;
-    node.wait_metric(closed, closed_before + 1.0).await;
+    drop_signaling_held(&mut browser, &node, &a).await;
     // B leaves and C joins meanwhile.
     browser
         .eval(&b, "document.querySelector('#leave').click(); true")

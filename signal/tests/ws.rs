@@ -1479,8 +1479,19 @@ async fn a_store_outage_during_auth_is_answered_try_again_and_counted_as_unavail
     assert_eq!(reason("closed"), 0.0);
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_participant_kicked_while_its_first_connection_authenticates_is_refused() {
+/// A call with A connected and B's first connection held inside its `auth`, just before the
+/// store marks B connected (B's token check is done).
+struct HeldAuth {
+    store: std::sync::Arc<harness::gate::GateStore>,
+    node: Node,
+    key: String,
+    call: String,
+    a: Client,
+    b: Client,
+    idb: String,
+}
+
+async fn held_auth() -> HeldAuth {
     let store = harness::gate::GateStore::new();
     let node = Node::start(Options {
         store: store.clone(),
@@ -1488,16 +1499,37 @@ async fn a_participant_kicked_while_its_first_connection_authenticates_is_refuse
     })
     .await;
     let (key, call, code) = node.call(8).await;
-    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let (a, _, _) = enter(&node, &code, "A").await;
     let jb = node.join(&code, "B").await;
     let idb = s(&jb["peer_id"]).to_owned();
-    // B's first `auth` read the participant (not kicked) and is about to mark it connected
-    // when the host kicks it.
     store.arm();
     let mut b = Client::connect(&node.ws_url()).await;
     b.send(json!({"v":1,"type":"auth","token":jb["signal_token"]}))
         .await;
     store.reached().await;
+    HeldAuth {
+        store,
+        node,
+        key,
+        call,
+        a,
+        b,
+        idb,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_participant_kicked_while_its_first_connection_authenticates_is_refused() {
+    let HeldAuth {
+        store,
+        node,
+        key,
+        call,
+        mut a,
+        mut b,
+        idb,
+    } = held_auth().await;
+    // The host kicks B now.
     let path = format!("/v1/calls/{call}/participants/{idb}");
     let (status, _) = node.http("DELETE", &path, Some(&key), None).await;
     assert_eq!(status, 204);
@@ -1511,22 +1543,16 @@ async fn a_participant_kicked_while_its_first_connection_authenticates_is_refuse
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_connection_authenticating_while_the_call_ends_is_told_it_ended_not_left_alone_in_it() {
-    let store = harness::gate::GateStore::new();
-    let node = Node::start(Options {
-        store: store.clone(),
-        ..Options::default()
-    })
-    .await;
-    let (key, call, code) = node.call(8).await;
-    let (mut a, _, _) = enter(&node, &code, "A").await;
-    let jb = node.join(&code, "B").await;
-    // B's first `auth` found the call live and is about to mark itself connected when the host
-    // ends the call (A's room closes).
-    store.arm();
-    let mut b = Client::connect(&node.ws_url()).await;
-    b.send(json!({"v":1,"type":"auth","token":jb["signal_token"]}))
-        .await;
-    store.reached().await;
+    let HeldAuth {
+        store,
+        node,
+        key,
+        call,
+        mut a,
+        mut b,
+        ..
+    } = held_auth().await;
+    // The host ends the call now (A's room closes).
     let (status, _) = node
         .http("POST", &format!("/v1/calls/{call}/end"), Some(&key), None)
         .await;
