@@ -226,7 +226,7 @@ run_load() {
         loss=""
         # p99 at the highest step that stayed under 0.1 % loss
         p99=$(json 'max([s for s in d["steps"] if s["ok"]], key=lambda s: s["rate_target"], default={"latency_us":{"p99":None}})["latency_us"]["p99"]' < "$out")
-        extra=$(json '";".join("%d:%s%s@%s" % (s["rate_target"], round(s["loss_pct"],3), "g" if s.get("generator_limited") else "", round(s["latency_us"]["p99"] or 0)) for s in d["steps"])' < "$out")
+        extra=$(json '";".join("%d(%d):%s%s@%s" % (s["rate_target"], round(s["pps_sent"]), round(s["loss_pct"],3), "g" if s.get("generator_limited") else "", round(s["latency_us"]["p99"] or 0)) for s in d["steps"])' < "$out")
       else msgs=0; lost=NA; loss=NA; limit=timeout; fi
       ;;
   esac
@@ -382,7 +382,7 @@ if common:
 maxrows = [r for r in rows if r[1] == "max"]
 if maxrows:
     print()
-    print("Find-max steps per round (rate:loss%[g]@p99µs, g = generator could not send the target rate):")
+    print("Find-max steps per round (target(sent) msg/s:loss%[g]@p99µs, g = generator sent under 90 % of the target; max msg/s is what was sent at the best passing step):")
     print()
 for r in maxrows:
     print(f"- {r[0]} round {r[2]}: {r[10]}")

@@ -512,7 +512,9 @@ pub struct StepSummary {
 /// The find-max part of a summary.
 #[derive(Debug, Clone, Serialize)]
 pub struct FindMaxSummary {
-    /// Highest rate with less than 0.1 % loss; `null` if even the first step lost more.
+    /// Messages per second actually sent at the highest step with less than 0.1 % loss (at
+    /// most that step's target: a step may pass having sent 90 % of it); `null` if even the
+    /// first step lost more.
     pub max_rate: Option<u64>,
     /// Why the search stopped: `loss` (bracketed and refined), `generator` (this process could
     /// not send faster), `max-steps` or `duration`.
@@ -1097,6 +1099,7 @@ impl Controller {
         };
         let mut rate = f.start as f64;
         let mut good: Option<f64> = None;
+        let mut achieved: Option<f64> = None;
         let mut bad: Option<f64> = None;
         let mut refine = f.refine;
         let mut budget = cfg.duration;
@@ -1117,6 +1120,11 @@ impl Controller {
                 break "generator";
             }
             if s.ok {
+                if good.is_none_or(|g| rate > g) {
+                    // What the generator actually sent at the best passing step, never more
+                    // than asked: a step may pass having sent 90 % of its target.
+                    achieved = Some(s.pps_sent.min(r as f64));
+                }
                 good = Some(good.map_or(rate, |g: f64| g.max(rate)));
             } else {
                 bad = Some(bad.map_or(rate, |b: f64| b.min(rate)));
@@ -1135,7 +1143,7 @@ impl Controller {
             };
         };
         Some(Finding {
-            max_rate: good.map(|g| g.round() as u64),
+            max_rate: achieved.map(|a| a.round() as u64),
             limit,
         })
     }
