@@ -247,7 +247,11 @@ fn find_max_reports_its_steps() {
     assert!(v.get("max_rate").is_some() && v["steps"].is_array());
     assert!(["loss", "generator", "max-steps", "duration"].contains(&f.limit));
     // The maximum is what was sent at the best passing step, never more than its target.
-    let best = f.steps.iter().filter(|st| st.ok).max_by_key(|st| st.rate_target);
+    let best = f
+        .steps
+        .iter()
+        .filter(|st| st.ok)
+        .max_by_key(|st| st.rate_target);
     let expected = best.map(|st| (st.pps_sent.min(st.rate_target as f64)).round() as u64);
     assert_eq!(f.max_rate, expected, "{:?}", f.steps);
 }
