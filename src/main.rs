@@ -16,6 +16,8 @@ mod services;
 
 /// Exit code for a bad configuration or command line (sysexits.h `EX_USAGE`).
 const EXIT_USAGE: u8 = 64;
+/// Exit status after a second SIGTERM or Ctrl-C cut a drain short: not a clean stop.
+const EXIT_FORCED: u8 = 1;
 
 #[derive(Parser)]
 #[command(
@@ -205,7 +207,12 @@ fn serve(path: Option<&std::path::Path>, mut which: services::Which) -> anyhow::
         .enable_all()
         .build()
         .context("starting the runtime")?;
-    rt.block_on(services::run(config, which, shutdown_signal()))?;
+    // Taken before anything is announced, so a SIGTERM right after start-up drains too.
+    let signals = {
+        let _runtime = rt.enter();
+        Termination::listen()
+    };
+    rt.block_on(services::run(config, which, shutdown_signal(signals)))?;
     Ok(ExitCode::SUCCESS)
 }
 
@@ -289,29 +296,69 @@ impl Sighup {
     }
 }
 
-/// Completes on SIGTERM or Ctrl-C.
-async fn shutdown_signal() {
-    let ctrl_c = tokio::signal::ctrl_c();
+/// SIGTERM and Ctrl-C (SIGINT), registered when made: a signal that comes after
+/// [`Termination::listen`] is never missed, even before the first [`Termination::recv`]. Made
+/// within the runtime.
+struct Termination {
     #[cfg(unix)]
-    {
-        let term = async {
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(mut s) => {
-                    s.recv().await;
-                }
-                Err(_) => std::future::pending().await,
+    term: Option<tokio::signal::unix::Signal>,
+    #[cfg(unix)]
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl Termination {
+    fn listen() -> Self {
+        #[cfg(unix)]
+        {
+            use tokio::signal::unix::{signal, SignalKind};
+            // A signal that cannot be taken keeps its default action, which ends the process.
+            Self {
+                term: signal(SignalKind::terminate()).ok(),
+                int: signal(SignalKind::interrupt()).ok(),
             }
-        };
-        tokio::select! {
-            _ = ctrl_c => {}
-            _ = term => {}
+        }
+        #[cfg(not(unix))]
+        Self {}
+    }
+
+    /// Completes on the next SIGTERM or Ctrl-C.
+    async fn recv(&mut self) {
+        #[cfg(unix)]
+        {
+            async fn next(s: &mut Option<tokio::signal::unix::Signal>) {
+                match s {
+                    Some(s) => {
+                        s.recv().await;
+                    }
+                    None => std::future::pending().await,
+                }
+            }
+            tokio::select! {
+                () = next(&mut self.term) => {}
+                () = next(&mut self.int) => {}
+            }
+        }
+        #[cfg(not(unix))]
+        {
+            let _ = tokio::signal::ctrl_c().await;
         }
     }
-    #[cfg(not(unix))]
-    {
-        let _ = ctrl_c.await;
-    }
-    tracing::info!("shutdown requested");
+}
+
+/// Completes on the first SIGTERM or Ctrl-C, which starts the drain. A second one while the
+/// services stop ends the process at once with [`EXIT_FORCED`]: whoever asks twice does not want
+/// to wait out `relay.grace-period`, and an exit leaves nothing behind that a drain would close
+/// more politely (the kernel closes every socket; TURN has no message to tell clients).
+async fn shutdown_signal(mut first: Termination) {
+    first.recv().await;
+    // Listening again before the drain is announced: a second signal is never lost.
+    let mut second = Termination::listen();
+    tracing::info!("shutdown requested: draining (a second SIGTERM or Ctrl-C stops at once)");
+    tokio::spawn(async move {
+        second.recv().await;
+        tracing::warn!("second shutdown signal: exiting without draining");
+        std::process::exit(EXIT_FORCED.into());
+    });
 }
 
 fn init_logging(level: &str) {

@@ -347,10 +347,9 @@ fn sigterm_drains_then_exits() {
     assert!(status.success(), "{status}");
 }
 
-#[test]
-fn while_draining_ready_answers_503_and_metrics_stay_up() {
-    let relay = Relay::start(&relay_config("drain-ready", "grace-period = \"3s\"\n"));
-    // An allocation keeps the relay draining for its grace period.
+/// Holds an allocation (so the relay drains for its whole grace period), sends SIGTERM and waits
+/// until `/ready` says the drain started; the admin listener answers throughout.
+fn hold_and_start_draining(relay: &Relay) {
     let expiry = SystemTime::now()
         .duration_since(UNIX_EPOCH)
         .unwrap()
@@ -365,7 +364,6 @@ fn while_draining_ready_answers_503_and_metrics_stay_up() {
         .status()
         .unwrap()
         .success());
-    // The admin listener is still there while the relay drains, and says not ready.
     let deadline = Instant::now() + WAIT;
     loop {
         match relay.try_get("/ready") {
@@ -376,6 +374,12 @@ fn while_draining_ready_answers_503_and_metrics_stay_up() {
         assert!(Instant::now() < deadline, "never turned not ready");
         std::thread::sleep(Duration::from_millis(20));
     }
+}
+
+#[test]
+fn while_draining_ready_answers_503_and_metrics_stay_up() {
+    let relay = Relay::start(&relay_config("drain-ready", "grace-period = \"3s\"\n"));
+    hold_and_start_draining(&relay);
     let (status, metrics) = relay.get("/metrics");
     assert_eq!(status, 200);
     assert!(
@@ -384,6 +388,16 @@ fn while_draining_ready_answers_503_and_metrics_stay_up() {
     );
     let status = exit_after(relay, &[]);
     assert!(status.success(), "{status}");
+}
+
+#[test]
+fn a_second_sigterm_during_the_drain_exits_at_once_with_status_1() {
+    // An hour of grace with an allocation held: only the second signal can end the process
+    // within the test's wait.
+    let relay = Relay::start(&relay_config("second-term", "grace-period = \"1h\"\n"));
+    hold_and_start_draining(&relay);
+    let status = exit_after(relay, &["-TERM"]);
+    assert_eq!(status.code(), Some(1), "{status}");
 }
 
 #[test]
