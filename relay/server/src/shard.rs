@@ -440,9 +440,14 @@ fn std_addr(a: &nix::sys::socket::SockaddrStorage) -> Option<SocketAddr> {
 
 /// Feeds frames from this shard's stream connections to the core, in arrival order.
 async fn ingress_task(shard: ShardRef, rx: mpsc::Receiver<Ingress>) {
-    drain_queue(shard, rx, |sh, now, item| match item {
+    let me = Rc::clone(&shard);
+    drain_queue(shard, rx, move |sh, now, item| match item {
         Ingress::Frame { five, frame } => sh.core.handle_client(now, five, &frame),
         Ingress::Closed { five } => {
+            // The answers to the connection's last frames, taken in this same turn, go to its
+            // queue before the queue is dropped: a client that half-closes after a request
+            // still gets the response.
+            sh.flush(&me, now);
             sh.streams.remove(&five);
             sh.core.handle_connection_closed(now, five);
         }

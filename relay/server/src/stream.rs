@@ -240,13 +240,21 @@ where
         StreamClose::Shutdown
     };
     let reader = read_frames(&mut rd, five, shared.limits, ingress, handshake_deadline);
-    let reason = tokio::select! {
-        r = reader => r,
-        r = writer => r,
+    tokio::pin!(writer);
+    let (reason, writing) = tokio::select! {
+        r = reader => (r, true),
+        r = &mut writer => (r, false),
     };
     // Ends the allocation; the shard also forgets our egress queue then. If the shard is gone
     // (shutdown), there is nobody left to tell.
     let _ = ingress.send(Ingress::Closed { five }).await;
+    if writing && reason == StreamClose::ClientClosed {
+        // The client may only have stopped sending (a half-close after its last request):
+        // the answers to its last frames still go out. The shard sends them before it drops
+        // our queue on `Closed`, which ends the writer; a client that is gone makes the next
+        // write fail, and one that does not read is bounded by the write timeout.
+        let _ = writer.await;
+    }
     shard.borrow_mut().stats.streams[five.transport.index()] -= 1;
     reason
 }

@@ -406,6 +406,49 @@ async fn tcp_binding_split_into_single_bytes_and_two_in_one_write() {
     relay.shutdown().await;
 }
 
+/// Two Binding requests in one write, then the end of what the client sends; returns the
+/// connection for the answers.
+async fn two_requests_then_half_close<S: AsyncRead + AsyncWrite + Unpin>(
+    io: S,
+    tids: [[u8; 12]; 2],
+) -> Conn<S> {
+    let mut c = Conn::new(io);
+    let mut two = binding_request(tids[0]);
+    two.extend_from_slice(&binding_request(tids[1]));
+    c.send(&two).await;
+    // TCP: a FIN with the write half. TLS: close_notify first.
+    c.io.shutdown().await.unwrap();
+    c
+}
+
+#[tokio::test]
+async fn a_client_that_half_closes_after_its_requests_still_gets_every_answer_over_tcp_and_tls() {
+    let certs = CertFiles::new("half-close");
+    // One stream listener serves both (it tells them apart by the first byte).
+    let relay = start(&["tls://127.0.0.1:0"], "", Some(&certs)).await;
+    let addr = stream_addr(&relay, conf::Transport::Tls);
+
+    let sock = tcp(addr).await;
+    let local = sock.local_addr().unwrap();
+    let tids = [[0x31; 12], [0x32; 12]];
+    let mut c = two_requests_then_half_close(sock, tids).await;
+    assert_binding_response(&c.frame().await, tids[0], local);
+    assert_binding_response(&c.frame().await, tids[1], local);
+    // Then the relay closes its side, with nothing more.
+    assert!(c.expect_closed().await.is_empty(), "{:?}", c.buf);
+    expect_metric(&relay, &closed("client_closed"), 1.0).await;
+
+    let stream = tls(addr, &certs.der).await;
+    let local = stream.get_ref().0.local_addr().unwrap();
+    let tids = [[0x41; 12], [0x42; 12]];
+    let mut c = two_requests_then_half_close(stream, tids).await;
+    assert_binding_response(&c.frame().await, tids[0], local);
+    assert_binding_response(&c.frame().await, tids[1], local);
+    assert!(c.expect_closed().await.is_empty(), "{:?}", c.buf);
+    expect_metric(&relay, &closed("client_closed"), 2.0).await;
+    relay.shutdown().await;
+}
+
 #[tokio::test]
 async fn tcp_allocation_relays_channel_data_both_ways_and_ends_with_the_connection() {
     let relay = start(&["tcp://127.0.0.1:0"], "", None).await;
