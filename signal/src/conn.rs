@@ -665,6 +665,7 @@ impl Conn {
                     {
                         tracing::warn!(error = %e, "cannot release the seat of a peer refused as full");
                     }
+                    self.shared.metrics.auth_failure(AuthFailure::Full);
                     return Err(self.refuse(
                         "full",
                         "the call is full",

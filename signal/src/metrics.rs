@@ -137,10 +137,13 @@ pub enum AuthFailure {
     /// window ran out. Its seat may belong to someone else by now; a fresh `/v1/join` admits
     /// it again.
     Left,
+    /// A valid token, but the room has no seat left: another node still counted a seat the
+    /// store had let go (see `JoinRefused::Full`).
+    Full,
 }
 
 impl AuthFailure {
-    const ALL: [Self; 10] = [
+    const ALL: [Self; 11] = [
         Self::Malformed,
         Self::Algorithm,
         Self::UnknownKey,
@@ -151,6 +154,7 @@ impl AuthFailure {
         Self::Revoked,
         Self::CallGone,
         Self::Left,
+        Self::Full,
     ];
 
     /// The label value.
@@ -166,6 +170,7 @@ impl AuthFailure {
             Self::Revoked => "revoked",
             Self::CallGone => "call_gone",
             Self::Left => "left",
+            Self::Full => "full",
         }
     }
 }

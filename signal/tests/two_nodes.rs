@@ -57,6 +57,8 @@ async fn a_peer_the_room_refuses_as_full_gives_its_seat_back() {
 
     // On node 1's clock B's token is still good, and the store marks B connected; the room,
     // with A here and C on node 2, has no seat left.
+    let full = |n: &Node| n.metric("turnpike_signal_auth_failures_total", &[("reason", "full")]);
+    let before = full(&n1);
     let mut b = Client::connect(&n1.ws_url()).await;
     b.send(json!({"v": 1, "type": "auth", "token": jb["signal_token"]}))
         .await;
@@ -67,6 +69,8 @@ async fn a_peer_the_room_refuses_as_full_gives_its_seat_back() {
             .any(|m| m["type"] == "error" && m["code"] == "full"),
         "{msgs:?}"
     );
+    // Counted as a refused authentication, as its disconnect (`auth_failed`) says.
+    assert_eq!(full(&n1), before + 1.0);
 
     // The seat is given back: B is recorded as gone, so the store counts A and C only.
     let stored = store.get_call(&call).await.unwrap().unwrap();
