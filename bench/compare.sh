@@ -10,7 +10,8 @@
 # it. Loads: coturn's own client, client-to-client (-y) and client-to-peer (through coturn's
 # turnutils_peer echo peer); turnpike-load client-to-client and client-to-peer at an even
 # 20 000 msg/s, client-to-peer in 10 ms ticks, client-to-peer in the shape of coturn's client
-# (29 000 msg/s in 4 ms ticks), and video-like frames (10 flows, 20 packets of 1 000 bytes per
+# (29 000 msg/s in 4 ms ticks, spread over the allocations, and again with coturn's client's
+# grouping: 4 back to back per allocation), and video-like frames (10 flows, 20 packets of 1 000 bytes per
 # flow every 10 ms); find-max. The turnpike-load client-to-peer loads
 # also run against turnpike-forward, the bare one-recv-one-send UDP forwarder (turnpike-load
 # --mode raw-to-peer), as the baseline, and against Turnpike with one shard as well (the
@@ -176,7 +177,7 @@ run_load() {
       kill "$peer_pid" 2>/dev/null || true
       wait "$peer_pid" 2>/dev/null || true
       ;;
-    c2c|c2p|c2p_tick|c2p_uc|c2p_frames)
+    c2c|c2p|c2p_tick|c2p_uc|c2p_uc4|c2p_frames)
       local mode=client-to-client pacing=() allocs=100 size=200 rate=20000
       [ "$load" != c2c ] && mode=client-to-peer
       [ "$load" = c2p_tick ] && pacing=(--tick 10ms)
@@ -184,6 +185,9 @@ run_load() {
       # fourth session): about 29 000 msg/s in bursts every 3.5-4 ms, so the forwarder can be
       # driven the way coturn's client drives a TURN server.
       [ "$load" = c2p_uc ] && { pacing=(--tick 4ms); rate=29000; }
+      # The same with coturn's client's grouping (sixth session): it sends 4 messages back to
+      # back from each client, then the next client's 4, so each relay socket gets 4 at a time.
+      [ "$load" = c2p_uc4 ] && { pacing=(--tick 4ms --burst 4); rate=29000; }
       # Video-like: 10 flows, each sending a 20-packet "frame" of 1 000-byte packets every 10 ms.
       [ "$load" = c2p_frames ] && { pacing=(--tick 10ms); allocs=10; size=1000; }
       local who=(--secret "$SECRET")
@@ -212,7 +216,7 @@ run_load() {
       if [ "$lost" = NA ]; then loss=NA
       else loss=$(awk -v l="$lost" -v m="$UC_MSGS" 'BEGIN{printf "%.4f", 100*l/m}'); fi
       ;;
-    c2c|c2p|c2p_tick|c2p_uc|c2p_frames)
+    c2c|c2p|c2p_tick|c2p_uc|c2p_uc4|c2p_frames)
       if [ -s "$out" ]; then
         msgs=$(json 'd["received"]' < "$out"); lost=$(json 'd["lost"]' < "$out")
         loss=$(json 'd["loss_pct"]' < "$out"); p99=$(json 'd["latency_us"]["p99"]' < "$out")
@@ -256,14 +260,14 @@ measure_memory() {
 }
 
 # ---------------------------------------------------------------- run
-LOADS="uclient uclient_peer c2c c2p c2p_tick c2p_uc c2p_frames max"
-[ "$ONLY_FWD" = 1 ] && LOADS="c2p c2p_tick c2p_uc c2p_frames"
+LOADS="uclient uclient_peer c2c c2p c2p_tick c2p_uc c2p_uc4 c2p_frames max"
+[ "$ONLY_FWD" = 1 ] && LOADS="c2p c2p_tick c2p_uc c2p_uc4 c2p_frames"
 has() { case " $LOADS " in *" $1 "*) return 0 ;; esac; return 1; }
 START=$(date +%s)
 for round in $(seq "$ROUNDS"); do
   for load in $LOADS; do
     servers="turnpike coturn"
-    case "$load" in c2p|c2p_tick|c2p_uc|c2p_frames) servers="turnpike coturn forward turnpike1" ;; esac
+    case "$load" in c2p|c2p_tick|c2p_uc|c2p_uc4|c2p_frames) servers="turnpike coturn forward turnpike1" ;; esac
     [ "$ONLY_FWD" = 1 ] && servers="turnpike forward turnpike1"
     for server in $servers; do
       run_load "$server" "$load" "$round"
@@ -288,9 +292,10 @@ names = {"uclient": "turnutils_uclient -y -s, client-to-client (anchor)",
          "c2p": "turnpike-load client-to-peer 20k/s even",
          "c2p_tick": "turnpike-load client-to-peer 20k/s, 10 ms ticks",
          "c2p_uc": "turnpike-load client-to-peer 29k/s, 4 ms ticks (the shape of coturn's client)",
+         "c2p_uc4": "turnpike-load client-to-peer 29k/s, 4 ms ticks, 4 back to back per allocation (coturn's client's shape and grouping)",
          "c2p_frames": "turnpike-load client-to-peer 20k/s, 10 flows x 20-packet frames of 1000 B every 10 ms",
          "max": "turnpike-load find-max client-to-client"}
-LOADS = ["uclient", "uclient_peer", "c2c", "c2p", "c2p_tick", "c2p_uc", "c2p_frames", "max"]
+LOADS = ["uclient", "uclient_peer", "c2c", "c2p", "c2p_tick", "c2p_uc", "c2p_uc4", "c2p_frames", "max"]
 UC = ("uclient", "uclient_peer")
 def num(x):
     try: return float(x)
@@ -335,7 +340,7 @@ for load in vs_coturn:
           f"{ratio(t['max'], c['max']) if load == 'max' else '—'} | "
           f"{f(t['loss'],3) if load != 'max' else '—'} / {f(c['loss'],3) if load != 'max' else '—'} |")
 fw = [(l, who, meds.get((l, who)), meds.get((l, "forward")))
-      for who in ("turnpike", "turnpike1") for l in ("c2p", "c2p_tick", "c2p_uc", "c2p_frames")]
+      for who in ("turnpike", "turnpike1") for l in ("c2p", "c2p_tick", "c2p_uc", "c2p_uc4", "c2p_frames")]
 fw = [x for x in fw if x[2] and x[3]]
 if fw:
     print()
@@ -425,8 +430,9 @@ PY
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --duration $DUR --drain $DRAIN --json-only"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 20000 --tick 10ms --duration $DUR --drain $DRAIN --json-only"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 29000 --tick 4ms --duration $DUR --drain $DRAIN --json-only   # coturn's client's shape"
+  echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 100 --size 200 --rate 29000 --tick 4ms --burst 4 --duration $DUR --drain $DRAIN --json-only   # coturn's client's shape and grouping"
   echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --mode client-to-peer   --allocations 10 --size 1000 --rate 20000 --tick 10ms --duration $DUR --drain $DRAIN --json-only   # frames"
-  echo "turnpike-load --server 127.0.0.1:\$FWD_PORT --echo 127.0.0.1:\$ECHO_PORT --mode raw-to-peer --allocations 100 --size 200 --rate 20000 [--tick 10ms] --duration $DUR --drain $DRAIN --json-only   # against the forwarder (coturn's client's shape: --rate 29000 --tick 4ms; frames: --allocations 10 --size 1000 --tick 10ms)"
+  echo "turnpike-load --server 127.0.0.1:\$FWD_PORT --echo 127.0.0.1:\$ECHO_PORT --mode raw-to-peer --allocations 100 --size 200 --rate 20000 [--tick 10ms] --duration $DUR --drain $DRAIN --json-only   # against the forwarder (coturn's client's shape: --rate 29000 --tick 4ms [--burst 4]; frames: --allocations 10 --size 1000 --tick 10ms)"
   if has max; then echo "turnpike-load --server 127.0.0.1:\$PORT --secret \$SECRET --find-max --mode client-to-client --allocations 100 --size 200 --rate 10000 --step-duration $STEP --max-steps $MAXSTEPS --drain $DRAIN --json-only"; fi
   echo '```'
   echo
