@@ -360,7 +360,8 @@ def steps(r):
         try:
             rate, rest = st_.split(":", 1)
             loss_, p = rest.split("@")
-            out[int(rate)] = (float(loss_.rstrip("g")), float(p))
+            # "target(sent)": steps are matched on their target rate.
+            out[int(rate.split("(")[0])] = (float(loss_.rstrip("g")), float(p))
         except ValueError:
             pass
     return out
