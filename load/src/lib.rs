@@ -31,7 +31,8 @@
 //!    and drive them with a `mio` event loop. A token bucket per worker, refilled about every
 //!    millisecond, paces the rate (`--burst N` makes each allocation send N packets back to back,
 //!    like a video frame; `--tick T` sends only every T, everything due at once, like coturn's
-//!    test client, which sends one message per client per timer tick); each socket's share of a turn goes out in one `sendmmsg`, and
+//!    test client, which sends 4 messages per client back to back every few milliseconds:
+//!    `--tick 4ms --burst 4`); each socket's share of a turn goes out in one `sendmmsg`, and
 //!    readable sockets are drained with `recvmmsg`, so the generator spends one system call per
 //!    batch, not per packet ([`Config::threads`] sets the number of workers). Every packet's
 //!    data starts with a [`packet::Header`]: flow, sequence number, send time from a monotonic
@@ -236,7 +237,8 @@ pub enum Pacing {
     /// spacing the generator can give.
     Smooth,
     /// Once per tick, everything due at once (back to back over the allocations): the shape of
-    /// coturn's `turnutils_uclient`, and of many senders whose timers fire together.
+    /// coturn's `turnutils_uclient` (with a burst of 4), and of many senders whose timers fire
+    /// together.
     Tick(Duration),
 }
 

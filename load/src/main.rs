@@ -62,8 +62,8 @@ struct Args {
     /// looks like video frames and costs the generator fewer system calls).
     #[arg(long, default_value_t = 1)]
     burst: usize,
-    /// Send only once per tick (1ms..100ms), everything due at once over all allocations, like
-    /// coturn's test client (default: as evenly as possible).
+    /// Send only once per tick (1ms..100ms), everything due at once over all allocations
+    /// (default: as evenly as possible). Coturn's test client: --tick 4ms --burst 4.
     #[arg(long, value_parser = humantime::parse_duration)]
     tick: Option<Duration>,
     /// Use ChannelData (the default).
