@@ -358,6 +358,7 @@ fn settings(
         max_body: c.max_body,
         request_timeout: c.request_timeout,
         limits: control::api::Limits::default(),
+        join_origins: config.signal.allowed_origins.clone(),
     })
 }
 

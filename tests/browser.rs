@@ -1,7 +1,8 @@
 //! The join link opens a working call, proven in a real browser: headless Chromium with fake
 //! camera and microphone opens the join page of `turnpike serve`, and its own ICE agent carries
 //! the call through Turnpike's relay — over UDP, over TCP only, over TLS only. A third person
-//! at a full call is told so; the diagnostics page finds STUN and TURN over UDP, TCP and TLS.
+//! at a full call is told so; the diagnostics page finds STUN and TURN over UDP, TCP and TLS; a
+//! page on another origin imports the SDK and joins.
 //! A screenshot of a connected call is saved as `target/browser-artifacts/connected-call.png`.
 #![allow(clippy::unwrap_used, clippy::print_stdout)]
 
@@ -654,4 +655,80 @@ async fn a_resumed_page_catches_up_with_who_left_and_who_joined_while_it_was_awa
         .wait_for(&a, &c_connected, "A connected to C", EXPLAIN)
         .await;
     assert_eq!(browser.eval(&a, "window.__tries").await, json!(1));
+}
+
+/// Another web site: one HTML page without any policy, on a port of its own (so another origin
+/// than the node's), answered to every request until the test process ends.
+fn embedding_site() -> std::net::SocketAddr {
+    use std::io::{Read as _, Write as _};
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        for stream in listener.incoming() {
+            let Ok(mut s) = stream else { continue };
+            let mut head = [0u8; 4096];
+            let _ = s.read(&mut head);
+            let body = "<!doctype html><title>an app</title><p>a page that embeds a call</p>";
+            let _ = write!(
+                s,
+                "HTTP/1.1 200 OK\r\ncontent-type: text/html\r\ncontent-length: {}\r\n\
+                 connection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_page_on_another_origin_imports_the_sdk_and_joins_with_base_url() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve_with(
+        "embed",
+        &["udp://127.0.0.1:0"],
+        "[signal]\nallowed-origins = [\"*\"]\n",
+    );
+    let url = call(&node, 2);
+    let (base, code) = url.split_once("/join/").unwrap();
+    let site = embedding_site();
+    let mut browser = Browser::launch("embed").await;
+    let page = browser.open(&format!("http://{site}/")).await;
+    browser
+        .wait_for(
+            &page,
+            "document.readyState === 'complete' && location.host !== '' ? true : null",
+            "the embedding page loaded",
+            "location.href",
+        )
+        .await;
+    // The SDK as a module from Turnpike's origin, then POST /v1/join across origins (a
+    // preflight first: a JSON body) and the signaling socket from this page's origin.
+    let joined = browser
+        .eval(
+            &page,
+            &format!(
+                r#"(async () => {{
+                    const {{ Turnpike }} = await import("{base}/sdk/turnpike.js");
+                    const call = await Turnpike.join({{
+                        code: "{code}", name: "Embed", baseUrl: "{base}", localStream: null,
+                    }});
+                    return {{ origin: location.origin, peerId: call.peerId }};
+                }})().catch(e => ({{ error: String(e) }}))"#
+            ),
+        )
+        .await;
+    assert_eq!(
+        joined["origin"],
+        json!(format!("http://{site}")),
+        "{joined}"
+    );
+    assert!(
+        joined["peerId"]
+            .as_str()
+            .is_some_and(|p| p.starts_with("p_")),
+        "{joined}"
+    );
+    // Its signaling socket is open on the node.
+    node.wait_metric("turnpike_signal_connections_active", 1.0)
+        .await;
 }

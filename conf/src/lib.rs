@@ -715,7 +715,7 @@ pub struct Signal {
 }
 
 /// `signal.allowed-origins`: which browser origins may open a signaling
-/// socket. Configured origins are kept normalized the way browsers send
+/// socket, and call `POST /v1/join` from their pages (CORS). Configured origins are kept normalized the way browsers send
 /// them: lowercase, without the default port (`https://app.example.com`,
 /// `http://localhost:3000`).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]

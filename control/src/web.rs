@@ -88,8 +88,15 @@ async fn diagnostics_page() -> Response {
     file(HTML, DIAGNOSTICS_HTML)
 }
 
+/// The SDK, importable from any origin (a module script is fetched in CORS mode): a public
+/// file with nothing in it that depends on who asks.
 async fn sdk() -> Response {
-    file(JS, SDK_JS)
+    let mut r = file(JS, SDK_JS);
+    r.headers_mut().insert(
+        header::ACCESS_CONTROL_ALLOW_ORIGIN,
+        HeaderValue::from_static("*"),
+    );
+    r
 }
 
 /// A fixed set of files: anything else is the API's JSON 404.

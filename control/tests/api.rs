@@ -14,7 +14,7 @@ use std::time::Duration;
 use async_trait::async_trait;
 use axum::body::{Body, Bytes};
 use axum::extract::connect_info::{ConnectInfo, MockConnectInfo};
-use axum::http::{header, HeaderMap, Request, StatusCode};
+use axum::http::{header, HeaderMap, HeaderValue, Request, StatusCode};
 use axum::Router;
 use control::api::{
     ApiError, Clock, ControlMetrics, Limits, ManualClock, NoEvents, NoRevoker, MAX_PARTICIPANTS,
@@ -349,6 +349,7 @@ fn settings() -> Settings {
         max_body: MAX_BODY,
         request_timeout: Duration::from_secs(10),
         limits: Limits::default(),
+        join_origins: conf::AllowedOrigins::PublicUrl,
     }
 }
 
@@ -2710,4 +2711,117 @@ async fn a_client_trickling_its_request_head_is_cut_off_at_the_timeout() {
     assert_eq!(status, 200);
     stop.send(()).unwrap();
     server.await.unwrap().unwrap();
+}
+
+/// A preflight for `POST /v1/join` with a JSON body, from `origin`.
+fn preflight(origin: &str) -> Request<Body> {
+    Request::builder()
+        .method("OPTIONS")
+        .uri("/v1/join")
+        .header(header::ORIGIN, origin)
+        .header(header::ACCESS_CONTROL_REQUEST_METHOD, "POST")
+        .header(header::ACCESS_CONTROL_REQUEST_HEADERS, "content-type")
+        .body(Body::empty())
+        .unwrap()
+}
+
+#[tokio::test]
+async fn join_answers_cross_origin_pages_only_from_allowed_origins() {
+    const APP: &str = "https://app.example.com";
+    let api = api_with(|s| s.join_origins = conf::AllowedOrigins::List(vec![APP.into()]));
+    let (_, key) = api.new_app("cors").await;
+    let call = api.new_call(&key, json!({})).await;
+    let code = call["join_code"].as_str().unwrap().to_owned();
+    let allow = |r: &Resp| {
+        r.headers
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .map(|v| v.to_str().unwrap().to_owned())
+    };
+
+    // The preflight of an allowed page says what it may send; browsers compare origins
+    // case-insensitively, and so does the check.
+    let r = api.send(preflight("https://APP.example.com")).await;
+    assert!(r.status.is_success(), "{r:?}");
+    assert_eq!(allow(&r).as_deref(), Some("https://APP.example.com"));
+    let methods = r.headers[header::ACCESS_CONTROL_ALLOW_METHODS]
+        .to_str()
+        .unwrap();
+    assert!(methods.contains("POST"), "{methods}");
+    let headers = r.headers[header::ACCESS_CONTROL_ALLOW_HEADERS]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(headers.contains("content-type"), "{headers}");
+    assert!(r.headers.contains_key(header::ACCESS_CONTROL_MAX_AGE));
+
+    // Its join, and its errors, are readable by the page.
+    let mut req = request(
+        "POST",
+        "/v1/join",
+        None,
+        Some(&json!({ "code": code, "name": "Ada" })),
+    );
+    req.headers_mut()
+        .insert(header::ORIGIN, HeaderValue::from_static(APP));
+    let r = api.send(req).await;
+    r.ok(StatusCode::OK);
+    assert_eq!(allow(&r).as_deref(), Some(APP));
+    let vary = r.headers[header::VARY]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(vary.contains("origin"), "{vary}");
+    let mut req = request(
+        "POST",
+        "/v1/join",
+        None,
+        Some(&json!({ "code": UNKNOWN_CODE, "name": "Ada" })),
+    );
+    req.headers_mut()
+        .insert(header::ORIGIN, HeaderValue::from_static(APP));
+    let r = api.send(req).await;
+    r.error(StatusCode::NOT_FOUND, "invalid_or_expired");
+    assert_eq!(allow(&r).as_deref(), Some(APP));
+
+    // Another origin gets no CORS headers: its page cannot read the answer.
+    let r = api.send(preflight("https://evil.example.net")).await;
+    assert_eq!(allow(&r), None, "{r:?}");
+    let mut req = request(
+        "POST",
+        "/v1/join",
+        None,
+        Some(&json!({ "code": UNKNOWN_CODE, "name": "Eve" })),
+    );
+    req.headers_mut().insert(
+        header::ORIGIN,
+        HeaderValue::from_static("https://evil.example.net"),
+    );
+    let r = api.send(req).await;
+    assert_eq!(allow(&r), None, "{r:?}");
+
+    // Only /v1/join: the app API is for servers, not pages.
+    let mut req = request("GET", "/v1/calls", Some(&key), None);
+    req.headers_mut()
+        .insert(header::ORIGIN, HeaderValue::from_static(APP));
+    let r = api.send(req).await;
+    r.ok(StatusCode::OK);
+    assert_eq!(allow(&r), None, "{r:?}");
+}
+
+#[tokio::test]
+async fn by_default_only_the_public_urls_own_origin_is_answered_cross_origin() {
+    let api = api();
+    let r = api.send(preflight(PUBLIC_URL)).await;
+    assert_eq!(
+        r.headers
+            .get(header::ACCESS_CONTROL_ALLOW_ORIGIN)
+            .map(|v| v.to_str().unwrap()),
+        Some(PUBLIC_URL),
+        "{r:?}"
+    );
+    let r = api.send(preflight("https://app.example.com")).await;
+    assert!(
+        !r.headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
+        "{r:?}"
+    );
 }

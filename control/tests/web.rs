@@ -91,6 +91,7 @@ fn web_with_urls(urls: &[&str]) -> Web {
         max_body: 64 * 1024,
         request_timeout: Duration::from_secs(10),
         limits: Limits::default(),
+        join_origins: conf::AllowedOrigins::PublicUrl,
     };
     let state = AppState {
         settings: Arc::new(settings),
@@ -204,6 +205,13 @@ async fn pages_and_assets_have_their_type_the_csp_and_the_security_headers() {
     let sdk = web.get("/sdk/turnpike.js").await;
     assert_eq!(sdk.body, include_str!("../web/turnpike.js"));
     assert!(sdk.body.contains("export const Turnpike"));
+    // A page on another origin imports it as a module, which browsers fetch in CORS mode; the
+    // pages and their own scripts stay same-origin.
+    assert_eq!(sdk.headers[header::ACCESS_CONTROL_ALLOW_ORIGIN], "*");
+    let page = web.get("/assets/join.js").await;
+    assert!(!page
+        .headers
+        .contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN));
 }
 
 #[tokio::test]

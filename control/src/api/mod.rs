@@ -66,6 +66,11 @@ pub struct Settings {
     pub request_timeout: Duration,
     /// Rate limits of `POST /v1/join`.
     pub limits: Limits,
+    /// Browser origins whose pages may call `POST /v1/join` from another origin (CORS). The
+    /// binary passes `signal.allowed-origins`: the page that joins is the page that then opens
+    /// the signaling socket, so one list says where Turnpike may be embedded.
+    /// [`conf::AllowedOrigins::PublicUrl`] (the default) allows no other origin.
+    pub join_origins: conf::AllowedOrigins,
 }
 
 impl fmt::Debug for Settings {
@@ -84,6 +89,7 @@ impl fmt::Debug for Settings {
             .field("max_body", &self.max_body)
             .field("request_timeout", &self.request_timeout)
             .field("limits", &self.limits)
+            .field("join_origins", &self.join_origins)
             .finish()
     }
 }
@@ -270,7 +276,14 @@ pub fn router(state: AppState) -> Router {
             delete(calls::kick_participant),
         )
         .route("/v1/turn/credentials", post(calls::turn_credentials))
-        .route("/v1/join", post(join::join))
+        // OPTIONS is routed here so that the CORS layer, which answers every OPTIONS itself,
+        // sees preflights: the router's 405 fallback runs outside route layers.
+        .route(
+            "/v1/join",
+            post(join::join)
+                .options(method_not_allowed)
+                .layer(join_cors(&state.settings)),
+        )
         .route(
             "/v1/diagnostics/ice-servers",
             post(diagnostics::ice_servers),
@@ -286,6 +299,30 @@ pub fn router(state: AppState) -> Router {
         .layer(middleware::from_fn_with_state(timeout, time_limit))
         .layer(middleware::from_fn_with_state(metrics, track))
         .with_state(state)
+}
+
+/// CORS for `POST /v1/join` ([`Settings::join_origins`]): a page on an allowed origin may send
+/// its JSON body (the preflight is answered here) and read the answer, errors included. No
+/// credentials mode: the code or token in the body is the credential, no cookie is involved.
+/// Other origins get no CORS headers, so browsers keep their pages from reading the answer.
+fn join_cors(settings: &Settings) -> tower_http::cors::CorsLayer {
+    use axum::http::{header, HeaderValue, Method};
+    use tower_http::cors::{AllowOrigin, CorsLayer};
+    /// How long a browser may reuse a preflight's answer.
+    const PREFLIGHT_MAX_AGE: Duration = Duration::from_secs(600);
+    let origins = settings.join_origins.clone();
+    let public_url = settings.public_url.clone();
+    CorsLayer::new()
+        .allow_origin(AllowOrigin::predicate(
+            move |origin: &HeaderValue, _: &axum::http::request::Parts| {
+                origin
+                    .to_str()
+                    .is_ok_and(|o| origins.allows(Some(o), Some(&public_url)))
+            },
+        ))
+        .allow_methods([Method::POST])
+        .allow_headers([header::CONTENT_TYPE])
+        .max_age(PREFLIGHT_MAX_AGE)
 }
 
 /// Serves the API on `listener` until `shutdown` completes, then finishes the requests in

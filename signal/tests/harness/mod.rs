@@ -114,6 +114,7 @@ pub fn control_settings(public_url: &str, credential_ttl_s: u64) -> control::Set
             join_per_code: 10_000,
             window: Duration::from_secs(60),
         },
+        join_origins: conf::AllowedOrigins::PublicUrl,
     }
 }
 
