@@ -35,12 +35,17 @@
 //!    `--tick 4ms --burst 4`); each socket's share of a turn goes out in one `sendmmsg`, and
 //!    readable sockets are drained with `recvmmsg`, so the generator spends one system call per
 //!    batch, not per packet ([`Config::threads`] sets the number of workers). Every packet's
-//!    data starts with a [`packet::Header`]: flow, sequence number, send time from a monotonic
-//!    clock shared by the process, and the step of the run; it is padded to `--size`.
+//!    data starts with a [`packet::Header`]: flow, sequence number, send time (the wall clock,
+//!    the clock of the kernel's receive timestamps), and the step of the run; it is padded to
+//!    `--size`.
 //! 3. **Measuring.** The receiver of a flow counts unique sequence numbers in a sliding window
-//!    ([`packet::FlowRx`]): reordering is not loss, duplicates are not received twice. Latency is
-//!    receive time minus send time: one crossing of the relay through two allocations in
-//!    client-to-client mode, a round trip through the echo peer in client-to-peer mode. After the
+//!    ([`packet::FlowRx`]): reordering is not loss, duplicates are not received twice. Latency is the
+//!    time the relay adds: the kernel's arrival time at the receiving socket (`SO_TIMESTAMPNS`,
+//!    so not the time the generator got round to reading it) minus the send time: one crossing
+//!    of the relay through two allocations in client-to-client mode; in client-to-peer mode a
+//!    round trip through the echo peer, less the time the echo peer held the packet (it moves
+//!    the packet's send time forward by that, [`packet::Header::hold`]), so both passes through
+//!    the relay and nothing of the generator's own wake-ups and queueing. After the
 //!    sending stops, the run waits a drain window; whatever has not arrived by then is lost.
 //!    Only packets the kernel accepted count as sent. A flow that lost every packet is reported
 //!    as *silent*: a broken path (permission, routing), not congestion.

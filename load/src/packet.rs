@@ -5,19 +5,23 @@
 //! a [`FlowRx`]: a sliding window of sequence numbers that tells new packets from duplicates, so
 //! reordering never counts as loss and a duplicate never hides one.
 
-use std::sync::OnceLock;
-use std::time::Instant;
+use std::time::{SystemTime, UNIX_EPOCH};
 
 /// The first bytes of every test packet: anything else arriving on a socket is not ours.
 pub const MAGIC: [u8; 4] = *b"TPLD";
 /// Bytes of the header; `--size` may not be smaller.
 pub const HEADER_LEN: usize = 28;
 
-/// The process-wide monotonic clock the send times are read from: every thread shares one epoch,
-/// so a time written by one thread can be subtracted from a time read by another.
+/// The clock send times are read from: the system's wall clock (`CLOCK_REALTIME`), in
+/// nanoseconds since the Unix epoch, because that is the clock of the kernel's receive timestamps
+/// (`SO_TIMESTAMPNS`), which say when a datagram reached the generator's socket rather than when
+/// the generator got round to reading it (see [`Header::hold`]). Every thread reads the same
+/// clock. A step of the wall clock during a run (NTP stepping it) skews the samples around it;
+/// a negative difference is recorded as the smallest latency, never as a wrap-around.
 pub fn now_ns() -> u64 {
-    static EPOCH: OnceLock<Instant> = OnceLock::new();
-    EPOCH.get_or_init(Instant::now).elapsed().as_nanos() as u64
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
 }
 
 /// The header at the start of a test packet (big-endian on the wire).
@@ -44,6 +48,19 @@ impl Header {
         out[8..16].copy_from_slice(&self.seq.to_be_bytes());
         out[16..24].copy_from_slice(&self.sent_ns.to_be_bytes());
         out[24..28].copy_from_slice(&self.step.to_be_bytes());
+        true
+    }
+
+    /// The echo peer's part of measuring the latency the relay adds: moves the send time of the
+    /// test packet in `buf` forward by `held_ns`, the time the echo peer held it (from the
+    /// kernel's arrival time to just before sending it back). The sender then subtracts a send
+    /// time that excludes the echo peer, so a round trip counts only the two passes through the
+    /// relay. Returns `false` (and leaves `buf` alone) if `buf` is not a test packet.
+    pub fn hold(buf: &mut [u8], held_ns: u64) -> bool {
+        let Some(h) = Self::decode(buf) else {
+            return false;
+        };
+        buf[16..24].copy_from_slice(&h.sent_ns.saturating_add(held_ns).to_be_bytes());
         true
     }
 
@@ -171,10 +188,48 @@ mod tests {
     }
 
     #[test]
-    fn clock_is_monotonic_across_threads() {
+    fn the_echo_moves_the_send_time_by_what_it_held_and_leaves_the_rest() {
+        let h = Header {
+            flow: 7,
+            seq: 9,
+            sent_ns: 1_000,
+            step: 2,
+        };
+        let mut buf = [0xAAu8; 64];
+        assert!(h.encode(&mut buf));
+        assert!(Header::hold(&mut buf, 250));
+        let moved = Header::decode(&buf);
+        assert_eq!(
+            moved,
+            Some(Header {
+                sent_ns: 1_250,
+                ..h
+            })
+        );
+        assert!(buf[HEADER_LEN..].iter().all(|&b| b == 0xAA));
+        // Saturates rather than wrapping; a datagram that is not a test packet is left as it is.
+        let mut late = [0u8; HEADER_LEN];
+        assert!(Header {
+            sent_ns: u64::MAX - 1,
+            ..h
+        }
+        .encode(&mut late));
+        assert!(Header::hold(&mut late, 10));
+        assert_eq!(Header::decode(&late).map(|h| h.sent_ns), Some(u64::MAX));
+        let mut foreign = *b"not a test packet, just some bytes";
+        assert!(!Header::hold(&mut foreign, 10));
+        assert_eq!(&foreign, b"not a test packet, just some bytes");
+    }
+
+    #[test]
+    fn clock_is_the_wall_clock() {
+        // The kernel's receive timestamps are wall-clock times: a send time must be comparable.
+        let wall = SystemTime::now()
+            .duration_since(UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(0);
         let a = now_ns();
-        let b = std::thread::spawn(now_ns).join().unwrap_or(0);
-        assert!(b >= a);
+        assert!(a.abs_diff(wall) < 60_000_000_000, "{a} vs {wall}");
     }
 
     #[test]

@@ -18,7 +18,7 @@ use mio::net::UdpSocket;
 use mio::{Events, Interest, Poll, Token};
 use relay_proto::stun::{self, attr, method, Class, Message};
 
-use crate::batch::{RecvBatch, SendBatch, BATCH};
+use crate::batch::{timestamp_arrivals, RecvBatch, SendBatch, BATCH};
 use crate::packet::{now_ns, Arrival, FlowRx, Header};
 use crate::Pacing;
 
@@ -228,10 +228,12 @@ impl Worker {
         let mut poll = Poll::new()?;
         let mut events = Events::with_capacity(1024);
         for (i, s) in self.socks.iter_mut().enumerate() {
+            timestamp_arrivals(&s.sock)?;
             poll.registry()
                 .register(&mut s.sock, Token(i), Interest::READABLE)?;
         }
         if let Some(e) = self.echo.as_mut() {
+            timestamp_arrivals(e)?;
             poll.registry().register(e, ECHO, Interest::READABLE)?;
         }
         let buf_size = (self.frame_len + 256).max(2048);
@@ -420,9 +422,12 @@ impl Worker {
                     continue;
                 }
             };
+            // The kernel's arrival time, so the generator's own delay in reading is not counted
+            // as the relay's; the time now only if the kernel gave none.
             let now = now_ns();
             for d in 0..n {
-                self.on_datagram(i, rx.datagram(d), now);
+                let at = rx.arrived_ns(d).unwrap_or(now);
+                self.on_datagram(i, rx.datagram(d), at);
             }
             if n < BATCH {
                 return;
@@ -430,7 +435,7 @@ impl Worker {
         }
     }
 
-    fn on_datagram(&mut self, i: usize, dgram: &[u8], now: u64) {
+    fn on_datagram(&mut self, i: usize, dgram: &[u8], arrived: u64) {
         let s = &mut self.socks[i];
         let data = if s.raw { Some(dgram) } else { app_data(dgram) };
         let Some(h) = data.and_then(Header::decode) else {
@@ -450,7 +455,7 @@ impl Worker {
         while self.latency.len() <= step {
             self.latency.push(new_histogram());
         }
-        self.latency[step].saturating_record(now.saturating_sub(h.sent_ns).max(1));
+        self.latency[step].saturating_record(arrived.saturating_sub(h.sent_ns).max(1));
     }
 
     fn drain_echo(&mut self, rx: &mut RecvBatch, tx: &mut SendBatch) {
