@@ -17,7 +17,7 @@ use nix::sys::socket::{
 };
 use nix::sys::time::TimeSpec;
 
-use crate::packet::{now_ns, Header};
+use crate::packet::Header;
 
 /// Has the kernel stamp every datagram `sock` receives with its arrival time, read back by
 /// [`RecvBatch::arrived_ns`].
@@ -120,8 +120,13 @@ impl RecvBatch {
     /// Returns how many were sent. A test packet with a kernel arrival time first has its send
     /// time moved forward by the time it waited here ([`Header::hold`]), so the sender's latency
     /// counts the relay, not this echo peer's wake-ups and queueing.
-    pub(crate) fn echo(&mut self, sock: &impl AsRawFd, out: &mut SendBatch) -> io::Result<usize> {
-        let now = now_ns();
+    /// `now` is the time just before the send, [`now_ns`]'s clock.
+    pub(crate) fn echo(
+        &mut self,
+        sock: &impl AsRawFd,
+        out: &mut SendBatch,
+        now: u64,
+    ) -> io::Result<usize> {
         for (i, arrived) in self.arrived.iter().enumerate() {
             if let Some(at) = arrived {
                 let len = self.lens[i].min(self.bufs[i].len());
@@ -204,6 +209,7 @@ impl SendBatch {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::packet::now_ns;
     use std::net::UdpSocket;
     use std::time::Duration;
 
@@ -266,10 +272,10 @@ mod tests {
             .send_to(&packet(sent_ns), echo.local_addr().expect("addr"))
             .expect("send");
         assert_eq!(recv_one(&mut rx, &echo), 1);
+        let arrived = rx.arrived_ns(0).expect("a kernel timestamp");
         // However long the echo peer holds the packet is not the relay's doing.
-        let held = Duration::from_millis(30);
-        std::thread::sleep(held);
-        assert_eq!(rx.echo(&echo, &mut tx).expect("echo"), 1);
+        let held = 30_000_000;
+        assert_eq!(rx.echo(&echo, &mut tx, arrived + held).expect("echo"), 1);
 
         let mut back = [0u8; 200];
         client
@@ -277,13 +283,7 @@ mod tests {
             .expect("timeout");
         let (n, _) = client.recv_from(&mut back).expect("echoed");
         let h = Header::decode(&back[..n]).expect("still a test packet");
-        assert!(
-            h.sent_ns >= sent_ns + held.as_nanos() as u64,
-            "send time moved by at least the hold: {} -> {}",
-            sent_ns,
-            h.sent_ns
-        );
-        assert!(h.sent_ns <= now_ns(), "never into the future");
+        assert_eq!(h.sent_ns, sent_ns + held, "send time moved by the hold");
         assert_eq!((h.flow, h.seq, n), (1, 2, 100), "nothing else changed");
     }
 }

@@ -476,7 +476,7 @@ impl Worker {
                     continue;
                 }
             };
-            match rx.echo(sock, tx) {
+            match rx.echo(sock, tx, now_ns()) {
                 Ok(sent) => {
                     self.counters.echoed += sent as u64;
                     self.counters.send_errors += (n - sent) as u64;
