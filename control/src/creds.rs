@@ -76,6 +76,10 @@ impl std::fmt::Debug for Minter {
     }
 }
 
+/// Shortest lifetime of a participant's credentials (seconds), even for a call about to end:
+/// less is not enough to set up a connection.
+pub const MIN_CALL_CRED_TTL_S: u64 = 60;
+
 impl Minter {
     /// `secret`: the relay's first secret; `urls`: `stun:`/`turn:`/`turns:` URLs; `ttl_s`: the
     /// default credential lifetime.
@@ -90,6 +94,18 @@ impl Minter {
     /// The default lifetime in seconds.
     pub fn ttl_s(&self) -> u64 {
         self.ttl_s
+    }
+
+    /// Credentials for a participant of a call that ends at `call_expires_at_ms` (Unix ms):
+    /// the default lifetime, but never past the call's end, except that a call about to end
+    /// still gets [`MIN_CALL_CRED_TTL_S`] (less is not enough to set up a connection; never
+    /// more than the default lifetime). Every place that hands a participant credentials
+    /// (`POST /v1/join`, signaling's `welcome` and `ice_servers`) mints through this, so none
+    /// outlives the call by more than that.
+    pub fn mint_for_call(&self, group: &str, now_s: u64, call_expires_at_ms: u64) -> Minted {
+        let call_end = (call_expires_at_ms / 1000).max(now_s.saturating_add(MIN_CALL_CRED_TTL_S));
+        let expires_at = now_s.saturating_add(self.ttl_s).min(call_end);
+        self.mint(group, now_s, expires_at - now_s)
     }
 
     /// Credentials in `group` (`CALLGROUP`, or `CALLGROUP.PEERID` for one participant; see the
@@ -169,6 +185,25 @@ mod tests {
             .iter()
             .find(|s| s.username.is_some())
             .unwrap()
+    }
+
+    #[test]
+    fn a_participant_s_credentials_end_with_the_call_but_never_below_a_minute() {
+        let m = minter();
+        let exp = |call_end_s: u64| m.mint_for_call("g", NOW, call_end_s * 1000).expires_at;
+        // A call that outlives the default lifetime: the default.
+        assert_eq!(exp(NOW + 10 * TTL), NOW + TTL);
+        // A call that ends sooner: its end.
+        assert_eq!(exp(NOW + TTL / 2), NOW + TTL / 2);
+        // A call about to end (or just ended): a minute, enough to connect.
+        assert_eq!(exp(NOW + 5), NOW + MIN_CALL_CRED_TTL_S);
+        assert_eq!(exp(NOW - 5), NOW + MIN_CALL_CRED_TTL_S);
+        // Never more than the configured lifetime, even when that is under a minute.
+        let short = Minter::new(SECRET, urls(&["turn:relay.example"]), 5);
+        assert_eq!(
+            short.mint_for_call("g", NOW, (NOW + 5) * 1000).expires_at,
+            NOW + 5
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ use std::time::Duration;
 
 use axum::extract::ws::{CloseFrame, Message, Utf8Bytes, WebSocket};
 use control::jwt::{Claims, JwtError};
-use control::store::CallState;
+use control::store::{Call, CallState};
 use futures_util::{SinkExt as _, StreamExt as _};
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::time::Instant;
@@ -338,6 +338,8 @@ struct Conn {
 struct Joined {
     peer_id: String,
     call_id: String,
+    /// When the call ends (Unix ms): no credentials pushed outlive it.
+    call_expires_at: u64,
     /// Its TURN credential group.
     group: String,
     /// Of the token it authenticated with: the template of the fresh ones.
@@ -618,7 +620,7 @@ impl Conn {
                     Err(e) => return Err(self.store_unavailable(&e)),
                 }
             }
-            let (welcome, refresh) = self.welcome(&claims.sub, &call.id, &group);
+            let (welcome, refresh) = self.welcome(&claims.sub, &call, &group);
             let room = self.shared.rooms.get_or_start(&self.shared, &call);
             let (reply, answer) = oneshot::channel();
             let cmd = Cmd::Join {
@@ -642,6 +644,7 @@ impl Conn {
                     return Ok(Joined {
                         peer_id: claims.sub.clone(),
                         call_id: call.id.clone(),
+                        call_expires_at: call.expires_at,
                         group,
                         timers: Timers {
                             ice_servers: refresh,
@@ -691,23 +694,27 @@ impl Conn {
         ))
     }
 
-    /// Fresh credentials for `group`, and when to push the next ones ([`refresh_delay`]).
-    fn mint(&self, group: &str) -> (control::creds::Minted, Instant) {
+    /// Fresh credentials for `group` in a call that ends at `call_expires_at` (Unix ms; they
+    /// never outlive it, as `POST /v1/join`'s do not), and when to push the next ones
+    /// ([`refresh_delay`]).
+    fn mint(&self, group: &str, call_expires_at: u64) -> (control::creds::Minted, Instant) {
         let app = &self.shared.app;
-        let minter = &app.settings.minter;
         let now_ms = app.clock.now_ms();
-        let minted = minter.mint(group, now_ms / 1000, minter.ttl_s());
+        let minted = app
+            .settings
+            .minter
+            .mint_for_call(group, now_ms / 1000, call_expires_at);
         let next = Instant::now() + refresh_delay(now_ms, minted.expires_at);
         (minted, next)
     }
 
     /// This peer's `welcome` with fresh credentials, for the room to fill in and queue (the
     /// others present, whether it resumes), and when those credentials are due for a refresh.
-    fn welcome(&self, peer_id: &str, call_id: &str, group: &str) -> (ServerMsg, Instant) {
-        let (minted, refresh) = self.mint(group);
+    fn welcome(&self, peer_id: &str, call: &Call, group: &str) -> (ServerMsg, Instant) {
+        let (minted, refresh) = self.mint(group, call.expires_at);
         let welcome = ServerMsg::Welcome {
             peer_id: peer_id.to_owned(),
-            call_id: call_id.to_owned(),
+            call_id: call.id.clone(),
             peers: Vec::new(),
             ice_servers: minted.ice_servers,
             ice_servers_expire_at: minted.expires_at,
@@ -742,6 +749,7 @@ impl Conn {
         let Joined {
             peer_id,
             call_id,
+            call_expires_at,
             group,
             mut claims,
             mut timers,
@@ -755,7 +763,7 @@ impl Conn {
             let read = tokio::select! {
                 r = self.read(deadline) => r,
                 _ = tokio::time::sleep_until(timers.ice_servers) => {
-                    let (minted, next) = self.mint(&group);
+                    let (minted, next) = self.mint(&group, call_expires_at);
                     let msg = ServerMsg::IceServers {
                         ice_servers: minted.ice_servers,
                         ice_servers_expire_at: minted.expires_at,

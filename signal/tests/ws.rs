@@ -1564,3 +1564,43 @@ async fn a_connection_authenticating_while_the_call_ends_is_told_it_ended_not_le
     assert_eq!(end, End::Closed(4000, "call_ended".into()), "{seen:?}");
     assert!(seen.iter().all(|m| m["type"] != "welcome"), "{seen:?}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn credentials_in_the_welcome_never_outlive_the_call() {
+    // Credentials last an hour by default; the call ends in two minutes.
+    let node = Node::start(Options::default()).await;
+    let key = node.app_key().await;
+    let (s, call) = node
+        .http(
+            "POST",
+            "/v1/calls",
+            Some(&key),
+            Some(json!({"max_participants": 4, "ttl": 120})),
+        )
+        .await;
+    assert_eq!(s, axum::http::StatusCode::CREATED, "{call}");
+    // The call's end (its creation + 120 s, by the same wall clock) is no later than this.
+    let call_ends_s = unix_ms() / 1000 + 120;
+    let j = node.join(call["join_code"].as_str().unwrap(), "A").await;
+
+    let mut a = Client::connect(&node.ws_url()).await;
+    a.send(json!({"v":1,"type":"auth","token":j["signal_token"]}))
+        .await;
+    let w = a.recv_type("welcome").await;
+    let expires_s = w["ice_servers_expire_at"].as_u64().unwrap();
+    assert!(
+        expires_s <= call_ends_s,
+        "welcome's credentials expire at {expires_s}, after the call's end at {call_ends_s}"
+    );
+    // The TURN username carries the same expiry (`EXPIRY:user`), which is what the relay checks.
+    let user = turn_username(&w);
+    let user_expiry: u64 = user
+        .as_str()
+        .unwrap()
+        .split(':')
+        .next()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert_eq!(user_expiry, expires_s);
+}

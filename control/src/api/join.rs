@@ -24,10 +24,6 @@ use crate::jwt::{refused_from_ms, Claims, AUDIENCE, LEEWAY_S};
 use crate::secrets::{self, Domain};
 use crate::store::{Admission, Digest, Participant, Role};
 
-/// Shortest credential lifetime handed out (seconds), even for a call about to expire: less is
-/// not enough to set up a connection.
-const MIN_CRED_TTL_S: u64 = 60;
-
 /// `POST /v1/join`: exactly one of `code` and `token`.
 #[derive(Debug, Deserialize, ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -247,14 +243,13 @@ async fn lookup_and_admit(
         Admission::Gone => return Err(ApiError::InvalidOrExpired),
     };
 
-    // The credentials cannot outlive the call (but get a usable minimum near its end).
-    let cred_expiry = (now_s + settings.minter.ttl_s())
-        .min(call.expires_at / 1000)
-        .max(now_s + MIN_CRED_TTL_S);
     // Group `CALL.PEER`: the relay counts such usernames in both `CALL` (ending the call
     // revokes them) and `CALL.PEER` (kicking this peer revokes only theirs).
     let group = peer_group(&call.cred_group, &peer_id);
-    let minted = settings.minter.mint(&group, now_s, cred_expiry - now_s);
+    // The credentials cannot outlive the call (but get a usable minimum near its end).
+    let minted = settings
+        .minter
+        .mint_for_call(&group, now_s, call.expires_at);
     let claims = Claims {
         iss: settings.public_url.clone(),
         aud: AUDIENCE.to_owned(),
