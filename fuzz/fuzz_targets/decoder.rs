@@ -23,7 +23,8 @@ fuzz_target!(|data: &[u8]| {
         return;
     };
     let _ = attrs.verify_integrity(&msg, KEY);
-    assert!(attrs.peers().count() <= stun::MAX_PEERS);
+    assert!(attrs.peers().count() <= stun::MAX_ATTRIBUTES);
+    assert_eq!(attrs.peers().next(), attrs.peer);
 
     // Re-encode what was understood, sign it, and check it decodes to the same and verifies.
     let mut buf = Vec::new();

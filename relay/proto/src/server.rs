@@ -1181,7 +1181,7 @@ impl Server {
         let Ok(attrs) = Attrs::decode(msg) else {
             return self.drop(DropReason::BadIndication);
         };
-        let (Some(peer), Some(data)) = (attrs.peers().next(), attrs.data) else {
+        let (Some(peer), Some(data)) = (attrs.peer, attrs.data) else {
             return self.drop(DropReason::BadIndication);
         };
         let Some(&id) = self.by_five.get(&five) else {
@@ -1653,7 +1653,7 @@ impl Server {
         attrs: &Attrs<'_>,
     ) -> Result<(), Reject> {
         let (id, authed) = self.existing(now, five, msg, attrs)?;
-        if attrs.peers().next().is_none() {
+        if attrs.peer.is_none() {
             return Err(Reject::authed(code::BAD_REQUEST, authed.key));
         }
         // All or nothing: one denied peer refuses the whole request.
@@ -1695,7 +1695,7 @@ impl Server {
     ) -> Result<(), Reject> {
         let (id, authed) = self.existing(now, five, msg, attrs)?;
         let key = authed.key;
-        let (Some(number), Some(peer)) = (attrs.channel, attrs.peers().next()) else {
+        let (Some(number), Some(peer)) = (attrs.channel, attrs.peer) else {
             return Err(Reject::authed(code::BAD_REQUEST, key));
         };
         if !(CHANNEL_MIN..=CHANNEL_MAX).contains(&number) || peer.port() == 0 {

@@ -22,9 +22,6 @@ pub const INTEGRITY_LEN: usize = 20;
 /// A decoded attribute walk stops with 400 past this many attributes: a real TURN request carries
 /// fewer than 15, and a cap bounds the work an attacker can ask for with thousands of tiny ones.
 pub const MAX_ATTRIBUTES: usize = 64;
-/// At most this many XOR-PEER-ADDRESS in one CreatePermission (more is answered with 400). Browsers
-/// send one; the cap keeps [`Attrs`] a fixed size.
-pub const MAX_PEERS: usize = 8;
 /// At most this many distinct unknown comprehension-required attributes are listed in a 420.
 pub const MAX_UNKNOWN: usize = 8;
 /// RFC 8489 §14.3: USERNAME is at most 513 bytes (we keep the historic 512 of RFC 5389 + 1).
@@ -329,7 +326,7 @@ pub enum AttrError {
     /// A malformed or duplicated attribute (400).
     #[error("bad attribute {0:#06x}")]
     Bad(u16),
-    /// More attributes than [`MAX_ATTRIBUTES`] or more peers than [`MAX_PEERS`] (400).
+    /// More attributes than [`MAX_ATTRIBUTES`] (400).
     #[error("too many attributes")]
     TooMany,
     /// Unknown comprehension-required attributes (420 with UNKNOWN-ATTRIBUTES).
@@ -394,8 +391,13 @@ pub struct Attrs<'a> {
     pub even_port: Option<bool>,
     /// DATA.
     pub data: Option<&'a [u8]>,
-    peers: [Option<SocketAddr>; MAX_PEERS],
-    peer_count: usize,
+    /// The first XOR-PEER-ADDRESS (all of them: [`Attrs::peers`]).
+    pub peer: Option<SocketAddr>,
+    /// The message, for [`Attrs::peers`] to walk again: a CreatePermission may list as many
+    /// peers as it has attributes (RFC 8656 §9.1; pion and webrtc-rs refresh every permission
+    /// of an allocation in one request), and only it needs more than the first, so the others
+    /// are not copied out on every decode.
+    msg: Option<Message<'a>>,
     /// Unknown comprehension-required attributes seen.
     pub unknown: UnknownList,
 }
@@ -405,7 +407,10 @@ impl<'a> Attrs<'a> {
     /// [`Attrs::unknown`] rather than failing, so the caller decides when a 420 is due.
     pub fn decode(msg: &Message<'a>) -> Result<Self, AttrError> {
         let tid = msg.transaction_id();
-        let mut a = Attrs::default();
+        let mut a = Attrs {
+            msg: Some(*msg),
+            ..Attrs::default()
+        };
         for (count, (typ, v, at)) in msg.attributes().enumerate() {
             if count >= MAX_ATTRIBUTES {
                 return Err(AttrError::TooMany);
@@ -461,12 +466,9 @@ impl<'a> Attrs<'a> {
                 }
                 attr::DATA => set(&mut a.data, v, typ)?,
                 attr::XOR_PEER_ADDRESS => {
+                    // Every one is checked here, so `peers` can skip none.
                     let addr = decode_xor_address(v, &tid).ok_or(AttrError::Bad(typ))?;
-                    if a.peer_count == MAX_PEERS {
-                        return Err(AttrError::TooMany);
-                    }
-                    a.peers[a.peer_count] = Some(addr);
-                    a.peer_count += 1;
+                    a.peer.get_or_insert(addr);
                 }
                 attr::FINGERPRINT => {}
                 // Known, harmless in requests, ignored.
@@ -478,9 +480,16 @@ impl<'a> Attrs<'a> {
         Ok(a)
     }
 
-    /// The XOR-PEER-ADDRESS values, in order.
+    /// Every XOR-PEER-ADDRESS before MESSAGE-INTEGRITY, in order (at most [`MAX_ATTRIBUTES`]:
+    /// a longer message does not decode).
     pub fn peers(&self) -> impl Iterator<Item = SocketAddr> + '_ {
-        self.peers[..self.peer_count].iter().flatten().copied()
+        let tid = self.msg.map(|m| m.transaction_id()).unwrap_or_default();
+        self.msg
+            .iter()
+            .flat_map(Message::attributes)
+            .take_while(|(typ, _, _)| *typ != attr::MESSAGE_INTEGRITY)
+            .filter(|(typ, _, _)| *typ == attr::XOR_PEER_ADDRESS)
+            .filter_map(move |(_, v, _)| decode_xor_address(v, &tid))
     }
 
     /// Whether `msg` carries a MESSAGE-INTEGRITY that verifies under `key`, compared in constant
@@ -798,6 +807,35 @@ mod tests {
         assert_eq!(message_type(method::ALLOCATE, Class::Error), 0x0113);
         assert_eq!(message_type(method::SEND, Class::Indication), 0x0016);
         assert_eq!(message_type(method::DATA, Class::Indication), 0x0017);
+    }
+
+    #[test]
+    fn every_peer_before_integrity_and_none_after() {
+        let tid = [3u8; 12];
+        let mut buf = Vec::new();
+        let mut e = Encoder::new(&mut buf, method::CREATE_PERMISSION, Class::Request, tid);
+        let before: Vec<SocketAddr> = (1..=12)
+            .map(|i| SocketAddr::from(([192, 0, 2, i], 1000 + u16::from(i))))
+            .collect();
+        for p in &before {
+            e.xor_address(attr::XOR_PEER_ADDRESS, *p);
+        }
+        e.integrity(b"key");
+        let r = e.finish();
+        let mut msg_bytes = buf[r].to_vec();
+        // A peer appended after MESSAGE-INTEGRITY is not covered by it: ignored.
+        let mut tail = Vec::new();
+        let mut t = Encoder::new(&mut tail, method::CREATE_PERMISSION, Class::Request, tid);
+        t.xor_address(attr::XOR_PEER_ADDRESS, "[2001:db8::9]:9".parse().unwrap());
+        let tr = t.finish();
+        msg_bytes.extend_from_slice(&tail[tr][HEADER_LEN..]);
+        let len = (msg_bytes.len() - HEADER_LEN) as u16;
+        msg_bytes[2..4].copy_from_slice(&len.to_be_bytes());
+
+        let msg = Message::parse(&msg_bytes).unwrap();
+        let a = Attrs::decode(&msg).unwrap();
+        assert_eq!(a.peers().collect::<Vec<_>>(), before);
+        assert_eq!(a.peer, Some(before[0]));
     }
 
     #[test]

@@ -225,24 +225,45 @@ fn create_permission_without_peer_is_400() {
 }
 
 #[test]
-fn create_permission_with_nine_peers_is_400() {
+fn create_permission_with_many_peers_permits_them_all() {
+    // pion/turn and webrtc-rs refresh every permission of an allocation in one CreatePermission
+    // (RFC 8656 §9.1 allows any number): a limit below the permission cap would make those
+    // refreshes fail and the permissions lapse.
     let mut h = Harness::new();
     let c = h.allocated(42000);
-    let peers: Vec<SocketAddr> = (1..=9)
+    let peers: Vec<SocketAddr> = (1..=20)
         .map(|i| SocketAddr::new([8, 8, 8, i].into(), 5000))
         .collect();
     let resp = h.create_permission(h.at(1), &c, &peers);
-    assert_eq!(error_code(&resp), Some(400));
+    assert_eq!(class_of(&resp), Class::Success);
+    assert!(verifies(&resp, &c.creds.key));
+    // Each of them, the last included, may now send to the client.
+    for peer in [peers[0], peers[19]] {
+        let outs = h.peer_sends(h.at(2), c.relay(), peer, b"hello");
+        let ind = response_to(&outs, c.five);
+        assert_eq!(method_of(&ind), method::DATA, "{peer}");
+        assert_eq!(xor_addr(&ind, attr::XOR_PEER_ADDRESS), Some(peer));
+    }
+    // The refresh with all of them again succeeds too.
+    let resp = h.create_permission(h.at(100), &c, &peers);
+    assert_eq!(class_of(&resp), Class::Success);
 }
 
 #[test]
-fn create_permission_with_eight_peers_is_fine() {
-    let mut h = Harness::new();
+fn create_permission_past_the_permission_cap_is_a_signed_508() {
+    let mut h = Harness::with(|c| c.max_permissions = 10);
     let c = h.allocated(42000);
-    let peers: Vec<SocketAddr> = (1..=8)
+    let peers: Vec<SocketAddr> = (1..=11)
         .map(|i| SocketAddr::new([8, 8, 8, i].into(), 5000))
         .collect();
     let resp = h.create_permission(h.at(1), &c, &peers);
+    assert_eq!(error_code(&resp), Some(508));
+    assert!(verifies(&resp, &c.creds.key));
+    // All or nothing: not one of them was installed.
+    let outs = h.peer_sends(h.at(2), c.relay(), peers[0], b"hello");
+    assert!(outs.is_empty());
+    // Exactly the cap is fine.
+    let resp = h.create_permission(h.at(3), &c, &peers[..10]);
     assert_eq!(class_of(&resp), Class::Success);
 }
 
