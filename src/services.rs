@@ -276,8 +276,9 @@ pub(crate) async fn run(
         }
         let stop = stopped();
         let head_timeout = c.request_timeout;
+        let trusted = c.trusted_proxies.clone();
         tasks.spawn(async move {
-            control::serve_app(listener, app, head_timeout, stop)
+            control::serve_app(listener, app, head_timeout, &trusted, stop)
                 .await
                 .context("control API")
         });
@@ -359,6 +360,7 @@ fn settings(
         request_timeout: c.request_timeout,
         limits: control::api::Limits::default(),
         join_origins: config.signal.allowed_origins.clone(),
+        trusted_proxies: c.trusted_proxies.clone(),
     })
 }
 

@@ -28,7 +28,8 @@
 //! # required, at least one; the first signs; or "KID:SECRET" strings
 //! jwt-keys = [{ kid = "2025-01", secret = "a-random-secret-of-at-least-32-bytes" }]
 //! # listen, public-url, admin-token, turn-urls, credential-ttl, token-ttl,
-//! # max-body, request-timeout: optional, see examples/turnpike.toml
+//! # max-body, request-timeout, trusted-proxies: optional, see
+//! # examples/turnpike.toml
 //!
 //! [[control.apps]]                      # optional, any number
 //! id = "web"
@@ -521,6 +522,12 @@ pub struct Control {
     pub max_body: usize,
     /// Time a request may take. Default 10s (1s to 60s).
     pub request_timeout: Duration,
+    /// Proxies in front of the HTTP listeners (control, and signaling on
+    /// its own node) whose `X-Forwarded-For` names the client: a request
+    /// from one of these networks is counted against the address it
+    /// forwards for (per-address rate limits), any other request against
+    /// its TCP peer. Default: none (every peer is the client).
+    pub trusted_proxies: Vec<ipnet::IpNet>,
     /// Apps declared in the configuration (re-applied at every start).
     /// Default: none (apps are created through the admin API).
     pub apps: Vec<App>,

@@ -122,6 +122,7 @@ pub const SCHEMA: &[Key] = &[
     key("control", "token-ttl", ValueKind::Duration),
     key("control", "max-body", ValueKind::Integer),
     key("control", "request-timeout", ValueKind::Duration),
+    key("control", "trusted-proxies", ValueKind::List),
     key("control", "apps", ValueKind::NamedSecrets),
     key("store", "redis-url", ValueKind::String),
     key("signal", "listen", ValueKind::String),

@@ -602,6 +602,7 @@ fn read_control(
     let token_ttl = r.duration("token-ttl", MIN_TOKEN_TTL, MAX_TOKEN_TTL);
     let max_body = r.integer("max-body", MIN_MAX_BODY, MAX_MAX_BODY);
     let request_timeout = r.duration("request-timeout", MIN_REQUEST_TIMEOUT, MAX_REQUEST_TIMEOUT);
+    let trusted_proxies = r.list("trusted-proxies", parse_net);
 
     let apps = match r.array("apps", APPS_FORM, read_app) {
         Ok(Some(apps)) => check_apps(r, apps),
@@ -659,6 +660,7 @@ fn read_control(
         token_ttl: token_ttl?.unwrap_or(DEFAULT_TOKEN_TTL),
         max_body: max_body?.unwrap_or(DEFAULT_MAX_BODY) as usize,
         request_timeout: request_timeout?.unwrap_or(DEFAULT_REQUEST_TIMEOUT),
+        trusted_proxies: trusted_proxies?.unwrap_or_default(),
         apps: apps?,
     })
 }

@@ -1531,7 +1531,7 @@ fn env_var_names_follow_the_rule_and_are_unique() {
     sorted.sort();
     sorted.dedup();
     assert_eq!(sorted.len(), names.len());
-    assert_eq!(SCHEMA.len(), 53);
+    assert_eq!(SCHEMA.len(), 54);
     let lists: Vec<String> = SCHEMA
         .iter()
         .filter(|k| k.kind == ValueKind::List)
@@ -1545,6 +1545,7 @@ fn env_var_names_follow_the_rule_and_are_unique() {
             "relay.allow-peers",
             "relay.deny-peers",
             "control.turn-urls",
+            "control.trusted-proxies",
             "signal.allowed-origins"
         ]
     );

@@ -1299,3 +1299,45 @@ fn a_file_never_gets_generated_values() {
     // The relay secret was given: not generated.
     assert!(!c.generated.relay_secret);
 }
+
+#[test]
+fn trusted_proxies_are_networks_from_the_file_or_the_environment() {
+    let k = ok(&with_control("")).control.unwrap();
+    assert!(
+        k.trusted_proxies.is_empty(),
+        "no proxy is trusted by default"
+    );
+
+    let k = ok(&with_control(
+        "trusted-proxies = [\"10.0.0.0/8\", \"192.0.2.1\", \"fd00::/8\"]",
+    ))
+    .control
+    .unwrap();
+    let shown: Vec<String> = k.trusted_proxies.iter().map(|n| n.to_string()).collect();
+    assert_eq!(shown, ["10.0.0.0/8", "192.0.2.1/32", "fd00::/8"]);
+
+    let k = ok_env(
+        &with_control("trusted-proxies = [\"10.0.0.0/8\"]"),
+        &[("TURNPIKE_CONTROL_TRUSTED_PROXIES", "127.0.0.1, ::1")],
+    )
+    .control
+    .unwrap();
+    let shown: Vec<String> = k.trusted_proxies.iter().map(|n| n.to_string()).collect();
+    assert_eq!(
+        shown,
+        ["127.0.0.1/32", "::1/128"],
+        "the environment replaces the file"
+    );
+
+    // Every bad item is named at once.
+    let e = errs(
+        &with_control("trusted-proxies = [\"10.0.0.0/33\", \"proxy.example\", \"10.0.0.1\"]"),
+        &[],
+    );
+    let paths: Vec<&str> = e.0.iter().map(|e| e.path.as_str()).collect();
+    assert_eq!(
+        paths,
+        ["control.trusted-proxies[0]", "control.trusted-proxies[1]"],
+        "{e}"
+    );
+}

@@ -16,6 +16,8 @@
 //!   token. Signaling (`signal`) verifies with the same module.
 //! - [`creds`]: `iceServers` with TURN REST credentials minted by `relay_proto::rest_credentials`,
 //!   the very function the relay verifies them with.
+//! - [`client`]: the address a request is counted against, through trusted proxies'
+//!   `X-Forwarded-For`.
 //! - [`api`]: handlers, the error type (`{"error":{"code","message"}}`), limits, metrics, OpenAPI.
 //! - [`web`]: the join page, the JS SDK and the diagnostics page, embedded (merged into
 //!   [`router`]).
@@ -35,6 +37,7 @@
 //! readable place that signaling shares.
 
 pub mod api;
+pub mod client;
 pub mod codes;
 pub mod creds;
 pub mod jwt;

@@ -350,6 +350,7 @@ fn settings() -> Settings {
         request_timeout: Duration::from_secs(10),
         limits: Limits::default(),
         join_origins: conf::AllowedOrigins::PublicUrl,
+        trusted_proxies: Vec::new(),
     }
 }
 
@@ -2601,6 +2602,18 @@ async fn http(
     auth: Option<&str>,
     body: Option<Value>,
 ) -> (u16, Value) {
+    http_with(addr, method, path, auth, &[], body).await
+}
+
+/// [`http`] with extra header lines.
+async fn http_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    auth: Option<&str>,
+    headers: &[(&str, &str)],
+    body: Option<Value>,
+) -> (u16, Value) {
     let mut stream = tokio::net::TcpStream::connect(addr).await.unwrap();
     let body = body.map(|b| b.to_string()).unwrap_or_default();
     let mut req = format!(
@@ -2609,6 +2622,9 @@ async fn http(
     );
     if let Some(auth) = auth {
         req.push_str(&format!("Authorization: Bearer {auth}\r\n"));
+    }
+    for (name, value) in headers {
+        req.push_str(&format!("{name}: {value}\r\n"));
     }
     if !body.is_empty() {
         req.push_str("Content-Type: application/json\r\n");
@@ -2824,4 +2840,78 @@ async fn by_default_only_the_public_urls_own_origin_is_answered_cross_origin() {
         !r.headers.contains_key(header::ACCESS_CONTROL_ALLOW_ORIGIN),
         "{r:?}"
     );
+}
+
+/// Joins with a code that does not exist through a served API, forwarding for `xff`.
+async fn wrong_code_via(addr: SocketAddr, xff: &str) -> u16 {
+    let body = json!({ "code": "BCD-FGHJ-KLM", "name": "x" });
+    http_with(
+        addr,
+        "POST",
+        "/v1/join",
+        None,
+        &[("X-Forwarded-For", xff)],
+        Some(body),
+    )
+    .await
+    .0
+}
+
+#[tokio::test]
+async fn behind_a_trusted_proxy_each_forwarded_client_has_its_own_join_limit() {
+    // The proxy is this test's loopback connection.
+    let api = api_with(|s| s.trusted_proxies = vec!["127.0.0.0/8".parse().unwrap()]);
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, api.state.clone(), async {
+        stopped.await.ok();
+    }));
+    let limit = Limits::default().join_failures_per_ip;
+    for i in 0..limit {
+        assert_eq!(
+            wrong_code_via(addr, "198.51.100.66").await,
+            404,
+            "attempt {i}"
+        );
+    }
+    assert_eq!(wrong_code_via(addr, "198.51.100.66").await, 429);
+    // Another user behind the same proxy is not refused for the first one's guesses.
+    assert_eq!(wrong_code_via(addr, "198.51.100.7").await, 404);
+    // A client that writes its own X-Forwarded-For cannot pick a fresh identity: the proxy
+    // appends the address it really came from, and that is the one counted.
+    assert_eq!(
+        wrong_code_via(addr, "203.0.113.1, 198.51.100.66").await,
+        429
+    );
+    // The counter is the forwarded client's, not the proxy's.
+    let (proxy, _) = api
+        .store
+        .inner
+        .hit("join:fail:127.0.0.1", 60_000, T0)
+        .await
+        .unwrap();
+    assert_eq!(proxy, 1, "only this probe ever counted against the proxy");
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
+}
+
+#[tokio::test]
+async fn x_forwarded_for_from_a_peer_that_is_not_a_trusted_proxy_is_ignored() {
+    let api = api();
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+    let server = tokio::spawn(serve(listener, api.state.clone(), async {
+        stopped.await.ok();
+    }));
+    let limit = Limits::default().join_failures_per_ip;
+    // A fresh forwarded address on every guess changes nothing: all count against the peer.
+    for i in 0..limit {
+        let xff = format!("198.51.100.{i}");
+        assert_eq!(wrong_code_via(addr, &xff).await, 404, "attempt {i}");
+    }
+    assert_eq!(wrong_code_via(addr, "198.51.100.200").await, 429);
+    stop.send(()).unwrap();
+    server.await.unwrap().unwrap();
 }

@@ -92,6 +92,7 @@ fn web_with_urls(urls: &[&str]) -> Web {
         request_timeout: Duration::from_secs(10),
         limits: Limits::default(),
         join_origins: conf::AllowedOrigins::PublicUrl,
+        trusted_proxies: Vec::new(),
     };
     let state = AppState {
         settings: Arc::new(settings),

@@ -47,8 +47,10 @@ pub(crate) struct Pending {
 }
 
 impl Pending {
-    /// Reserves a slot for `ip`, or `None` when its cap is reached.
+    /// Reserves a slot for `ip`'s limit identity (an IPv4 address or an IPv6 /64, as the control
+    /// plane counts: one host usually has a whole /64), or `None` when its cap is reached.
     pub(crate) fn reserve(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
+        let ip = control::client::limit_ip(ip);
         let mut map = shared.lock_pending();
         let n = map.entry(ip).or_insert(0);
         if *n >= shared.settings.max_unauthenticated_per_ip {

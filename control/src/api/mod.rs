@@ -71,6 +71,9 @@ pub struct Settings {
     /// the signaling socket, so one list says where Turnpike may be embedded.
     /// [`conf::AllowedOrigins::PublicUrl`] (the default) allows no other origin.
     pub join_origins: conf::AllowedOrigins,
+    /// Proxies whose `X-Forwarded-For` names the client (`control.trusted-proxies`; see
+    /// [`crate::client`]), applied by [`serve`] and [`serve_app`].
+    pub trusted_proxies: Vec<ipnet::IpNet>,
 }
 
 impl fmt::Debug for Settings {
@@ -90,6 +93,7 @@ impl fmt::Debug for Settings {
             .field("request_timeout", &self.request_timeout)
             .field("limits", &self.limits)
             .field("join_origins", &self.join_origins)
+            .field("trusted_proxies", &self.trusted_proxies)
             .finish()
     }
 }
@@ -337,16 +341,19 @@ pub async fn serve(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     let head_timeout = state.settings.request_timeout;
-    serve_app(listener, router(state), head_timeout, shutdown).await
+    let trusted = state.settings.trusted_proxies.clone();
+    serve_app(listener, router(state), head_timeout, &trusted, shutdown).await
 }
 
 /// [`serve`] for a router made elsewhere: the control plane's [`router`] with signaling (or
 /// pages) merged in, sharing the listener. `head_timeout`: how long a connection may take to
-/// deliver a request head.
+/// deliver a request head. Each request's `ConnectInfo` is the client's address: the TCP peer,
+/// or what a proxy in `trusted_proxies` forwards ([`crate::client::client_addr`]).
 pub async fn serve_app(
     listener: tokio::net::TcpListener,
     app: Router,
     head_timeout: Duration,
+    trusted_proxies: &[ipnet::IpNet],
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
@@ -354,6 +361,7 @@ pub async fn serve_app(
     use hyper_util::service::TowerToHyperService;
     use tower::ServiceExt as _;
 
+    let trusted: Arc<[ipnet::IpNet]> = trusted_proxies.into();
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     tokio::pin!(shutdown);
     loop {
@@ -371,10 +379,12 @@ pub async fn serve_app(
             },
         };
         let _ = stream.set_nodelay(true);
+        let trusted = Arc::clone(&trusted);
         let svc = app.clone().map_request(
             move |mut req: axum::extract::Request<hyper::body::Incoming>| {
+                let client = crate::client::client_addr(peer, req.headers(), &trusted);
                 req.extensions_mut()
-                    .insert(axum::extract::ConnectInfo(peer));
+                    .insert(axum::extract::ConnectInfo(client));
                 req.map(axum::body::Body::new)
             },
         );

@@ -93,15 +93,12 @@ pub(crate) fn app_id(value: &str) -> Result<String, ApiError> {
 /// subscriber usually gets a whole /64, so counting single IPv6 addresses limits nobody).
 /// IPv4-mapped IPv6 addresses count as the IPv4 address.
 pub(crate) fn client_key(ip: IpAddr) -> String {
-    match ip {
+    match crate::client::limit_ip(ip) {
         IpAddr::V4(v4) => v4.to_string(),
-        IpAddr::V6(v6) => match v6.to_ipv4_mapped() {
-            Some(v4) => v4.to_string(),
-            None => {
-                let s = v6.segments();
-                format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
-            }
-        },
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            format!("{:x}:{:x}:{:x}:{:x}::/64", s[0], s[1], s[2], s[3])
+        }
     }
 }
 

@@ -115,6 +115,7 @@ pub fn control_settings(public_url: &str, credential_ttl_s: u64) -> control::Set
             window: Duration::from_secs(60),
         },
         join_origins: conf::AllowedOrigins::PublicUrl,
+        trusted_proxies: Vec::new(),
     }
 }
 
