@@ -274,6 +274,8 @@ pub(crate) async fn run(
         } else {
             println!("turnpike: signal listening on http://{bound}");
         }
+        // After the merge, so signaling's route and a signaling-only node answer JSON errors.
+        let app = control::api::json_fallbacks(app);
         let stop = stopped();
         let head_timeout = c.request_timeout;
         let trusted = c.trusted_proxies.clone();

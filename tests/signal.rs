@@ -164,6 +164,12 @@ async fn serve_carries_a_call_and_its_stats_reach_metrics() {
     );
     let (_, body) = raw_http(serve.admin, "GET", "/metrics", None, None);
     assert!(!body.contains(&ida), "no peer id in metrics");
+    // Signaling's route answers another method with the API's JSON 405.
+    let (st, v) = http(serve.control, "POST", "/v1/signal", None, None);
+    assert_eq!(
+        (st, &v["error"]["code"]),
+        (405, &json!("method_not_allowed"))
+    );
 }
 
 /// Sends `msg` from `from` every half second until `to` receives a message of its type (a
@@ -274,6 +280,14 @@ async fn a_control_only_node_kicks_and_ends_through_redis_and_every_relay_revoke
     let api = Node::start("control", &config("api", &store, "3s"));
     let sig = Node::start("signal", &config("sig", &store, "3s"));
     let relay = Node::start("relay", &config("relay", &store, "3s"));
+    // A signaling-only node answers JSON errors too.
+    let (st, v) = http(sig.addr("signal"), "GET", "/nowhere", None, None);
+    assert_eq!((st, &v["error"]["code"]), (404, &json!("not_found")));
+    let (st, v) = http(sig.addr("signal"), "POST", "/v1/signal", None, None);
+    assert_eq!(
+        (st, &v["error"]["code"]),
+        (405, &json!("method_not_allowed"))
+    );
     let control = api.addr("control");
     let request = |method: &str, path: &str, bearer: Option<&str>, body: Option<Value>| {
         http(control, method, path, bearer, body)

@@ -419,6 +419,16 @@ const GRACEFUL_LIMIT: Duration = Duration::from_secs(65);
 /// Pause after a failed `accept` (e.g. out of file descriptors) before the next one.
 const ACCEPT_BACKOFF: Duration = Duration::from_millis(50);
 
+/// The JSON 404 for unknown paths and 405 for known paths with another method, on `router`
+/// and on everything merged into it so far. [`router`] has them; an app that merges more
+/// routes in (signaling) applies them again after the merge, else those routes answer an
+/// empty 405, and an app without the control plane an empty 404.
+pub fn json_fallbacks(router: Router) -> Router {
+    router
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+}
+
 async fn not_found() -> ApiError {
     ApiError::NotFound
 }
