@@ -34,9 +34,12 @@ use crate::Shared;
 pub const LEEWAY_S: u64 = control::jwt::LEEWAY_S;
 /// How long the reader waits for the writer to flush a close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
-/// Least time between two stored quality summaries of one peer: stats arrive every few
-/// seconds, the call page needs no more than this.
-const QUALITY_STORE_EVERY: Duration = Duration::from_secs(5);
+/// Least time between two `stats` reports of one connection that count (in the fleet's quality
+/// histograms and the stored summary): the SDK reports every 5 s, and a client sending faster
+/// (the message limit allows 50 a second) must not outweigh the others in the histograms, so
+/// what comes sooner is ignored. Below 5 s so that an honest client's timer jitter never costs a
+/// report.
+const REPORT_EVERY: Duration = Duration::from_secs(4);
 
 /// Counts this address's unauthenticated sockets while it lives; released at authentication or
 /// when the socket ends.
@@ -135,7 +138,8 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
         pending,
         peer: None,
         bucket: Bucket::new(shared.settings.message_rate, shared.settings.message_burst),
-        last_quality_store: None,
+        last_report: None,
+        reports: 0,
         connection_type_counted: None,
     };
     let reason = conn.serve().await;
@@ -332,7 +336,10 @@ struct Conn {
     /// Once joined: peer id, its room, this connection's id there.
     peer: Option<(String, mpsc::Sender<Cmd>, u64)>,
     bucket: Bucket,
-    last_quality_store: Option<Instant>,
+    /// When the last `stats` report that counted arrived ([`REPORT_EVERY`]).
+    last_report: Option<Instant>,
+    /// How many `stats` reports of this connection counted.
+    reports: u64,
     connection_type_counted: Option<(quality::CandidateType, quality::RelayProtocol)>,
 }
 
@@ -930,22 +937,23 @@ impl Conn {
                 return;
             }
         };
+        let now = Instant::now();
+        if self
+            .last_report
+            .is_some_and(|t| now.duration_since(t) < REPORT_EVERY)
+        {
+            return;
+        }
+        self.last_report = Some(now);
+        self.reports += 1;
         self.shared.metrics.observe_report(&report);
         let kind = (report.candidate_type, report.relay_protocol);
         if self.connection_type_counted != Some(kind) {
             self.connection_type_counted = Some(kind);
             self.shared.metrics.count_connection_type(kind.0, kind.1);
         }
-        let now = Instant::now();
-        if self
-            .last_quality_store
-            .is_some_and(|t| now.duration_since(t) < QUALITY_STORE_EVERY)
-        {
-            return;
-        }
-        self.last_quality_store = Some(now);
         let store = Arc::clone(&self.shared.app.store);
-        let quality = report.summary(self.shared.app.clock.now_ms());
+        let quality = report.summary(self.shared.app.clock.now_ms(), self.reports);
         let (call, peer) = (call_id.to_owned(), peer_id.to_owned());
         tokio::spawn(async move {
             if let Err(e) = store.set_quality(&call, &peer, &quality).await {

@@ -150,8 +150,9 @@ impl Report {
         mos(self.rtt_ms, self.jitter_ms, self.packet_loss)
     }
 
-    /// The per-participant summary kept with the call (`GET /v1/calls/{id}`).
-    pub fn summary(&self, now_ms: u64) -> control::store::Quality {
+    /// The per-participant summary kept with the call (`GET /v1/calls/{id}`): this report's
+    /// figures, and `reports`, how many of the connection's reports have counted so far.
+    pub fn summary(&self, now_ms: u64, reports: u64) -> control::store::Quality {
         control::store::Quality {
             rtt_ms: self.rtt_ms,
             jitter_ms: self.jitter_ms,
@@ -161,7 +162,7 @@ impl Report {
             candidate_type: self.candidate_type.as_str().to_owned(),
             relay_protocol: self.relay_protocol.as_str().to_owned(),
             updated_at: now_ms,
-            reports: 1,
+            reports,
         }
     }
 }

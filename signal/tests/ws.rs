@@ -219,6 +219,61 @@ async fn stats_move_the_quality_histograms() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_flooding_stats_counts_once_per_interval() {
+    // One guest sending absurd reports as fast as the message limit allows must not drag the
+    // fleet's quality histograms: at most one report per 4 s of a connection counts.
+    let node = Node::start(Options::default()).await;
+    let (key, call, code) = node.call(8).await;
+    let (mut a, _, _) = enter(&node, &code, "A").await;
+    let started = tokio::time::Instant::now();
+    for i in 0..40 {
+        // Alternating candidate types would otherwise count a "new connection" every time.
+        let candidate = if i % 2 == 0 { "relay" } else { "host" };
+        a.send(
+            json!({"v":1,"type":"stats","rtt_ms":60000.0,"jitter_ms":60000.0,"packet_loss":1.0,
+            "candidate_type":candidate,"relay_protocol":"udp"}),
+        )
+        .await;
+    }
+    a.send(json!({"v":1,"type":"ping"})).await;
+    a.recv_type("pong").await;
+    // However slow the machine: one report, plus one per 4 s that passed meanwhile.
+    let bound = 1 + started.elapsed().as_secs() / 4;
+    let observed = node.histogram_count("turnpike_call_rtt_seconds");
+    assert!(
+        (1..=bound).contains(&observed),
+        "{observed} reports observed, bound {bound}"
+    );
+    let types = node.metric(
+        "turnpike_call_connections_total",
+        &[("candidate_type", "relay"), ("relay_protocol", "udp")],
+    ) + node.metric(
+        "turnpike_call_connections_total",
+        &[("candidate_type", "host"), ("relay_protocol", "udp")],
+    );
+    assert!(
+        (1.0..=bound as f64).contains(&types),
+        "{types} connection types counted, bound {bound}"
+    );
+    // The stored summary says how many counted.
+    let deadline = tokio::time::Instant::now() + harness::PATIENCE;
+    let reports = loop {
+        let (_, v) = node
+            .http("GET", &format!("/v1/calls/{call}"), Some(&key), None)
+            .await;
+        if let Some(n) = v["participants"][0]["quality"]["reports"].as_u64() {
+            break n;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "no summary stored: {v}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    };
+    assert_eq!(reports, observed);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn kick_closes_the_socket_and_revokes_the_token() {
     let node = Node::start(Options::default()).await;
     let (key, call, code) = node.call(8).await;

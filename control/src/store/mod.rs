@@ -116,7 +116,8 @@ pub struct Quality {
     pub candidate_type: String,
     /// Transport to the relay when relayed (`udp`, `tcp`, `tls`), else empty or `none`.
     pub relay_protocol: String,
-    /// How many reports this summary is built from.
+    /// How many reports of the participant's connection have counted so far (the figures are
+    /// the latest one's).
     pub reports: u64,
     /// When it was last updated.
     pub updated_at: Millis,
