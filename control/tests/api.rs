@@ -1839,6 +1839,28 @@ async fn join_requests_are_validated_before_any_secret_is_looked_at() {
 }
 
 #[tokio::test]
+async fn a_call_admits_32_joins_per_seat_over_its_life() {
+    let api = api();
+    let (_, key) = api.new_app("A").await;
+    let call = api.new_call(&key, json!({ "max_participants": 1 })).await;
+    let id = call["id"].as_str().unwrap().to_owned();
+    let code = call["join_code"].as_str().unwrap().to_owned();
+    for n in 0..control::store::JOINS_PER_SEAT {
+        let r = api.join_code(ip(50), &code).await;
+        assert_eq!(r.status, StatusCode::OK, "join {n}: {r:?}");
+        let peer = r.json["peer_id"].as_str().unwrap().to_owned();
+        let left = api
+            .store
+            .inner
+            .set_left(&id, &peer, Some(api.clock.now_ms()));
+        assert!(left.await.unwrap());
+    }
+    // The seat is free; the call's record of joins is not.
+    let r = api.join_code(ip(50), &code).await;
+    r.error(StatusCode::CONFLICT, "call_join_limit");
+}
+
+#[tokio::test]
 async fn wrong_codes_from_one_address_are_rate_limited() {
     let api = api();
     let (_, key) = api.new_app("A").await;

@@ -447,7 +447,7 @@ async fn admit_race(s: S) {
                 assert!(c.present(t) <= 5);
             }
             Admission::Full => full += 1,
-            Admission::Gone => panic!("gone"),
+            other => panic!("{other:?}"),
         }
     }
     assert_eq!((admitted, full), (5, 15));
@@ -456,6 +456,32 @@ async fn admit_race(s: S) {
     let peers: HashSet<_> = c.participants.iter().map(|p| &p.peer_id).collect();
     assert_eq!(peers.len(), 5);
     assert_eq!(c.state(t + 1), CallState::Active);
+}
+
+/// A guest looping join and leave cannot grow a call's participant records without end: after
+/// `JOINS_PER_SEAT` per seat, a join is refused even with the seat free.
+async fn join_limit(s: S) {
+    let t = base();
+    s.create_call(&call("c_loop", "app_a", t, 3_600_000, 1), digest(790))
+        .await
+        .unwrap();
+    let limit = control::store::JOINS_PER_SEAT;
+    for i in 0..limit {
+        let p = participant(&format!("p_{i}"), t + i);
+        let Admission::Admitted(_) = s.admit("c_loop", &p, t + i).await.unwrap() else {
+            panic!("join {i} refused");
+        };
+        assert!(s.set_left("c_loop", &p.peer_id, Some(t + i)).await.unwrap());
+    }
+    // The one seat is free, but the call has admitted all it can.
+    let next = participant("p_next", t + limit);
+    assert_eq!(
+        s.admit("c_loop", &next, t + limit).await.unwrap(),
+        Admission::JoinLimit
+    );
+    let c = s.get_call("c_loop").await.unwrap().unwrap();
+    assert_eq!(c.participants.len() as u64, limit);
+    assert_eq!(c.present(t + limit), 0);
 }
 
 async fn admit_rules(s: S) {
@@ -654,7 +680,7 @@ async fn token_admission_race(s: S) {
         match task.await.unwrap() {
             Admission::Admitted(_) => admitted += 1,
             Admission::Gone => {}
-            Admission::Full => panic!("full"),
+            other => panic!("{other:?}"),
         }
     }
     assert_eq!(admitted, 1);
@@ -1199,6 +1225,7 @@ contract!(
     tokens,
     admit_race,
     admit_rules,
+    join_limit,
     redeem_race,
     token_admission,
     token_admission_race,

@@ -43,6 +43,10 @@ pub enum ApiError {
     /// 409 `call_ended`: the call has ended or expired.
     #[error("the call has ended")]
     CallEnded,
+    /// 409 `call_join_limit`: the call has admitted all the joins it can over its life
+    /// ([`crate::store::JOINS_PER_SEAT`] per seat).
+    #[error("the call has admitted all the joins it can; create a new call")]
+    JoinLimit,
     /// 413 `payload_too_large`: the body is over the configured `max_body`.
     #[error("request body too large")]
     PayloadTooLarge,
@@ -76,7 +80,9 @@ impl ApiError {
             Self::AppDisabled => StatusCode::FORBIDDEN,
             Self::NotFound | Self::InvalidOrExpired => StatusCode::NOT_FOUND,
             Self::MethodNotAllowed => StatusCode::METHOD_NOT_ALLOWED,
-            Self::Conflict(_) | Self::CallFull | Self::CallEnded => StatusCode::CONFLICT,
+            Self::Conflict(_) | Self::CallFull | Self::CallEnded | Self::JoinLimit => {
+                StatusCode::CONFLICT
+            }
             Self::PayloadTooLarge => StatusCode::PAYLOAD_TOO_LARGE,
             Self::UnsupportedMediaType => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             Self::InvalidRequest(_) => StatusCode::UNPROCESSABLE_ENTITY,
@@ -97,6 +103,7 @@ impl ApiError {
             Self::Conflict(_) => "conflict",
             Self::CallFull => "call_full",
             Self::CallEnded => "call_ended",
+            Self::JoinLimit => "call_join_limit",
             Self::PayloadTooLarge => "payload_too_large",
             Self::UnsupportedMediaType => "unsupported_media_type",
             Self::InvalidRequest(_) => "invalid_request",
@@ -129,6 +136,7 @@ impl ApiError {
             | Self::MethodNotAllowed
             | Self::CallFull
             | Self::CallEnded
+            | Self::JoinLimit
             | Self::PayloadTooLarge => self.to_string(),
         }
     }

@@ -68,7 +68,7 @@ enum Secret {
     responses(
         (status = 200, description = "Admitted", body = Joined),
         (status = 404, description = "Invalid or expired code or token, or the call has ended (always the same body)", body = ErrorBody),
-        (status = 409, description = "The call is full", body = ErrorBody),
+        (status = 409, description = "The call is full (`call_full`), or has admitted all the joins it can over its life (`call_join_limit`)", body = ErrorBody),
         (status = 422, description = "Invalid request (not exactly one of code and token, bad name)", body = ErrorBody),
         (status = 429, description = "Too many attempts; see Retry-After", body = ErrorBody),
         (status = 503, description = "Temporarily unavailable", body = ErrorBody),
@@ -240,6 +240,7 @@ async fn lookup_and_admit(
     let call = match admission {
         Admission::Admitted(call) => call,
         Admission::Full => return Err(ApiError::CallFull),
+        Admission::JoinLimit => return Err(ApiError::JoinLimit),
         Admission::Gone => return Err(ApiError::InvalidOrExpired),
     };
 

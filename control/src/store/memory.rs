@@ -19,7 +19,7 @@ use async_trait::async_trait;
 
 use super::{
     Admission, App, Call, CallState, Cursor, Digest, Media, Millis, Page, Participant, Quality,
-    Store, StoreError, TokenGrant,
+    Store, StoreError, TokenGrant, JOINS_PER_SEAT,
 };
 
 /// How long a call stays in history after it ended or expired: 7 days, long enough for a
@@ -143,6 +143,9 @@ impl Inner {
         let call = &mut stored.call;
         if call.state(now) == CallState::Ended {
             return Admission::Gone;
+        }
+        if call.participants.len() as u64 >= JOINS_PER_SEAT * u64::from(call.max_participants) {
+            return Admission::JoinLimit;
         }
         if call.present(now) >= call.max_participants as usize {
             return Admission::Full;

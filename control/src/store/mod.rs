@@ -308,9 +308,18 @@ pub enum Admission {
     Admitted(Call),
     /// `max_participants` present already.
     Full,
+    /// The call has admitted [`JOINS_PER_SEAT`] × `max_participants` participants over its
+    /// life, present or not.
+    JoinLimit,
     /// Unknown, ended or expired (the API answers all alike).
     Gone,
 }
+
+/// Joins a call admits over its life, per seat (1024 for the largest call): every join keeps a
+/// participant record with the call, which every later join reads (and Redis decodes inside
+/// one script), so a guest looping join and leave with the code (64 a minute per code) must not
+/// grow the record without end; 32 per seat is far more than people coming and going do.
+pub const JOINS_PER_SEAT: u64 = 32;
 
 /// A store failure. The API maps every variant to 503 (the request may be retried); none is
 /// the client's fault.

@@ -113,7 +113,8 @@ const CAS_ATTEMPTS: usize = 16;
 /// Appends a participant (JSON ARGV[2], peer id ARGV[3]) if the call is live and not full,
 /// indexing its peer id unless an earlier participant has it. With a participant token's
 /// digest (hex ARGV[4], else empty), only if no one was admitted with it yet, and marks it
-/// used (`t:HEX`) in the same step. Returns `{status, HGETALL}`.
+/// used (`t:HEX`) in the same step. At most ARGV[5] (joins per seat) × `max` participants over
+/// the call's life ('limit'). Returns `{status, HGETALL}`.
 const ADMIT: &str = r"
 local f = redis.call('HMGET', KEYS[1], 'exp', 'max', 'ended_at', 'np')
 if not f[1] then
@@ -129,6 +130,7 @@ if f[3] or now >= exp then return {'gone', {}} end
 if ARGV[4] ~= '' and redis.call('HEXISTS', KEYS[1], 't:' .. ARGV[4]) == 1 then
   return {'gone', {}}
 end
+if np >= tonumber(ARGV[5]) * max then return {'limit', {}} end
 local present = 0
 for i = 1, np do
   local p = redis.call('HGET', KEYS[1], 'p:' .. i)
@@ -1130,6 +1132,7 @@ impl RedisStore {
             .arg(to_json(participant)?)
             .arg(&participant.peer_id)
             .arg(token.map(|t| t.to_hex()).unwrap_or_default())
+            .arg(super::JOINS_PER_SEAT)
             .invoke_async(&mut conn)
             .await
             .map_err(map_err)?;
@@ -1139,6 +1142,7 @@ impl RedisStore {
                 None => return Err(corrupt("admitted to an empty call")),
             },
             "full" => Admission::Full,
+            "limit" => Admission::JoinLimit,
             "gone" => Admission::Gone,
             _ => return Err(corrupt("call record unreadable")),
         };
