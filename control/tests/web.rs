@@ -346,6 +346,7 @@ async fn the_dom_contract_is_in_the_pages() {
         "dataset.code",
         "This call is full.",
         "call_full",
+        "call_join_limit",
     ] {
         assert!(js.contains(needle), "join.js: {needle}");
     }

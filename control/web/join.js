@@ -12,6 +12,7 @@ const $ = (sel) => document.querySelector(sel);
 
 const MESSAGES = {
   call_full: "This call is full.",
+  call_join_limit: "This call cannot admit anyone else. Ask the host for a new call.",
   invalid_or_expired: "This join link is invalid or has expired, or the call has ended.",
   call_ended: "The call has ended.",
   rate_limited: "Too many attempts. Please wait a minute and try again.",
