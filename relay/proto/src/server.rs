@@ -339,7 +339,9 @@ label_enum! {
         NoPermission => "no_permission",
         /// A Send to a peer the policy denies.
         DeniedPeer => "denied_peer",
-        /// A Send indication without XOR-PEER-ADDRESS or DATA, or with bad attributes.
+        /// A Send indication without XOR-PEER-ADDRESS or DATA, with bad attributes, or with an
+        /// unknown comprehension-required one (RFC 8489 §6.3.2: discarded; DONT-FRAGMENT
+        /// among them, which this server does not implement).
         BadIndication => "bad_indication",
         /// A retransmitted Allocate while the relay socket is being bound.
         Retransmit => "retransmit",
@@ -1184,6 +1186,9 @@ impl Server {
         let (Some(peer), Some(data)) = (attrs.peer, attrs.data) else {
             return self.drop(DropReason::BadIndication);
         };
+        if !attrs.unknown.as_slice().is_empty() {
+            return self.drop(DropReason::BadIndication);
+        }
         let Some(&id) = self.by_five.get(&five) else {
             return self.drop(DropReason::NoAllocation);
         };

@@ -408,6 +408,33 @@ fn send_indication_with_duplicate_data_is_bad_indication() {
 }
 
 #[test]
+fn send_indication_with_an_unknown_comprehension_required_attribute_is_discarded() {
+    // RFC 8489 §6.3.2: not relayed, and no error (indications get no answer). DONT-FRAGMENT
+    // (0x001A) is one here: this server cannot promise an unfragmented datagram per Send.
+    let mut h = Harness::new();
+    let c = h.allocated(43000);
+    h.create_permission(h.t0, &c, &[PEER_A]);
+    for typ in [attr::DONT_FRAGMENT, 0x7FF0] {
+        let m = Request::new(method::SEND)
+            .class(Class::Indication)
+            .peer(PEER_A)
+            .data(b"a")
+            .attr(typ, &[])
+            .encode();
+        assert!(h.client_sends(h.at(1), c.five, &m).is_empty(), "{typ:#06x}");
+    }
+    assert_eq!(dropped(&h, DropReason::BadIndication), 2);
+    // A comprehension-optional one is ignored and the data relayed.
+    let m = Request::new(method::SEND)
+        .class(Class::Indication)
+        .peer(PEER_A)
+        .data(b"a")
+        .attr(0x8FF0, &[])
+        .encode();
+    assert_eq!(h.client_sends(h.at(1), c.five, &m).len(), 1);
+}
+
+#[test]
 fn send_indication_without_peer_is_bad_indication() {
     let mut h = Harness::new();
     let c = h.allocated(43000);
