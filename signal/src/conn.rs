@@ -34,11 +34,12 @@ use crate::Shared;
 pub const LEEWAY_S: u64 = control::jwt::LEEWAY_S;
 /// How long the reader waits for the writer to flush a close frame before it gives up.
 const CLOSE_FLUSH: Duration = Duration::from_secs(2);
-/// Least time between two `stats` reports of one connection that count (in the fleet's quality
-/// histograms and the stored summary): the SDK reports every 5 s, and a client sending faster
-/// (the message limit allows 50 a second) must not outweigh the others in the histograms, so
-/// what comes sooner is ignored. Below 5 s so that an honest client's timer jitter never costs a
-/// report.
+/// The window of the `stats` budget: in each, a connection's reports count (in the fleet's
+/// quality histograms and the stored summary) up to one per other seat of its call
+/// (`max_participants - 1`), what an honest client of a full call sends (the SDK reports every
+/// 5 s, one report per peer connection, all at once); more is ignored, so a client sending as
+/// fast as the message limit allows (50 a second) cannot outweigh the others in the histograms.
+/// Below 5 s so that an honest client's timer jitter never costs a report.
 const REPORT_EVERY: Duration = Duration::from_secs(4);
 
 /// Counts this address's unauthenticated sockets while it lives; released at authentication or
@@ -138,9 +139,12 @@ pub(crate) async fn run(shared: Arc<Shared>, socket: WebSocket, pending: Pending
         pending,
         peer: None,
         bucket: Bucket::new(shared.settings.message_rate, shared.settings.message_burst),
-        last_report: None,
+        report_window: None,
+        reports_in_window: 0,
+        report_budget: 1,
         reports: 0,
-        connection_type_counted: None,
+        last_quality_store: None,
+        connection_types_counted: 0,
     };
     let reason = conn.serve().await;
     // The reason may have been set by the room (kicked, slow reader) or by us.
@@ -336,11 +340,21 @@ struct Conn {
     /// Once joined: peer id, its room, this connection's id there.
     peer: Option<(String, mpsc::Sender<Cmd>, u64)>,
     bucket: Bucket,
-    /// When the last `stats` report that counted arrived ([`REPORT_EVERY`]).
-    last_report: Option<Instant>,
+    /// When the current window of the `stats` budget began ([`REPORT_EVERY`]).
+    report_window: Option<Instant>,
+    /// Reports counted in that window.
+    reports_in_window: u32,
+    /// Reports that count per window: one per other seat of the call, at least one.
+    report_budget: u32,
     /// How many `stats` reports of this connection counted.
     reports: u64,
-    connection_type_counted: Option<(quality::CandidateType, quality::RelayProtocol)>,
+    /// When the quality summary was last stored: at most once a window (it is the latest
+    /// report's, whichever peer connection it is about).
+    last_quality_store: Option<Instant>,
+    /// The (candidate type, relay protocol) pairs already counted in
+    /// `turnpike_call_connections_total` for this connection, one bit each: a client with peers
+    /// over different paths reports them in turn, and each path counts once.
+    connection_types_counted: u16,
 }
 
 /// An authenticated peer, as `main_loop` starts with it.
@@ -649,6 +663,7 @@ impl Conn {
                 // The room has queued the welcome.
                 Ok(Ok(_)) => {
                     self.peer = Some((claims.sub.clone(), room.tx.clone(), conn_id));
+                    self.report_budget = call.max_participants.saturating_sub(1).max(1);
                     let token_due = Instant::now() + refresh_delay(now_ms, claims.exp);
                     return Ok(Joined {
                         peer_id: claims.sub.clone(),
@@ -939,19 +954,32 @@ impl Conn {
         };
         let now = Instant::now();
         if self
-            .last_report
+            .report_window
+            .is_none_or(|t| now.duration_since(t) >= REPORT_EVERY)
+        {
+            self.report_window = Some(now);
+            self.reports_in_window = 0;
+        }
+        if self.reports_in_window >= self.report_budget {
+            return;
+        }
+        self.reports_in_window += 1;
+        self.reports += 1;
+        self.shared.metrics.observe_report(&report);
+        let bit = 1u16 << report.connection_kind_index();
+        if self.connection_types_counted & bit == 0 {
+            self.connection_types_counted |= bit;
+            self.shared
+                .metrics
+                .count_connection_type(report.candidate_type, report.relay_protocol);
+        }
+        if self
+            .last_quality_store
             .is_some_and(|t| now.duration_since(t) < REPORT_EVERY)
         {
             return;
         }
-        self.last_report = Some(now);
-        self.reports += 1;
-        self.shared.metrics.observe_report(&report);
-        let kind = (report.candidate_type, report.relay_protocol);
-        if self.connection_type_counted != Some(kind) {
-            self.connection_type_counted = Some(kind);
-            self.shared.metrics.count_connection_type(kind.0, kind.1);
-        }
+        self.last_quality_store = Some(now);
         let store = Arc::clone(&self.shared.app.store);
         let quality = report.summary(self.shared.app.clock.now_ms(), self.reports);
         let (call, peer) = (call_id.to_owned(), peer_id.to_owned());

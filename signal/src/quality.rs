@@ -150,6 +150,19 @@ impl Report {
         mos(self.rtt_ms, self.jitter_ms, self.packet_loss)
     }
 
+    /// A number below 16 for the (candidate type, relay protocol) pair, one per pair.
+    pub fn connection_kind_index(&self) -> u32 {
+        let c = CandidateType::ALL
+            .iter()
+            .position(|c| *c == self.candidate_type)
+            .unwrap_or(0);
+        let p = RelayProtocol::ALL
+            .iter()
+            .position(|p| *p == self.relay_protocol)
+            .unwrap_or(0);
+        (c * RelayProtocol::ALL.len() + p) as u32
+    }
+
     /// The per-participant summary kept with the call (`GET /v1/calls/{id}`): this report's
     /// figures, and `reports`, how many of the connection's reports have counted so far.
     pub fn summary(&self, now_ms: u64, reports: u64) -> control::store::Quality {
