@@ -286,6 +286,9 @@ pub struct RelayServer {
     ready: Arc<AtomicBool>,
     tls: Option<TlsHandle>,
     revoker: Revoker,
+    /// Shards report here when a drain left them without allocations (see
+    /// [`shard::ShardSetup::drained`]).
+    drained: mpsc::Receiver<usize>,
 }
 
 impl std::fmt::Debug for shard::ShardSetup {
@@ -398,6 +401,7 @@ impl RelayServer {
             .map(|_| tokio::sync::mpsc::channel(HANDOFF_QUEUE))
             .unzip();
         let handoff_tx = Arc::new(handoff_tx);
+        let (drained_tx, drained) = mpsc::channel(threads.max(1));
         let (revoke_tx, mut revoke_rx): (Vec<_>, Vec<_>) = (0..threads)
             .map(|_| mpsc::channel(REVOCATION_QUEUE))
             .unzip();
@@ -432,6 +436,7 @@ impl RelayServer {
                 },
                 handoffs: handoff_rx.remove(0),
                 revocations: revoke_rx.remove(0),
+                drained: drained_tx.clone(),
             });
         }
         Ok(Self {
@@ -441,6 +446,7 @@ impl RelayServer {
             ready: Arc::new(AtomicBool::new(false)),
             tls,
             revoker,
+            drained,
         })
     }
 
@@ -484,6 +490,7 @@ impl RelayServer {
         shutdown: impl Future<Output = ()>,
         shard_main: fn(usize, shard::ShardSetup, watch::Receiver<Phase>) -> std::io::Result<()>,
     ) -> Result<(), StartError> {
+        let mut drained = self.drained;
         let (tx, rx) = watch::channel(Phase::Running);
         // Each shard reports once, when it ends: its failure, if any.
         let (done_tx, mut done_rx) =
@@ -513,13 +520,14 @@ impl RelayServer {
         drop(done_tx);
         self.ready.store(true, Ordering::Relaxed);
         let total = handles.len();
-        let mut finished = 0;
         let mut failed: Option<(usize, String)> = None;
+        // Shards that ended or drained: the drain is over when every one has.
+        let mut quiet = vec![false; total];
         tokio::select! {
             _ = shutdown => {}
             Some((i, failure)) = done_rx.recv() => {
                 // A shard never ends on its own while the relay runs.
-                finished += 1;
+                quiet[i] = true;
                 failed = Some((i, failure.unwrap_or_else(|| "ended while running".to_owned())));
             }
         }
@@ -527,25 +535,29 @@ impl RelayServer {
         info!(grace = ?self.grace, "relay draining: no new allocations");
         // Ignored error: no receivers means every shard has already stopped.
         let _ = tx.send(Phase::Draining);
+        // Every shard keeps its listeners until all have drained: a shard that closed its
+        // `SO_REUSEPORT` sockets early would make the kernel hash the other shards' clients to
+        // the remaining sockets, and those shards do not have their allocations.
         let deadline = tokio::time::Instant::now() + self.grace;
-        while finished < total {
+        while quiet.contains(&false) {
             tokio::select! {
                 r = done_rx.recv() => match r {
                     Some((i, failure)) => {
-                        finished += 1;
+                        quiet[i] = true;
                         if let (None, Some(cause)) = (&failed, failure) {
                             failed = Some((i, cause));
                         }
                     }
                     None => break,
                 },
+                Some(i) = drained.recv() => quiet[i] = true,
                 _ = tokio::time::sleep_until(deadline) => {
                     info!("grace period over: closing remaining allocations");
-                    let _ = tx.send(Phase::Stop);
                     break;
                 }
             }
         }
+        let _ = tx.send(Phase::Stop);
         for h in handles {
             // Join off the async runtime: a shard finishing its last flush takes microseconds.
             // (A shard's panic was caught in its thread.)

@@ -191,6 +191,10 @@ pub(crate) struct ShardSetup {
     pub(crate) handoffs: mpsc::Receiver<Handoff>,
     /// Credential-group revocations from the [`crate::Revoker`].
     pub(crate) revocations: mpsc::Receiver<Revocation>,
+    /// Where the shard reports, once, that a drain left it without allocations (its index).
+    /// It keeps running until [`Phase::Stop`]: its listeners must stay open while other shards
+    /// drain, or the kernel's `SO_REUSEPORT` group shrinks and hashes their clients elsewhere.
+    pub(crate) drained: mpsc::Sender<usize>,
 }
 
 /// Runs a shard to completion on the current thread.
@@ -281,7 +285,7 @@ pub(crate) fn run(
             setup.revocations,
         )));
         debug!(shard = index, "shard running");
-        timer_task(Rc::clone(&shard), phase).await;
+        timer_task(Rc::clone(&shard), phase, (index, setup.drained)).await;
         for t in tasks {
             t.abort();
         }
@@ -522,8 +526,15 @@ async fn relay_task(shard: ShardRef, id: RelayId, socket: Rc<UdpSock>) {
     }
 }
 
-async fn timer_task(shard: ShardRef, mut phase: watch::Receiver<Phase>) {
+/// The shard's clock and phase. Ends at [`Phase::Stop`] (or when the server is gone); a drain
+/// that leaves the shard without allocations is reported on `drained` (once), not an end.
+async fn timer_task(
+    shard: ShardRef,
+    mut phase: watch::Receiver<Phase>,
+    (index, drained): (usize, mpsc::Sender<usize>),
+) {
     let mut draining = false;
+    let mut reported = false;
     loop {
         let deadline = {
             let sh = shard.borrow();
@@ -562,8 +573,11 @@ async fn timer_task(shard: ShardRef, mut phase: watch::Receiver<Phase>) {
         }
         sh.flush(&shard, now);
         sh.publish();
-        if draining && sh.core.allocations() == 0 {
-            break;
+        if draining && !reported && sh.core.allocations() == 0 {
+            reported = true;
+            // Capacity is one per shard and each reports once; a closed receiver means the
+            // server is being torn down and a Stop (or a dropped phase) comes anyway.
+            let _ = drained.try_send(index);
         }
     }
 }

@@ -188,6 +188,77 @@ async fn denied_peers_are_refused_with_403_and_counted() {
     relay.shutdown().await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn shards_left_empty_by_a_drain_keep_their_listeners_so_the_others_clients_still_reach_them()
+{
+    // Eight shards, three clients: at least five shards hold no allocation when the drain
+    // starts. If those stopped (and closed their SO_REUSEPORT sockets), the kernel would hash
+    // the clients of the busy shards to other sockets, where their allocations are not.
+    let text = format!(
+        r#"
+[relay]
+realm = "{REALM}"
+listen = ["udp://127.0.0.1:0"]
+relay-ip = "127.0.0.1"
+relay-ports = "44000-44999"
+secrets = ["{SECRET}"]
+allow-peers = ["127.0.0.0/8"]
+threads = 8
+grace-period = "1h"
+"#
+    );
+    let mut relay = Running::start_with(&text).await;
+    let peer = UdpSocket::bind("127.0.0.1:0").await.unwrap();
+    let peer_addr = peer.local_addr().unwrap();
+    let mut clients = Vec::new();
+    for i in 0..3 {
+        let (user, pass) =
+            relay_proto::rest_credentials(SECRET.as_bytes(), &format!("c{i}"), unix_now() + 600);
+        let client = turn_client(relay.addr, user, pass).await;
+        let conn = client.allocate().await.unwrap();
+        clients.push((client, conn));
+    }
+    let _ = relay.stop.take().unwrap().send(());
+    // The drain is on once a newcomer gets 508.
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (user, pass) =
+            relay_proto::rest_credentials(SECRET.as_bytes(), "late", unix_now() + 600);
+        let late = turn_client(relay.addr, user, pass).await;
+        let result = late.allocate().await;
+        late.close().await.unwrap();
+        match result {
+            Err(e) if e.to_string().contains("508") => break,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "expected 508 while draining, got {:?}",
+                other.map(|c| c.local_addr())
+            ),
+        }
+    }
+    // Empty shards would have stopped at their next tick (one second) after the drain began:
+    // let two pass, then every client must still reach its allocation.
+    tokio::time::sleep(2 * relay_server::TICK).await;
+    for (i, (_, conn)) in clients.iter().enumerate() {
+        let msg = format!("during drain {i}");
+        conn.send_to(msg.as_bytes(), peer_addr).await.unwrap();
+        assert_eq!(recv(&peer).await.0, msg.as_bytes(), "client {i}");
+    }
+    assert!(
+        relay.task.as_ref().is_some_and(|t| !t.is_finished()),
+        "still draining"
+    );
+    // Once the last allocation is released, the drain ends: not after the hour of grace.
+    for (client, conn) in clients {
+        conn.close().await.unwrap();
+        client.close().await.unwrap();
+    }
+    tokio::time::timeout(WAIT, relay.task.take().unwrap())
+        .await
+        .expect("stops once every shard is empty")
+        .unwrap();
+}
+
 #[tokio::test]
 async fn shutdown_refuses_new_allocations_with_508_but_keeps_relaying_until_the_grace_period() {
     // Long enough that a loaded machine sees the 508 and relays once more well inside it.
