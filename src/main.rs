@@ -203,6 +203,9 @@ fn serve(path: Option<&std::path::Path>, mut which: services::Which) -> anyhow::
         }
     }
     print_generated(&config);
+    if which.relay {
+        raise_open_file_limit(config.relay.relay_ports.len());
+    }
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -214,6 +217,44 @@ fn serve(path: Option<&std::path::Path>, mut which: services::Which) -> anyhow::
     };
     rt.block_on(services::run(config, which, shutdown_signal(signals)))?;
     Ok(ExitCode::SUCCESS)
+}
+
+/// Raises the soft limit on open files to the hard limit, as coturn and Go's runtime do: every
+/// allocation holds a relay socket (two for a dual one) and every TCP/TLS client a connection,
+/// and the usual soft default of 1024 would cap a relay near a thousand allocations, past which
+/// every bind fails and every Allocate gets 508. Logs what it did, and warns when the limit is
+/// below the relay port range (`ports`), the most allocations the relay could otherwise hold.
+fn raise_open_file_limit(ports: u32) {
+    use nix::sys::resource::{getrlimit, setrlimit, Resource, RLIM_INFINITY};
+    // The kernel refuses an unlimited soft limit on files; its usual per-process maximum.
+    const NR_OPEN: u64 = 1 << 20;
+    let (soft, hard) = match getrlimit(Resource::RLIMIT_NOFILE) {
+        Ok(l) => l,
+        Err(e) => return tracing::warn!(error = %e, "cannot read the open-file limit"),
+    };
+    let target = if hard == RLIM_INFINITY { NR_OPEN } else { hard };
+    let limit = if soft < target {
+        match setrlimit(Resource::RLIMIT_NOFILE, target, hard) {
+            Ok(()) => {
+                tracing::info!(from = soft, to = target, "raised the open-file limit");
+                target
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, limit = soft, "cannot raise the open-file limit");
+                soft
+            }
+        }
+    } else {
+        soft
+    };
+    if limit < u64::from(ports) {
+        tracing::warn!(
+            limit,
+            ports,
+            "the open-file limit is below the relay port range: allocations past it get 508 \
+             (raise the hard limit, e.g. LimitNOFILE= in the systemd unit)"
+        );
+    }
 }
 
 /// Shows the secrets the embedded default generated, once, to whoever started the process

@@ -57,9 +57,14 @@ struct Relay {
 
 impl Relay {
     fn start(config: &PathBuf) -> Self {
-        let mut child = Command::new(BIN)
-            .args(["relay", "--config"])
-            .arg(config)
+        let mut cmd = Command::new(BIN);
+        cmd.args(["relay", "--config"]).arg(config);
+        Self::spawn(cmd)
+    }
+
+    /// Starts `cmd`, which runs `turnpike relay` (directly or through a shell).
+    fn spawn(mut cmd: Command) -> Self {
+        let mut child = cmd
             .env("RUST_LOG", "info")
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
@@ -398,6 +403,39 @@ fn a_second_sigterm_during_the_drain_exits_at_once_with_status_1() {
     hold_and_start_draining(&relay);
     let status = exit_after(relay, &["-TERM"]);
     assert_eq!(status.code(), Some(1), "{status}");
+}
+
+/// The soft and hard "Max open files" of process `pid`.
+fn open_file_limits(pid: u32) -> (String, String) {
+    let limits = std::fs::read_to_string(format!("/proc/{pid}/limits")).unwrap();
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap();
+    let mut fields = line["Max open files".len()..].split_whitespace();
+    (
+        fields.next().unwrap().to_owned(),
+        fields.next().unwrap().to_owned(),
+    )
+}
+
+#[test]
+fn the_relay_raises_its_open_file_limit_to_the_hard_limit() {
+    // Every allocation holds a socket: a soft limit of 512 would cap the relay near 500
+    // allocations, each one past it answered 508.
+    let config = relay_config("nofile", "");
+    let mut cmd = Command::new("bash");
+    cmd.args([
+        "-c",
+        r#"ulimit -Sn 512 && exec "$0" relay --config "$1""#,
+        BIN,
+    ])
+    .arg(&config);
+    let relay = Relay::spawn(cmd);
+    let (soft, hard) = open_file_limits(relay.child.id());
+    assert_ne!(soft, "512", "the soft limit was left as it was");
+    // Up to the hard limit (when that is unlimited, up to the kernel's per-process maximum).
+    assert!(soft == hard || hard == "unlimited", "{soft} of {hard}");
 }
 
 #[test]

@@ -62,9 +62,11 @@ impl StreamShared {
         })
     }
 
-    /// Counts a connection from `ip` unless it already has `per_ip`. Shared by shards (a
-    /// source's connections hash to different shards) and touched only at accept and close.
+    /// Counts a connection from `ip` unless its source already has `per_ip`. Shared by shards
+    /// (a source's connections hash to different shards) and touched only at accept and close.
+    /// A source is an IPv4 address or an IPv6 /64 ([`source_of`]).
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
+        let ip = source_of(ip);
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.limits.per_ip {
@@ -75,6 +77,19 @@ impl StreamShared {
             shared: Arc::clone(self),
             ip,
         })
+    }
+}
+
+/// What the per-source connection cap counts: an IPv4 address, or the /64 of an IPv6 one (one
+/// host usually has a whole /64, so a cap per IPv6 address would limit nobody). IPv4-mapped
+/// addresses count as IPv4.
+fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
     }
 }
 
@@ -324,5 +339,48 @@ where
             Ok(Ok(n)) => n,
         };
         buf.truncate(old + n);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn shared(per_ip: u32) -> Arc<StreamShared> {
+        StreamShared::new(
+            StreamLimits {
+                per_ip,
+                handshake_timeout: Duration::from_secs(1),
+                idle_timeout: Duration::from_secs(1),
+                max_frame: 1024,
+                queue: 1,
+                write_timeout: Duration::from_secs(1),
+            },
+            None,
+        )
+    }
+
+    fn ip(s: &str) -> IpAddr {
+        s.parse()
+            .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    #[test]
+    fn the_per_source_cap_counts_an_ipv6_64_as_one_source() {
+        let s = shared(2);
+        // Two addresses of one /64 take its two places; a third address there is refused.
+        let a = s.admit(ip("2001:db8:1:2::1"));
+        let b = s.admit(ip("2001:db8:1:2:ffff::9"));
+        assert!(a.is_some() && b.is_some());
+        assert!(s.admit(ip("2001:db8:1:2::77")).is_none());
+        // Another /64 and IPv4 sources are counted apart; IPv4-mapped is its IPv4 address.
+        assert!(s.admit(ip("2001:db8:1:3::1")).is_some());
+        let v4 = s.admit(ip("192.0.2.1"));
+        let mapped = s.admit(ip("::ffff:192.0.2.1"));
+        assert!(v4.is_some() && mapped.is_some());
+        assert!(s.admit(ip("192.0.2.1")).is_none());
+        // A place given back is free again.
+        drop(a);
+        assert!(s.admit(ip("2001:db8:1:2::77")).is_some());
     }
 }
