@@ -2820,6 +2820,12 @@ async fn join_answers_cross_origin_pages_only_from_allowed_origins() {
     let r = api.send(req).await;
     r.error(StatusCode::NOT_FOUND, "invalid_or_expired");
     assert_eq!(allow(&r).as_deref(), Some(APP));
+    // The page may read Retry-After (of a 429): the SDK's `retryAfter`.
+    let exposed = r.headers[header::ACCESS_CONTROL_EXPOSE_HEADERS]
+        .to_str()
+        .unwrap()
+        .to_ascii_lowercase();
+    assert!(exposed.contains("retry-after"), "{exposed}");
 
     // Another origin gets no CORS headers: its page cannot read the answer.
     let r = api.send(preflight("https://evil.example.net")).await;

@@ -326,6 +326,8 @@ fn join_cors(settings: &Settings) -> tower_http::cors::CorsLayer {
         ))
         .allow_methods([Method::POST])
         .allow_headers([header::CONTENT_TYPE])
+        // A 429's Retry-After is not a header browsers show other origins by default.
+        .expose_headers([header::RETRY_AFTER])
         .max_age(PREFLIGHT_MAX_AGE)
 }
 
