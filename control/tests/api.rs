@@ -1858,6 +1858,14 @@ async fn a_call_admits_32_joins_per_seat_over_its_life() {
     // The seat is free; the call's record of joins is not.
     let r = api.join_code(ip(50), &code).await;
     r.error(StatusCode::CONFLICT, "call_join_limit");
+    // Counted as a call that could not take anyone.
+    assert_eq!(
+        api.metric(
+            "turnpike_control_join_attempts_total",
+            &[("result", "full")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test]
@@ -2254,6 +2262,24 @@ async fn a_failing_store_answers_503_and_issues_nothing() {
     );
     api.store.fail.store(false, Ordering::SeqCst);
     api.join_code(ip(2), &code).await.ok(StatusCode::OK);
+}
+
+#[tokio::test(start_paused = true)]
+async fn a_join_cut_off_by_the_timeout_counts_as_unavailable() {
+    let api = api_with(|s| s.request_timeout = Duration::from_secs(5));
+    let (_, key) = api.new_app("A").await;
+    let call = api.new_call(&key, json!({})).await;
+    let code = call["join_code"].as_str().unwrap().to_owned();
+    api.store.hang.store(true, Ordering::SeqCst);
+    let r = api.join_code(ip(3), &code).await;
+    r.error(StatusCode::SERVICE_UNAVAILABLE, "timeout");
+    assert_eq!(
+        api.metric(
+            "turnpike_control_join_attempts_total",
+            &[("result", "unavailable")]
+        ),
+        1.0
+    );
 }
 
 #[tokio::test(start_paused = true)]

@@ -79,23 +79,46 @@ pub(crate) async fn join(
     ConnectInfo(client): ConnectInfo<SocketAddr>,
     Json(req): Json<JoinRequest>,
 ) -> Result<axum::Json<Joined>, ApiError> {
+    let mut attempt = Attempt {
+        metrics: &state.metrics,
+        result: None,
+    };
     let result = admit(&state, client, req).await;
-    let counted = match &result {
+    attempt.result = Some(match &result {
         Ok(_) => Some(JoinResult::Ok),
         Err(ApiError::InvalidOrExpired) => Some(JoinResult::Invalid),
         Err(ApiError::RateLimited { .. }) => Some(JoinResult::RateLimited),
-        Err(ApiError::CallFull) => Some(JoinResult::Full),
+        // A valid code for a call that cannot take anyone: capacity, as a full call.
+        Err(ApiError::CallFull | ApiError::JoinLimit) => Some(JoinResult::Full),
         Err(ApiError::Unavailable(_)) => Some(JoinResult::Unavailable),
         // A malformed request (422) never reached a secret: not a join attempt.
         Err(_) => None,
-    };
-    if let Some(counted) = counted {
-        state.metrics.join(counted);
-    }
+    });
+    drop(attempt);
     if result.is_ok() {
         state.metrics.credentials(Via::Join);
     }
     result.map(axum::Json)
+}
+
+/// One join attempt's count in `turnpike_control_join_attempts_total`, taken when dropped: with
+/// the handler's result, or as `unavailable` when the request's time limit dropped the handler
+/// part-way (the client got 503 `timeout`: a store too slow to answer is an outage, and must
+/// reach `TurnpikeJoinSuccessLow`).
+struct Attempt<'a> {
+    metrics: &'a super::ControlMetrics,
+    /// `None` until the handler finished; then what to count (`None`: not an attempt).
+    result: Option<Option<JoinResult>>,
+}
+
+impl Drop for Attempt<'_> {
+    fn drop(&mut self) {
+        match self.result {
+            Some(Some(r)) => self.metrics.join(r),
+            Some(None) => {}
+            None => self.metrics.join(JoinResult::Unavailable),
+        }
+    }
 }
 
 async fn admit(state: &AppState, client: SocketAddr, req: JoinRequest) -> Result<Joined, ApiError> {
