@@ -292,10 +292,12 @@ pub struct Relay {
     /// the largest STUN message (20 + 65532), which also covers the largest
     /// ChannelData message (4 + 65535). 548 to 65552.
     pub max_frame: usize,
-    /// Frames queued between a TCP/TLS connection's task and its shard, in
-    /// each direction; when full, frames are dropped and counted. Default
-    /// 256: rides out a scheduling hiccup (about a quarter second of a video
-    /// call) while bounding what a stuck connection holds. 1 to 65536.
+    /// Frames queued for one TCP/TLS connection on their way to the client
+    /// (when full, frames are dropped and counted), and the size of each
+    /// shard's one queue of frames from its connections (when full, the
+    /// connections wait, which pushes back on their clients through TCP).
+    /// Default 256: rides out a scheduling hiccup (about a quarter second of
+    /// a video call) while bounding what a stuck connection holds. 1 to 65536.
     pub stream_queue: usize,
     /// Longest one write to a TCP/TLS client may take; a client that reads
     /// nothing for that long is closed (`slow_reader`), freeing what is
