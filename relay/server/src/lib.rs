@@ -479,8 +479,8 @@ impl RelayServer {
         self.revoker.clone()
     }
     /// Runs the shards until `shutdown` completes, then drains for up to the grace period.
-    /// A shard that fails or panics stops the relay the same way, and `run` then returns
-    /// [`StartError::Shard`].
+    /// A shard that fails or panics (in any of its tasks: listeners, relay sockets, TCP/TLS
+    /// connections) stops the relay the same way, and `run` then returns [`StartError::Shard`].
     pub async fn run(self, shutdown: impl Future<Output = ()>) -> Result<(), StartError> {
         self.run_shards(shutdown, shard::run).await
     }

@@ -138,6 +138,8 @@ pub(crate) struct Shard {
     unflushed: usize,
     /// Wakes [`flush_task`].
     flusher: Rc<tokio::sync::Notify>,
+    /// Where the shard's tasks report a panic ([`spawn_guarded`]).
+    pub(crate) panics: Rc<TaskPanics>,
     /// Transmits taken from the core and not yet sent (see [`Shard::flush`]); empty between
     /// flushes, kept for its capacity.
     pending: Vec<Transmit>,
@@ -152,6 +154,39 @@ pub(crate) struct Shard {
 }
 
 pub(crate) type ShardRef = Rc<RefCell<Shard>>;
+
+/// Which of a shard's tasks panicked, if one did. A panic is a bug (the core never panics on
+/// input); the shard then fails as a panic of its main future does, and the relay stops, rather
+/// than going on without that task: a listener that no longer reads, an ingress that no longer
+/// ends allocations, with `/ready` still saying 200.
+#[derive(Debug, Default)]
+pub(crate) struct TaskPanics {
+    what: std::cell::Cell<Option<&'static str>>,
+    notify: tokio::sync::Notify,
+}
+
+/// Spawns `fut` on the shard's `LocalSet`; if it panics, records `what` in `panics` and wakes
+/// the shard's timer task, which fails the shard.
+pub(crate) fn spawn_guarded(
+    panics: &Rc<TaskPanics>,
+    what: &'static str,
+    fut: impl std::future::Future<Output = ()> + 'static,
+) -> JoinHandle<()> {
+    use futures_util::FutureExt as _;
+    let panics = Rc::clone(panics);
+    tokio::task::spawn_local(async move {
+        // The shard's state is a `RefCell` (released while unwinding, never poisoned), and the
+        // shard stops right after: nothing observes what the panic left half done.
+        if std::panic::AssertUnwindSafe(fut)
+            .catch_unwind()
+            .await
+            .is_err()
+        {
+            panics.what.set(Some(what));
+            panics.notify.notify_one();
+        }
+    })
+}
 
 /// Datagrams received before a deferred flush is done at once: a few receive bounds' worth, so
 /// the core's output queue (and the payload bytes it holds) stays small while sockets that woke
@@ -240,6 +275,7 @@ pub(crate) fn run(
             gso: true,
             unflushed: 0,
             flusher: Rc::new(tokio::sync::Notify::new()),
+            panics: Rc::new(TaskPanics::default()),
             handoff_buf: bytes::BytesMut::with_capacity(HANDOFF_BLOCK),
             streams: HashMap::new(),
             stats: DriverStats::default(),
@@ -248,44 +284,57 @@ pub(crate) fn run(
         }));
         let mut tasks = Vec::new();
         let flusher = Rc::clone(&shard.borrow().flusher);
-        tasks.push(tokio::task::spawn_local(flush_task(
-            Rc::clone(&shard),
-            flusher,
-        )));
+        let panics = Rc::clone(&shard.borrow().panics);
+        tasks.push(spawn_guarded(
+            &panics,
+            "flush",
+            flush_task(Rc::clone(&shard), flusher),
+        ));
         let count = shard.borrow().listeners.len();
         for i in 0..count {
-            tasks.push(tokio::task::spawn_local(listener_task(
-                Rc::clone(&shard),
-                i,
-            )));
+            tasks.push(spawn_guarded(
+                &panics,
+                "listener",
+                listener_task(Rc::clone(&shard), i),
+            ));
         }
         // Stream connections hand their frames to the shard over one bounded queue; a full
         // queue makes readers wait, which pushes back on the client through TCP.
         let (ingress_tx, ingress_rx) = mpsc::channel(setup.streams.limits.queue);
-        tasks.push(tokio::task::spawn_local(ingress_task(
-            Rc::clone(&shard),
-            ingress_rx,
-        )));
+        tasks.push(spawn_guarded(
+            &panics,
+            "ingress",
+            ingress_task(Rc::clone(&shard), ingress_rx),
+        ));
         for l in setup.stream_listeners {
             let listener = tokio::net::TcpListener::from_std(l)?;
-            tasks.push(tokio::task::spawn_local(stream::accept_task(
-                Rc::clone(&shard),
-                listener,
-                Arc::clone(&setup.streams),
-                ingress_tx.clone(),
-            )));
+            tasks.push(spawn_guarded(
+                &panics,
+                "accept",
+                stream::accept_task(
+                    Rc::clone(&shard),
+                    listener,
+                    Arc::clone(&setup.streams),
+                    ingress_tx.clone(),
+                ),
+            ));
         }
         drop(ingress_tx);
-        tasks.push(tokio::task::spawn_local(handoff_task(
-            Rc::clone(&shard),
-            setup.handoffs,
-        )));
-        tasks.push(tokio::task::spawn_local(revocation_task(
-            Rc::clone(&shard),
-            setup.revocations,
-        )));
+        tasks.push(spawn_guarded(
+            &panics,
+            "handoff",
+            handoff_task(Rc::clone(&shard), setup.handoffs),
+        ));
+        tasks.push(spawn_guarded(
+            &panics,
+            "revocation",
+            revocation_task(Rc::clone(&shard), setup.revocations),
+        ));
         debug!(shard = index, "shard running");
-        timer_task(Rc::clone(&shard), phase, (index, setup.drained)).await;
+        tokio::select! {
+            () = timer_task(Rc::clone(&shard), phase, (index, setup.drained)) => {}
+            () = panics.notify.notified() => {}
+        }
         for t in tasks {
             t.abort();
         }
@@ -296,6 +345,9 @@ pub(crate) fn run(
         // Dropping the egress senders ends every connection's writer, closing the connections.
         sh.streams.clear();
         sh.publish();
+        if let Some(what) = panics.what.get() {
+            return Err(io::Error::other(format!("its {what} task panicked")));
+        }
         debug!(shard = index, "shard stopped");
         Ok(())
     })
@@ -918,11 +970,11 @@ impl Shard {
             match bound {
                 Ok((socket, addr)) => {
                     let socket = Rc::new(socket);
-                    let task = tokio::task::spawn_local(relay_task(
-                        Rc::clone(shard),
-                        id,
-                        Rc::clone(&socket),
-                    ));
+                    let task = spawn_guarded(
+                        &self.panics,
+                        "relay",
+                        relay_task(Rc::clone(shard), id, Rc::clone(&socket)),
+                    );
                     self.siblings.bound.set(family, port, true);
                     let slot = id.index();
                     if self.relays.len() <= slot {
@@ -983,6 +1035,30 @@ impl Shard {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn a_panicking_task_is_recorded_and_wakes_the_shard() {
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+            .expect("runtime");
+        let local = tokio::task::LocalSet::new();
+        local.block_on(&rt, async {
+            let panics = Rc::new(TaskPanics::default());
+            let fine = spawn_guarded(&panics, "flush", async {});
+            assert!(fine.await.is_ok());
+            assert_eq!(panics.what.get(), None, "a task that ends is no failure");
+            let _bad = spawn_guarded(&panics, "listener", async {
+                // A bug: indexing past what the task assumed was there.
+                let slots: Vec<u8> = std::hint::black_box(Vec::new());
+                #[allow(clippy::indexing_slicing)]
+                let _ = slots[0];
+            });
+            // The shard's main future waits on this, and then fails the shard.
+            panics.notify.notified().await;
+            assert_eq!(panics.what.get(), Some("listener"));
+        });
+    }
 
     fn addr(port: u16) -> SocketAddr {
         SocketAddr::from(([127, 0, 0, 1], port))

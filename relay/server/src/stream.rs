@@ -144,15 +144,20 @@ pub(crate) async fn accept_task(
             drop(sock);
             continue;
         };
-        tokio::task::spawn_local(connection(
-            Rc::clone(&shard),
-            sock,
-            local,
-            peer,
-            Arc::clone(&shared),
-            ingress.clone(),
-            slot,
-        ));
+        let panics = Rc::clone(&shard.borrow().panics);
+        crate::shard::spawn_guarded(
+            &panics,
+            "connection",
+            connection(
+                Rc::clone(&shard),
+                sock,
+                local,
+                peer,
+                Arc::clone(&shared),
+                ingress.clone(),
+                slot,
+            ),
+        );
     }
 }
 
