@@ -292,8 +292,9 @@ pub struct Relay {
     /// the largest STUN message (20 + 65532), which also covers the largest
     /// ChannelData message (4 + 65535). 548 to 65552.
     pub max_frame: usize,
-    /// Frames queued for one TCP/TLS connection on their way to the client
-    /// (when full, frames are dropped and counted), and the size of each
+    /// Frames queued for one TCP/TLS connection on their way to the client,
+    /// never more than 512 KiB (when full, frames are dropped and counted),
+    /// and the size of each
     /// shard's one queue of frames from its connections (when full, the
     /// connections wait, which pushes back on their clients through TCP).
     /// Default 256: rides out a scheduling hiccup (about a quarter second of

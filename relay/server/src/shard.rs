@@ -147,7 +147,7 @@ pub(crate) struct Shard {
     /// refuses it.
     gso: bool,
     /// Frames for stream clients, by 5-tuple: each connection's bounded egress queue.
-    pub(crate) streams: HashMap<FiveTuple, mpsc::Sender<Vec<u8>>>,
+    pub(crate) streams: HashMap<FiveTuple, stream::Egress>,
     pub(crate) stats: DriverStats,
     publisher: Publisher,
     metrics: RelayMetrics,
@@ -762,12 +762,9 @@ impl Shard {
             Dest::Client(five) if five.transport.is_stream() => {
                 let payload = self.core.payload(t);
                 let drop = match self.streams.get(&five) {
-                    // A copy per frame: the stream path is not the hot one, and the
-                    // connection's writer owns what it writes.
-                    Some(tx) => match tx.try_send(payload.to_vec()) {
+                    Some(egress) => match egress.push(payload) {
                         Ok(()) => return None,
-                        Err(mpsc::error::TrySendError::Full(_)) => DriverDrop::StreamQueueFull,
-                        Err(mpsc::error::TrySendError::Closed(_)) => DriverDrop::SendError,
+                        Err(why) => why,
                     },
                     None => DriverDrop::SendError,
                 };

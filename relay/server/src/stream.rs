@@ -25,7 +25,7 @@ use tracing::{debug, warn};
 
 use crate::shard::ShardRef;
 use crate::tls::TlsHandle;
-use crate::{StreamClose, TLS_HANDSHAKE_BYTE};
+use crate::{DriverDrop, StreamClose, TLS_HANDSHAKE_BYTE};
 
 /// Bytes read from a connection at a time. Larger than any media frame, so one read usually
 /// yields whole frames; the buffer grows past it only for a frame that is itself larger.
@@ -107,6 +107,40 @@ impl Drop for IpSlot {
             if *n == 0 {
                 map.remove(&self.ip);
             }
+        }
+    }
+}
+
+/// Bytes queued for one TCP/TLS client at most (besides the frame being written). The frame
+/// count (`stream-queue`) alone would let a client that stops reading pin 256 × 64 KiB (a
+/// peer's largest datagrams) until the write timeout; 512 KiB is a second of a 4 Mbit/s video
+/// call, far more than a reading client ever has queued.
+pub(crate) const EGRESS_BYTES: usize = 512 * 1024;
+
+/// The shard's end of one connection's egress queue.
+#[derive(Debug)]
+pub(crate) struct Egress {
+    tx: mpsc::Sender<Vec<u8>>,
+    /// Bytes in the queue (the shard adds, the connection's writer takes away; one thread).
+    queued: Rc<std::cell::Cell<usize>>,
+}
+
+impl Egress {
+    /// Queues a copy of `frame` (the writer owns what it writes; the stream path is not the
+    /// hot one), or says why it was dropped: the queue is full, by frames or by
+    /// [`EGRESS_BYTES`], or the connection is gone.
+    pub(crate) fn push(&self, frame: &[u8]) -> Result<(), DriverDrop> {
+        let queued = self.queued.get();
+        if queued + frame.len() > EGRESS_BYTES {
+            return Err(DriverDrop::StreamQueueFull);
+        }
+        match self.tx.try_send(frame.to_vec()) {
+            Ok(()) => {
+                self.queued.set(queued + frame.len());
+                Ok(())
+            }
+            Err(mpsc::error::TrySendError::Full(_)) => Err(DriverDrop::StreamQueueFull),
+            Err(mpsc::error::TrySendError::Closed(_)) => Err(DriverDrop::SendError),
         }
     }
 }
@@ -223,22 +257,33 @@ where
     S: AsyncRead + AsyncWrite + Unpin,
 {
     let (egress_tx, mut egress_rx) = mpsc::channel::<Vec<u8>>(shared.limits.queue);
+    let queued = Rc::new(std::cell::Cell::new(0usize));
     {
         let mut sh = shard.borrow_mut();
-        sh.streams.insert(five, egress_tx);
+        sh.streams.insert(
+            five,
+            Egress {
+                tx: egress_tx,
+                queued: Rc::clone(&queued),
+            },
+        );
         sh.stats.streams[five.transport.index()] += 1;
     }
     let coalesce = five.transport == Transport::Tcp;
     let (mut rd, mut wr) = tokio::io::split(stream);
     let writer = async {
         while let Some(frame) = egress_rx.recv().await {
+            queued.set(queued.get().saturating_sub(frame.len()));
             let mut batch = frame;
             // On TCP, coalesce what is already queued into one write. On TLS every frame gets its
             // own record, as coturn sends them: some clients (coturn's own) read one message
             // per record and would lose the rest.
             while coalesce && batch.len() < READ_CHUNK {
                 match egress_rx.try_recv() {
-                    Ok(more) => batch.extend_from_slice(&more),
+                    Ok(more) => {
+                        queued.set(queued.get().saturating_sub(more.len()));
+                        batch.extend_from_slice(&more);
+                    }
                     Err(_) => break,
                 }
             }
@@ -368,6 +413,45 @@ mod tests {
     fn ip(s: &str) -> IpAddr {
         s.parse()
             .unwrap_or(IpAddr::V4(std::net::Ipv4Addr::UNSPECIFIED))
+    }
+
+    #[test]
+    fn a_connections_queue_is_bounded_in_bytes_as_well_as_frames() {
+        let (tx, mut rx) = mpsc::channel::<Vec<u8>>(256);
+        let egress = Egress {
+            tx,
+            queued: Rc::new(std::cell::Cell::new(0)),
+        };
+        // Peer datagrams of 64 KiB: far fewer than 256 frames fill the byte budget.
+        let big = vec![0u8; 64 * 1024];
+        let fit = EGRESS_BYTES / big.len();
+        for i in 0..fit {
+            assert_eq!(egress.push(&big), Ok(()), "frame {i}");
+        }
+        assert_eq!(egress.push(&big), Err(DriverDrop::StreamQueueFull));
+        // A small frame still fits in what is left (none here) only once the writer takes one.
+        assert_eq!(egress.push(&[0u8; 100]), Err(DriverDrop::StreamQueueFull));
+        let taken = rx.try_recv().unwrap_or_default();
+        egress.queued.set(egress.queued.get() - taken.len());
+        assert_eq!(egress.push(&[0u8; 100]), Ok(()));
+        // And by frames: small frames stop at the channel's capacity.
+        let (tx, _rx) = mpsc::channel::<Vec<u8>>(2);
+        let egress = Egress {
+            tx,
+            queued: Rc::new(std::cell::Cell::new(0)),
+        };
+        assert_eq!(egress.push(b"a"), Ok(()));
+        assert_eq!(egress.push(b"b"), Ok(()));
+        assert_eq!(egress.push(b"c"), Err(DriverDrop::StreamQueueFull));
+        // A connection that is gone is a send error, not a full queue.
+        drop(_rx);
+        let (tx, rx) = mpsc::channel::<Vec<u8>>(2);
+        drop(rx);
+        let gone = Egress {
+            tx,
+            queued: Rc::new(std::cell::Cell::new(0)),
+        };
+        assert_eq!(gone.push(b"x"), Err(DriverDrop::SendError));
     }
 
     #[test]
