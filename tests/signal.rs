@@ -422,3 +422,67 @@ async fn sigterm_closes_every_signaling_socket_with_1001_before_exiting() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+/// A node that stops lets its peers' seats go once they could no longer resume (here at once:
+/// `resume-window = "0s"`): a peer that never comes back (a tab closed during a restart) does not
+/// hold its seat until the call expires, even when no other node had the call to record it left.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_stopped_nodes_peers_free_their_seats_when_they_do_not_come_back() {
+    let redis = redis::RedisServer::start();
+    let store = format!("[store]\nredis-url = \"{}\"", redis.url);
+    let mut first = Serve::with_config(&config("seats-1", &store, "15s"));
+    let (st, app) = first.api(
+        "POST",
+        "/v1/apps",
+        Some(ADMIN),
+        Some(json!({"name":"seats"})),
+    );
+    assert_eq!(st, 201, "{app}");
+    let key = s(&app["key"]).to_owned();
+    let (st, call) = first.api(
+        "POST",
+        "/v1/calls",
+        Some(&key),
+        Some(json!({"max_participants": 2})),
+    );
+    assert_eq!(st, 201, "{call}");
+    let code = s(&call["join_code"]).to_owned();
+    let join = |serve: &Serve, name: &str| {
+        serve.api(
+            "POST",
+            "/v1/join",
+            None,
+            Some(json!({"code": code, "name": name})),
+        )
+    };
+    let (_, ja) = join(&first, "A");
+    let (_, jb) = join(&first, "B");
+    let (mut a, _) = connect(first.control, s(&ja["signal_token"])).await;
+    let (mut b, _) = connect(first.control, s(&jb["signal_token"])).await;
+    recv_type(&mut a, "peer_joined").await;
+    assert_eq!(
+        join(&first, "C").0,
+        409,
+        "the call is full while both are in"
+    );
+
+    // The node stops (an upgrade); neither A nor B comes back.
+    let pid = first.child.id().to_string();
+    let status = std::process::Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .unwrap();
+    assert!(status.success());
+    assert_eq!(close_code(&mut a).await, 1001);
+    assert_eq!(close_code(&mut b).await, 1001);
+    let deadline = std::time::Instant::now() + WAIT;
+    while first.child.try_wait().unwrap().is_none() {
+        assert!(std::time::Instant::now() < deadline, "did not exit");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // The restarted node (same store) lets newcomers in.
+    let second = Serve::with_config(&config("seats-2", &store, "15s"));
+    let (st, jc) = join(&second, "C");
+    assert_eq!(st, 200, "{jc}");
+}

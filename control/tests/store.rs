@@ -458,6 +458,57 @@ async fn admit_race(s: S) {
     assert_eq!(c.state(t + 1), CallState::Active);
 }
 
+/// A participant let go by a stopping node holds the seat only until its resume deadline,
+/// unless it authenticates again before; one who left or was kicked is not changed.
+async fn disconnected_seats(s: S) {
+    let t = base();
+    let mut c = call("c_drop", "app_a", t, 3_600_000, 2);
+    let mut kicked = participant("p_k", t);
+    kicked.kicked = true;
+    kicked.left_at = Some(t);
+    c.participants.push(participant("p_a", t));
+    c.participants.push(participant("p_b", t));
+    c.participants.push(kicked.clone());
+    s.create_call(&c, digest(791)).await.unwrap();
+    let until = t + 30_000;
+    assert!(s.mark_disconnected("c_drop", "p_a", until).await.unwrap());
+    assert!(s.mark_disconnected("c_drop", "p_b", until).await.unwrap());
+    assert!(s.mark_disconnected("c_drop", "p_k", until).await.unwrap());
+    assert!(!s.mark_disconnected("c_drop", "p_x", until).await.unwrap());
+    assert!(!s.mark_disconnected("c_x", "p_a", until).await.unwrap());
+    let got = s.get_call("c_drop").await.unwrap().unwrap();
+    assert_eq!(
+        got.participant("p_k"),
+        Some(&kicked),
+        "a kicked one is left alone"
+    );
+    // Until the deadline both seats are held: the call is full.
+    assert_eq!(
+        s.admit("c_drop", &participant("p_c", t + 1), t + 1)
+            .await
+            .unwrap(),
+        Admission::Full
+    );
+    // p_a comes back (another node, or this one restarted) before the deadline: held again,
+    // for good.
+    let back = s
+        .mark_connected("c_drop", "p_a", until - 1)
+        .await
+        .unwrap()
+        .unwrap();
+    assert!(back.connected);
+    // p_b never does: past the deadline its seat is free for someone else, p_a's is not.
+    let Admission::Admitted(after) = s
+        .admit("c_drop", &participant("p_c", until), until)
+        .await
+        .unwrap()
+    else {
+        panic!("p_b's seat should be free");
+    };
+    assert_eq!(after.present(until), 2);
+    assert!(!after.participant("p_b").unwrap().connected);
+}
+
 /// A guest looping join and leave cannot grow a call's participant records without end: after
 /// `JOINS_PER_SEAT` per seat, a join is refused even with the seat free.
 async fn join_limit(s: S) {
@@ -1226,6 +1277,7 @@ contract!(
     admit_race,
     admit_rules,
     join_limit,
+    disconnected_seats,
     redeem_race,
     token_admission,
     token_admission_race,

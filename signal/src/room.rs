@@ -48,6 +48,10 @@ const TICK: Duration = Duration::from_secs(1);
 /// resync) and the call's record (past it the room assumes the call is live, as the join that
 /// started it found).
 const START_READ_LIMIT: Duration = Duration::from_secs(2);
+/// How long a stopping room may take to release its peers' seats in the store before it closes
+/// their sockets anyway: a few store round trips (each bounded by the store's own timeout),
+/// well inside the node's signaling drain.
+const RELEASE_LIMIT: Duration = Duration::from_secs(5);
 
 /// How a room closes one connection: code, reason text, and the metric reason.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -435,6 +439,7 @@ impl Room {
         let mut tick = tokio::time::interval_at(Instant::now() + TICK, TICK);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut shutdown = self.shared.shutdown.clone();
+        let mut stopping = false;
         while !done {
             done = tokio::select! {
                 cmd = rx.recv() => match cmd {
@@ -444,14 +449,18 @@ impl Room {
                 Some(env) = bus_rx.recv() => self.handle_bus(env),
                 _ = tick.tick() => self.tick(),
                 _ = shutdown.wait_for(|s| *s) => {
-                    self.close_all(Close {
-                        code: code::GOING_AWAY,
-                        reason: "shutdown",
-                        metric: DisconnectReason::Shutdown,
-                    });
+                    stopping = true;
                     true
                 }
             };
+        }
+        if stopping {
+            self.release_seats().await;
+            self.close_all(Close {
+                code: code::GOING_AWAY,
+                reason: "shutdown",
+                metric: DisconnectReason::Shutdown,
+            });
         }
         self.shared
             .rooms
@@ -706,6 +715,35 @@ impl Room {
             if let Some(c) = &l.conn {
                 c.close(close);
             }
+        }
+    }
+
+    /// The node is stopping: each of its peers holds its seat only for the resume window (the
+    /// time a client tries to reconnect), unless it authenticates again on another node or on
+    /// this one restarted. Without this, a peer that never came back (a tab closed meanwhile)
+    /// would hold its seat until the call expires whenever no other node had the call: only a
+    /// surviving node records a lost node's peers as left. Done before the sockets close, so a
+    /// peer reconnecting elsewhere at once finds the mark made; the other way round, the mark
+    /// could land after its reconnect and lapse the seat of a connected peer.
+    async fn release_seats(&self) {
+        let app = &self.shared.app;
+        let until = app
+            .clock
+            .now_ms()
+            .saturating_add(self.shared.settings.resume_window.as_millis() as u64);
+        let marks = async {
+            for peer in self.local.keys() {
+                if let Err(e) = app
+                    .store
+                    .mark_disconnected(&self.call_id, peer, until)
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot release a seat at shutdown");
+                }
+            }
+        };
+        if tokio::time::timeout(RELEASE_LIMIT, marks).await.is_err() {
+            tracing::warn!("releasing seats at shutdown took too long");
         }
     }
 

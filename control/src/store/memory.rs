@@ -513,6 +513,17 @@ impl Store for MemoryStore {
         Ok(self.update_participant(call_id, peer_id, |p| p.apply_connected(now)))
     }
 
+    async fn mark_disconnected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        seat_until: Millis,
+    ) -> Result<bool, StoreError> {
+        Ok(self
+            .update_participant(call_id, peer_id, |p| p.apply_disconnected(seat_until))
+            .is_some())
+    }
+
     async fn set_media(
         &self,
         call_id: &str,

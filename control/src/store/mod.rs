@@ -196,6 +196,14 @@ impl Participant {
         }
     }
 
+    /// [`Store::mark_disconnected`]'s change.
+    pub(crate) fn apply_disconnected(&mut self, seat_until: Millis) {
+        if self.left_at.is_none() && !self.kicked {
+            self.connected = false;
+            self.seat_until = Some(seat_until);
+        }
+    }
+
     /// [`Store::set_left`]'s change. A kicked participant stays left at the kick's time:
     /// neither a resume nor a later leave report changes that.
     pub(crate) fn apply_left(&mut self, left_at: Option<Millis>) {
@@ -442,6 +450,17 @@ pub trait Store: Send + Sync + fmt::Debug + 'static {
         peer_id: &str,
         now: Millis,
     ) -> Result<Option<Participant>, StoreError>;
+    /// Records that signaling let participant `peer_id` go without a leave (its node is
+    /// stopping): they hold their seat only until `seat_until` unless signaling authenticates
+    /// them again before ([`Store::mark_connected`]), as for a join that never connected. A
+    /// participant who left or was kicked is not changed. `Ok(false)` for an unknown call or
+    /// peer.
+    async fn mark_disconnected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        seat_until: Millis,
+    ) -> Result<bool, StoreError>;
     /// Sets a participant's media state; `Ok(false)` for an unknown call or peer.
     async fn set_media(
         &self,

@@ -157,6 +157,17 @@ impl Store for Reconnecting {
             .mark_connected(call_id, peer_id, now)
             .await
     }
+    async fn mark_disconnected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        seat_until: Millis,
+    ) -> Result<bool, StoreError> {
+        self.get()
+            .await?
+            .mark_disconnected(call_id, peer_id, seat_until)
+            .await
+    }
     async fn set_media(
         &self,
         call_id: &str,

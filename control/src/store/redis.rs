@@ -1406,6 +1406,18 @@ impl Store for RedisStore {
             .await
     }
 
+    async fn mark_disconnected(
+        &self,
+        call_id: &str,
+        peer_id: &str,
+        seat_until: Millis,
+    ) -> Result<bool, StoreError> {
+        let op = self.update_participant_op(call_id, peer_id, |p| {
+            p.apply_disconnected(seat_until);
+        });
+        Ok(self.timed(op).await?.is_some())
+    }
+
     async fn set_media(
         &self,
         call_id: &str,
