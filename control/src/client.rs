@@ -57,18 +57,9 @@ fn parse_hop(s: &str) -> Option<IpAddr> {
     Some(ip.to_canonical())
 }
 
-/// The identity a per-address limit counts: an IPv4 address, or the /64 of an IPv6 one (one
-/// subscriber usually gets a whole /64, so counting single IPv6 addresses limits nobody).
-/// IPv4-mapped IPv6 addresses count as the IPv4 address.
-pub fn limit_ip(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V4(v4) => IpAddr::V4(v4),
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-    }
-}
+/// The identity a per-address limit counts (an IPv4 address or an IPv6 /64): the relay's, so
+/// every limit of the product counts a source the same way.
+pub use relay_proto::policy::source_of;
 
 #[cfg(test)]
 #[allow(clippy::unwrap_used)]
@@ -134,18 +125,6 @@ mod tests {
         assert_eq!(
             client_addr(mapped, &headers(&["198.51.100.1"]), &trusted),
             addr("198.51.100.1:0")
-        );
-    }
-
-    #[test]
-    fn limits_count_ipv4_addresses_and_ipv6_64s() {
-        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
-        assert_eq!(limit_ip(ip("192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(limit_ip(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
-        assert_eq!(limit_ip(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
-        assert_eq!(
-            limit_ip(ip("2001:db8:1:2:ffff::1")),
-            limit_ip(ip("2001:db8:1:2::9"))
         );
     }
 }

@@ -54,7 +54,7 @@ impl Pending {
     /// Reserves a slot for `ip`'s limit identity (an IPv4 address or an IPv6 /64, as the control
     /// plane counts: one host usually has a whole /64), or `None` when its cap is reached.
     pub(crate) fn reserve(shared: &Arc<Shared>, ip: IpAddr) -> Option<Self> {
-        let ip = control::client::limit_ip(ip);
+        let ip = control::client::source_of(ip);
         let mut map = shared.lock_pending();
         let n = map.entry(ip).or_insert(0);
         if *n >= shared.settings.max_unauthenticated_per_ip {

@@ -93,7 +93,7 @@ pub(crate) fn app_id(value: &str) -> Result<String, ApiError> {
 /// subscriber usually gets a whole /64, so counting single IPv6 addresses limits nobody).
 /// IPv4-mapped IPv6 addresses count as the IPv4 address.
 pub(crate) fn client_key(ip: IpAddr) -> String {
-    match crate::client::limit_ip(ip) {
+    match crate::client::source_of(ip) {
         IpAddr::V4(v4) => v4.to_string(),
         IpAddr::V6(v6) => {
             let s = v6.segments();

@@ -171,6 +171,20 @@ impl PeerPolicy {
     }
 }
 
+/// The source a per-source limit counts an address as: an IPv4 address, or the /64 of an IPv6
+/// one (one subscriber or host usually has a whole /64, so counting single IPv6 addresses would
+/// limit nobody). IPv4-mapped addresses count as their IPv4 address. Used by the relay's
+/// TCP/TLS connection cap and the control plane's and signaling's limits per client address.
+pub fn source_of(ip: IpAddr) -> IpAddr {
+    match ip.to_canonical() {
+        IpAddr::V6(v6) => {
+            let s = v6.segments();
+            IpAddr::V6(Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
+        }
+        v4 => v4,
+    }
+}
+
 /// IPv4-mapped (`::ffff:a.b.c.d`) and IPv4-compatible (`::a.b.c.d`) addresses are the IPv4 address
 /// they carry: `::ffff:127.0.0.1` is loopback. `::` and `::1` stay IPv6.
 pub fn canonical(ip: IpAddr) -> IpAddr {
@@ -194,6 +208,22 @@ pub fn canonical(ip: IpAddr) -> IpAddr {
 #[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn sources_are_ipv4_addresses_and_ipv6_64s() {
+        let ip = |s: &str| s.parse::<IpAddr>().unwrap();
+        assert_eq!(source_of(ip("192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("::ffff:192.0.2.7")), ip("192.0.2.7"));
+        assert_eq!(source_of(ip("2001:db8:1:2:3:4:5:6")), ip("2001:db8:1:2::"));
+        assert_eq!(
+            source_of(ip("2001:db8:1:2:ffff::1")),
+            source_of(ip("2001:db8:1:2::9"))
+        );
+        assert_ne!(
+            source_of(ip("2001:db8:1:2::1")),
+            source_of(ip("2001:db8:1:3::1"))
+        );
+    }
 
     fn policy() -> PeerPolicy {
         PeerPolicy::new(

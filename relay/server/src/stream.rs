@@ -64,9 +64,9 @@ impl StreamShared {
 
     /// Counts a connection from `ip` unless its source already has `per_ip`. Shared by shards
     /// (a source's connections hash to different shards) and touched only at accept and close.
-    /// A source is an IPv4 address or an IPv6 /64 ([`source_of`]).
+    /// A source is an IPv4 address or an IPv6 /64 ([`relay_proto::policy::source_of`]).
     fn admit(self: &Arc<Self>, ip: IpAddr) -> Option<IpSlot> {
-        let ip = source_of(ip);
+        let ip = relay_proto::policy::source_of(ip);
         let mut map = self.per_ip.lock().unwrap_or_else(|e| e.into_inner());
         let n = map.entry(ip).or_insert(0);
         if *n >= self.limits.per_ip {
@@ -77,19 +77,6 @@ impl StreamShared {
             shared: Arc::clone(self),
             ip,
         })
-    }
-}
-
-/// What the per-source connection cap counts: an IPv4 address, or the /64 of an IPv6 one (one
-/// host usually has a whole /64, so a cap per IPv6 address would limit nobody). IPv4-mapped
-/// addresses count as IPv4.
-fn source_of(ip: IpAddr) -> IpAddr {
-    match ip.to_canonical() {
-        IpAddr::V6(v6) => {
-            let s = v6.segments();
-            IpAddr::V6(std::net::Ipv6Addr::new(s[0], s[1], s[2], s[3], 0, 0, 0, 0))
-        }
-        v4 => v4,
     }
 }
 
