@@ -732,3 +732,71 @@ async fn a_page_on_another_origin_imports_the_sdk_and_joins_with_base_url() {
     node.wait_metric("turnpike_signal_connections_active", 1.0)
         .await;
 }
+
+/// A TCP listener that accepts connections and never answers (a proxy or network path that
+/// holds them): its address.
+fn black_hole() -> std::net::SocketAddr {
+    let listener = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let addr = listener.local_addr().unwrap();
+    std::thread::spawn(move || {
+        let mut held = Vec::new();
+        for stream in listener.incoming() {
+            held.extend(stream.ok());
+        }
+    });
+    addr
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_join_whose_signaling_never_answers_fails_with_signal_unreachable_in_time() {
+    let _one = ONE_BROWSER.lock().await;
+    let node = serve_with(
+        "black-hole",
+        &["udp://127.0.0.1:0"],
+        "[signal]\nallowed-origins = [\"*\"]\n",
+    );
+    let url = call(&node, 2);
+    let (base, code) = url.split_once("/join/").unwrap();
+    let hole = black_hole();
+    // A page without a Content Security Policy (the node's own pages would refuse the socket
+    // to another address at once, which is not what is tested here).
+    let site = embedding_site();
+    let mut browser = Browser::launch("black-hole").await;
+    let page = browser.open(&format!("http://{site}/")).await;
+    browser
+        .wait_for(
+            &page,
+            "document.readyState === 'complete' && location.host !== '' ? true : null",
+            "the page loaded",
+            "location.href",
+        )
+        .await;
+    // The join answers with a signaling URL that accepts the connection and then says nothing.
+    let result = browser
+        .eval(
+            &page,
+            &format!(
+                r#"(async () => {{
+                    const {{ Turnpike }} = await import("{base}/sdk/turnpike.js");
+                    const realFetch = window.fetch;
+                    window.fetch = async (...args) => {{
+                        const res = await realFetch(...args);
+                        const body = await res.json();
+                        body.signal_url = "ws://{hole}/v1/signal";
+                        return new Response(JSON.stringify(body), {{ status: res.status, headers: res.headers }});
+                    }};
+                    try {{
+                        await Turnpike.join({{
+                            code: "{code}", name: "Held", baseUrl: "{base}", localStream: null,
+                            connectTimeoutMs: 1000,
+                        }});
+                        return {{ joined: true }};
+                    }} catch (e) {{
+                        return {{ code: e.code }};
+                    }}
+                }})()"#
+            ),
+        )
+        .await;
+    assert_eq!(result["code"], json!("signal_unreachable"), "{result}");
+}

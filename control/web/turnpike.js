@@ -97,6 +97,7 @@ class Call extends EventTarget {
     // that a reconnect after the join's token expired can still resume.
     this._token = joined.signal_token;
     this._resumeWindowMs = finite(opts.resumeWindowMs) ?? DEFAULT_RESUME_WINDOW_MS;
+    this._connectTimeoutMs = finite(opts.connectTimeoutMs) ?? RECONNECT_ATTEMPT_MS;
     this._offerRetries = Math.ceil(Math.max(this._resumeWindowMs, 0) / OFFER_RETRY_MS) + 1;
     this._autoReconnect = opts.reconnect !== false;
     /** While reconnecting: `{deadline, attempt, timer, reason}`. */
@@ -200,16 +201,34 @@ class Call extends EventTarget {
   /** Opens signaling and resolves on `welcome`. */
   _connect() {
     return new Promise((resolve, reject) => {
-      this._openSocket({
+      let giveUp = null;
+      const ws = this._openSocket({
         welcome: (msg) => {
+          clearTimeout(giveUp);
           this._welcome(msg);
           resolve(this);
           // Peers are set up on the next task, once the caller has its listeners attached
           // (`await Turnpike.join(…)` resumes in a microtask, before this runs).
           setTimeout(() => this._start(msg), 0);
         },
-        refused: reject,
+        refused: (err) => {
+          clearTimeout(giveUp);
+          reject(err);
+        },
       });
+      // A socket that never opens or never answers (a half-dead network path, a proxy that
+      // accepts and holds) must not leave `join()` pending until TCP gives up, minutes later:
+      // the same bound as one reconnect try.
+      giveUp = setTimeout(() => {
+        if (this._ws !== ws) return;
+        this._ws = null;
+        try {
+          ws.close();
+        } catch (_) {
+          // closing anyway
+        }
+        reject(new TurnpikeError("signal_unreachable", "Signaling did not answer in time."));
+      }, this._connectTimeoutMs);
     });
   }
 
