@@ -408,14 +408,19 @@ async fn sigterm_closes_every_signaling_socket_with_1001_before_exiting() {
     let (mut a, _) = connect(serve.control, s(&ja["signal_token"])).await;
     let (mut b, _) = connect(serve.control, s(&jb["signal_token"])).await;
     recv_type(&mut a, "peer_joined").await;
+    sigterm_closes_both_with_1001_and_exits(&mut serve, &mut a, &mut b).await;
+}
+
+/// Sends SIGTERM to `serve`, expects `a` and `b` closed with 1001, and waits for the exit.
+async fn sigterm_closes_both_with_1001_and_exits(serve: &mut Serve, a: &mut Ws, b: &mut Ws) {
     let pid = serve.child.id().to_string();
     let status = std::process::Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .unwrap();
     assert!(status.success());
-    assert_eq!(close_code(&mut a).await, 1001);
-    assert_eq!(close_code(&mut b).await, 1001);
+    assert_eq!(close_code(a).await, 1001);
+    assert_eq!(close_code(b).await, 1001);
     let deadline = std::time::Instant::now() + WAIT;
     while serve.child.try_wait().unwrap().is_none() {
         assert!(std::time::Instant::now() < deadline, "did not exit");
@@ -467,19 +472,7 @@ async fn a_stopped_nodes_peers_free_their_seats_when_they_do_not_come_back() {
     );
 
     // The node stops (an upgrade); neither A nor B comes back.
-    let pid = first.child.id().to_string();
-    let status = std::process::Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .unwrap();
-    assert!(status.success());
-    assert_eq!(close_code(&mut a).await, 1001);
-    assert_eq!(close_code(&mut b).await, 1001);
-    let deadline = std::time::Instant::now() + WAIT;
-    while first.child.try_wait().unwrap().is_none() {
-        assert!(std::time::Instant::now() < deadline, "did not exit");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    sigterm_closes_both_with_1001_and_exits(&mut first, &mut a, &mut b).await;
 
     // The restarted node (same store) lets newcomers in.
     let second = Serve::with_config(&config("seats-2", &store, "15s"));

@@ -188,6 +188,26 @@ async fn denied_peers_are_refused_with_403_and_counted() {
     relay.shutdown().await;
 }
 
+/// Waits until a newcomer's Allocate gets 508: the drain is on.
+async fn until_newcomers_get_508(relay: std::net::SocketAddr) {
+    let deadline = tokio::time::Instant::now() + WAIT;
+    loop {
+        let (user, pass) =
+            relay_proto::rest_credentials(SECRET.as_bytes(), "late", unix_now() + 600);
+        let late = turn_client(relay, user, pass).await;
+        let result = late.allocate().await;
+        late.close().await.unwrap();
+        match result {
+            Err(e) if e.to_string().contains("508") => return,
+            other => assert!(
+                tokio::time::Instant::now() < deadline,
+                "expected 508 while draining, got {:?}",
+                other.map(|c| c.local_addr())
+            ),
+        }
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn shards_left_empty_by_a_drain_keep_their_listeners_so_the_others_clients_still_reach_them()
 {
@@ -219,23 +239,7 @@ grace-period = "1h"
         clients.push((client, conn));
     }
     let _ = relay.stop.take().unwrap().send(());
-    // The drain is on once a newcomer gets 508.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (user, pass) =
-            relay_proto::rest_credentials(SECRET.as_bytes(), "late", unix_now() + 600);
-        let late = turn_client(relay.addr, user, pass).await;
-        let result = late.allocate().await;
-        late.close().await.unwrap();
-        match result {
-            Err(e) if e.to_string().contains("508") => break,
-            other => assert!(
-                tokio::time::Instant::now() < deadline,
-                "expected 508 while draining, got {:?}",
-                other.map(|c| c.local_addr())
-            ),
-        }
-    }
+    until_newcomers_get_508(relay.addr).await;
     // Empty shards would have stopped at their next tick (one second) after the drain began:
     // let two pass, then every client must still reach its allocation.
     tokio::time::sleep(2 * relay_server::TICK).await;
@@ -272,23 +276,7 @@ async fn shutdown_refuses_new_allocations_with_508_but_keeps_relaying_until_the_
     assert_eq!(recv(&peer).await.0, b"before");
 
     let _ = relay.stop.take().unwrap().send(());
-    // Draining is visible as 508 to a newcomer.
-    let deadline = tokio::time::Instant::now() + WAIT;
-    loop {
-        let (user, pass) =
-            relay_proto::rest_credentials(SECRET.as_bytes(), "late", unix_now() + 600);
-        let late = turn_client(relay.addr, user, pass).await;
-        let result = late.allocate().await;
-        late.close().await.unwrap();
-        match result {
-            Err(e) if e.to_string().contains("508") => break,
-            other => assert!(
-                tokio::time::Instant::now() < deadline,
-                "expected 508 while draining, got {:?}",
-                other.map(|c| c.local_addr())
-            ),
-        }
-    }
+    until_newcomers_get_508(relay.addr).await;
     // The existing allocation still relays during the grace period.
     conn.send_to(b"during", peer_addr).await.unwrap();
     assert_eq!(recv(&peer).await.0, b"during");
